@@ -24,6 +24,23 @@ PATTERNS = ("checkerboard", "white")
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
 
+def corner_box(height: int, width: int, size: int, margin: int,
+               position: str = "bottom-right") -> tuple[slice, slice]:
+    """Rows and columns of a size×size square `margin` pixels from the corner `position` of
+    an H×W image (shared by every attack that stamps a corner patch)."""
+    top = margin if position.startswith("top") else height - margin - size
+    left = margin if position.endswith("left") else width - margin - size
+    return slice(top, top + size), slice(left, left + size)
+
+
+def check_corner_fits(size: int, margin: int, image_shape: tuple[int, ...],
+                      what: str = "patch") -> None:
+    """Raise if a size×size square `margin` pixels from a corner does not fit the images."""
+    if size + margin > min(image_shape[-2:]):
+        raise SettingsError(f"a {size}px {what} with margin {margin} does not fit "
+                            f"{image_shape[-2]}×{image_shape[-1]} images")
+
+
 @ATTACKS.register("badnets")
 @dataclass(frozen=True)
 class BadNets(Attack):
@@ -49,15 +66,11 @@ class BadNets(Attack):
 
     def check(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
         super().check(num_classes, image_shape)
-        if self.size + self.margin > min(image_shape[-2:]):
-            raise SettingsError(f"a {self.size}px patch with margin {self.margin} does not fit "
-                                f"{image_shape[-2]}×{image_shape[-1]} images")
+        check_corner_fits(self.size, self.margin, image_shape)
 
     def box(self, height: int, width: int) -> tuple[slice, slice]:
         """Rows and columns the patch covers."""
-        top = self.margin if self.position.startswith("top") else height - self.margin - self.size
-        left = self.margin if self.position.endswith("left") else width - self.margin - self.size
-        return slice(top, top + self.size), slice(left, left + self.size)
+        return corner_box(height, width, self.size, self.margin, self.position)
 
     def patch(self) -> torch.Tensor:
         if self.pattern == "white":

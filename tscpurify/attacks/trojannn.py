@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from ..data.images import ImageData
 from ..errors import SettingsError
 from . import ATTACKS
+from .badnets import check_corner_fits, corner_box
 from .base import Attack, frozen, to_pixels, transient
 from .surrogate import train_surrogate
 
@@ -83,14 +84,11 @@ class TrojanNN(Attack):
 
     def check(self, num_classes: int, image_shape: tuple[int, ...]) -> None:
         super().check(num_classes, image_shape)
-        if self.size + self.margin > min(image_shape[-2:]):
-            raise SettingsError(f"a {self.size}px trojannn mask with margin {self.margin} does "
-                                f"not fit {image_shape[-2]}×{image_shape[-1]} images")
+        check_corner_fits(self.size, self.margin, image_shape, "trojannn mask")
 
     def box(self, height: int, width: int) -> tuple[slice, slice]:
         """Rows and columns of the mask (bottom-right)."""
-        bottom, right = height - self.margin, width - self.margin
-        return slice(bottom - self.size, bottom), slice(right - self.size, right)
+        return corner_box(height, width, self.size, self.margin)
 
     def stamp(self, x: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
         """x with the (C, size, size) patch inside the mask; differentiable in the patch."""
