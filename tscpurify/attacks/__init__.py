@@ -12,7 +12,7 @@ from .base import Attack, poison_dataset
 ATTACKS: Registry = Registry("attack")
 
 # Importing the modules registers them.
-from . import badnets, blended, label_consistent, sig, trojannn, wanet  # noqa: E402,F401
+from . import badnets, blended, input_aware, label_consistent, sig, trojannn, wanet  # noqa: E402,F401
 
 
 def create_attack(name: str, **kwargs: Any) -> Attack:

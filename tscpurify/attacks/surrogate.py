@@ -18,6 +18,17 @@ from ..training import TrainSettings, train_classifier
 from .base import to_pixels
 
 
+def surrogate_cnn(data: ImageData, width: int = 8) -> nn.Module:
+    """A fresh, untrained 'cnn' of `width` channels that fits `data` (square images only),
+    for attacks that train their own surrogate (Input-Aware trains it with its generator)."""
+    channels, height, image_width = data.shape
+    if height != image_width:
+        raise SettingsError(f"attacks with a surrogate model need square images, got "
+                            f"{height}×{image_width}")
+    return create_model("cnn", num_classes=data.num_classes, in_channels=channels, width=width,
+                        image_size=height)
+
+
 def train_surrogate(data: ImageData, seed: int, samples: int = 5000, epochs: int = 1,
                     width: int = 8) -> nn.Module:
     """A CNN trained on at most `samples` images of `data`, in eval mode, on the CPU.
