@@ -15,7 +15,7 @@ from ..registry import Registry
 MODELS: Registry = Registry("model")
 
 # Importing the modules registers their entrypoints.
-from . import cnn, encoder, mlp, preact_resnet, resnet, vgg  # noqa: E402,F401
+from . import clip, cnn, encoder, mlp, preact_resnet, resnet, vgg  # noqa: E402,F401
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
