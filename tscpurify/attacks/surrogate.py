@@ -37,10 +37,6 @@ def train_surrogate(data: ImageData, seed: int, samples: int = 5000, epochs: int
     from it, and the global RNG is restored afterwards so preparing an attack does not shift
     the randomness of the training that follows.
     """
-    channels, height, width = data.shape
-    if height != width:
-        raise SettingsError(f"attacks with a surrogate model need square images, got "
-                            f"{height}×{width}")
     generator = torch.Generator().manual_seed(seed)
     subset = torch.randperm(len(data), generator=generator)[:samples]
     dataset = TensorDataset(to_pixels(data.images[subset]), data.labels[subset])
@@ -49,8 +45,7 @@ def train_surrogate(data: ImageData, seed: int, samples: int = 5000, epochs: int
     settings = TrainSettings(epochs=epochs, lr=0.05, batch_size=64, augment=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = create_model("cnn", num_classes=data.num_classes, in_channels=channels,
-                             width=width, image_size=height)
+        model = surrogate_cnn(data, width)  # also checks the images are square
         train_classifier(model, loader, settings, progress=False, desc="surrogate")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
