@@ -37,10 +37,14 @@ def test_views_stay_in_range_differ_and_repeat_with_a_seeded_generator(x):
 
 def test_a_quarter_area_crop_zooms_in_twofold():
     # On a horizontal ramp, a crop of half the width stretched back to 28 columns steps half
-    # as far per output pixel.
+    # as far per output pixel. The outermost output columns are left out: a crop touching the
+    # image's edge samples up to half a pixel beyond the outer pixel centre, where border
+    # padding holds the value (with the crop position drawn at random, that happened in about
+    # one run in six).
     x = torch.linspace(0, 1, 28).expand(4, 1, 28, 28).contiguous()
     zoomed = SimCLRAugment(**{**IDENTITY, "scale": (0.25, 0.25)})(x)
-    assert torch.allclose(zoomed.diff(dim=-1), x.diff(dim=-1) / 2, atol=1e-5)
+    inner = (..., slice(1, -1))
+    assert torch.allclose(zoomed.diff(dim=-1)[inner], x.diff(dim=-1)[inner] / 2, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [dict(scale=(0.0, 1.0)), dict(scale=(0.5, 1.2)),
