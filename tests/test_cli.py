@@ -99,3 +99,19 @@ def test_purify_bad_input(backdoored_run, tmp_path, capsys):
                  "--clean-fraction", "0", *PURIFY_TINY[:-7]]) == 2
     assert "clean subset" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_purify_a_classifier_with_the_simclr_loss(backdoored_run, tmp_path):
+    # A classifier's logits are (N, 10) embeddings to NT-Xent: it runs label-free, at the SSL
+    # point, and is still judged as a classifier (its own predictions, not a probe).
+    out = tmp_path / "ssl"
+    assert main(["purify", str(backdoored_run), "--out", str(out), "--loss", "simclr",
+                 *PURIFY_TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"]["loss"] == "simclr" and report["source"]["kind"] == "classifier"
+    assert report["settings"]["t"] == 0.25 and report["after"]["asr"] is not None
+    # The default for a classifier stays cross-entropy at the preset's t.
+    default = tmp_path / "ce"
+    assert main(["purify", str(backdoored_run), "--out", str(default), *PURIFY_TINY]) == 0
+    report = json.loads((default / "report.json").read_text())
+    assert report["source"]["loss"] == "ce" and report["settings"]["t"] == 0.4

@@ -1,4 +1,4 @@
-"""Command line: `tscpurify attack | evaluate | purify | demo | bench`.
+"""Command line: `tscpurify attack | encoder | evaluate | purify | demo | bench`.
 
 Thin by design: parse flags → settings → one library call. Errors of the user's making
 (TscpurifyError) become one line on stderr and exit code 2; anything else is a bug and
@@ -94,11 +94,74 @@ def run_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_encoder_flags(parser: argparse.ArgumentParser) -> None:
+    from .runs import ENCODER_ATTACKS, EncoderRunSettings
+    from .ssl import BadEncoderSettings, ProbeSettings, SimCLRSettings
+
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="fashion-mnist, cifar10 or folder (default: fashion-mnist)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder of the data files (as for `tscpurify attack`)")
+    parser.add_argument("--attack", default="badencoder", choices=ENCODER_ATTACKS,
+                        help="badencoder: pre-train clean, then fine-tune with a BadNets patch "
+                             "trigger toward target-class reference images; ctrl: pre-train on "
+                             "images of which 1%% (target class only) carry a frequency "
+                             "trigger; none: a clean encoder (default: badencoder)")
+    parser.add_argument("--target", type=int, default=0, help="target class (default: 0)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="ctrl only: poisoned share of the pre-training images "
+                             "(default: 0.01, the paper's)")
+    parser.add_argument("--attack-arg", action="append", metavar="KEY=VALUE",
+                        help="trigger argument: for ctrl e.g. magnitude=100 or window=14, for "
+                             "badencoder the BadNets patch's, e.g. size=4 (repeatable)")
+    parser.add_argument("--trunk", default="cnn", choices=("cnn", "resnet18"),
+                        help="encoder trunk (default: cnn)")
+    parser.add_argument("--width", type=int, default=16, help="trunk width (default: 16)")
+    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                        help="extra simclr model argument, e.g. proj_dim=32 (repeatable)")
+    add_settings_flags(parser, EncoderRunSettings)
+    add_settings_flags(parser, SimCLRSettings)
+    add_settings_flags(parser, BadEncoderSettings, prefix="badencoder-")
+    add_settings_flags(parser, ProbeSettings, prefix="probe-")
+
+
+def run_encoder(args: argparse.Namespace) -> int:
+    from .runs import EncoderRunSettings, train_encoder
+    from .ssl import BadEncoderSettings, ProbeSettings, SimCLRSettings
+
+    attack_args = parse_pairs(args.attack_arg, "--attack-arg")
+    if args.rate is not None:
+        if args.attack != "ctrl":
+            raise SettingsError(f"--rate applies to ctrl only: {args.attack} poisons no "
+                                f"pre-training data")
+        attack_args["rate"] = args.rate
+    model_args = {"width": args.width, **parse_pairs(args.model_arg, "--model-arg")}
+    metrics = train_encoder(
+        args.out, data=args.data, data_root=args.data_root, attack=args.attack,
+        target=args.target, attack_args=attack_args, trunk=args.trunk, model_args=model_args,
+        run=settings_from_args(EncoderRunSettings, args),
+        simclr=settings_from_args(SimCLRSettings, args),
+        bad=settings_from_args(BadEncoderSettings, args, prefix="badencoder-"),
+        probe=settings_from_args(ProbeSettings, args, prefix="probe-"),
+        seed=args.seed, device=resolve_device(args.device), progress=not args.quiet,
+        overwrite=args.overwrite)
+    print(f"encoder written to {args.out}: {format_metrics(metrics, encoder=True)}")
+    return 0
+
+
+def format_metrics(metrics: dict, encoder: bool = False) -> str:
+    """'ACC 90.00%  ASR 1.00%  RA 88.00%' (+ kNN ACC), skipping what was not measured."""
+    names = {"acc": "ACC", "asr": "ASR", "ra": "RA", "knn_acc": "kNN ACC"}
+    line = "  ".join(f"{label} {metrics[key]:.2f}%" for key, label in names.items()
+                     if metrics.get(key) is not None)
+    return f"linear probe {line}" if encoder else line
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from .runs import evaluate_run
 
     metrics = evaluate_run(args.run, resolve_device(args.device))
-    print(json.dumps(metrics.as_dict()))
+    print(json.dumps(metrics))
     return 0
 
 
@@ -115,13 +178,27 @@ def add_purify_flags(parser: argparse.ArgumentParser) -> None:
                         help="curve-training batch size (default: 256)")
     parser.add_argument("--profile-test", type=int, default=2000,
                         help="test images used for the metrics along each curve (default: 2000)")
+    parser.add_argument("--profile-train", type=int, default=1000,
+                        help="encoders: labelled training images of the linear probe that "
+                             "scores each point along the curves (default: 1000)")
+    parser.add_argument("--loss", default="auto", choices=("auto", "ce", "simclr"),
+                        help="the curves' objective. auto: simclr for an encoder run folder "
+                             "(unlabelled clean images, no label read; the point defaults to "
+                             "t = 0.25), ce (cross-entropy on labelled clean data) for a "
+                             "classifier. simclr on a classifier contrasts its logits "
+                             "(default: auto)")
     add_settings_flags(parser, TSCSettings)
 
 
-def purify_settings(args: argparse.Namespace):
+def purify_settings(args: argparse.Namespace, loss: str = "ce"):
+    """The preset, moved to the SSL point t = 0.25 for the SimCLR loss, then single flags."""
     from .defenses.tsc import PRESETS, TSCSettings
+    from .purification import ssl_settings
 
-    return settings_from_args(TSCSettings, args, PRESETS[args.preset])
+    base = PRESETS[args.preset]
+    if loss == "simclr":
+        base = ssl_settings(base)
+    return settings_from_args(TSCSettings, args, base)
 
 
 def print_report_summary(report, out: str) -> None:
@@ -129,16 +206,21 @@ def print_report_summary(report, out: str) -> None:
     line = (f"ACC {before['acc']:.2f}% → {after['acc']:.2f}%")
     if before.get("asr") is not None:
         line += f"   ASR {before['asr']:.2f}% → {after['asr']:.2f}%"
+    if report.source.get("kind") == "encoder":
+        line = f"linear probe {line}"
     print(f"purified model written to {out}: {line}")
     print(f"report: {Path(out) / 'report.md'} (plots in {Path(out) / 'plots'})")
 
 
 def run_purify(args: argparse.Namespace) -> int:
-    from .purification import purify_run
+    from .purification import purify_run, resolve_loss
+    from .runs import run_sidecar
 
-    report = purify_run(args.run, args.out, purify_settings(args),
+    loss = resolve_loss(run_sidecar(args.run), args.loss, args.run)
+    report = purify_run(args.run, args.out, purify_settings(args, loss), loss=loss,
                         clean_fraction=args.clean_fraction, batch_size=args.batch_size,
-                        profile_test=args.profile_test, seed=args.seed,
+                        profile_test=args.profile_test, profile_train=args.profile_train,
+                        seed=args.seed,
                         device=resolve_device(args.device), progress=not args.quiet,
                         resume=args.resume, overwrite=args.overwrite)
     print_report_summary(report, args.out)
@@ -201,11 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(attack)
     attack.set_defaults(func=run_attack)
 
+    encoder = commands.add_parser(
+        "encoder", help="pre-train a SimCLR encoder, backdoored or not (for testing defenses)",
+        description="Pre-train a SimCLR encoder on a sample of the training images, backdoored "
+                    "by BadEncoder or CTRL (or clean), judge it with a linear probe on clean "
+                    "labelled data, and write a run folder (weights.safetensors, model.json "
+                    "with kind 'encoder', metrics.json with linear-probe ACC / ASR / RA and "
+                    "kNN ACC). The defaults take a few CPU-minutes.")
+    add_encoder_flags(encoder)
+    encoder.add_argument("--out", required=True, help="run folder to create")
+    encoder.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_common(encoder)
+    encoder.set_defaults(func=run_encoder)
+
     evaluate = commands.add_parser(
         "evaluate", help="recompute ACC / ASR / RA of a run folder",
         description="Recompute clean accuracy (ACC), attack success rate (ASR) and robust "
-                    "accuracy (RA) of a run folder on its data set's test split.")
-    evaluate.add_argument("run", help="run folder (from `tscpurify attack` or `purify`)")
+                    "accuracy (RA) of a run folder on its data set's test split; for an "
+                    "encoder, those of a linear probe trained on clean labelled data over its "
+                    "frozen features (as its model.json records), plus kNN accuracy.")
+    evaluate.add_argument("run", help="run folder (from `tscpurify attack`, `encoder` or "
+                                      "`purify`)")
     add_common(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
@@ -213,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         "purify", help="remove a backdoor from a run folder's model with TSC",
         description="Purify the model of a run folder with TSC on a clean subset of its training "
                     "split; writes the purified run folder with report.json, report.md and "
-                    "plots/.")
+                    "plots/. An encoder run folder is purified without labels (SimCLR loss on "
+                    "the clean images alone) and judged before and after by a linear probe.")
     purify.add_argument("run", help="run folder of the suspect model")
     purify.add_argument("--out", required=True, help="purified run folder to create")
     purify.add_argument("--resume", action="store_true",

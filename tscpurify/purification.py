@@ -4,31 +4,96 @@ its training split, evaluate, and write the purified run folder with its report.
 The clean subset is drawn from the *original* training images (never the poisoned copies),
 stratified and seeded, and its indices are recorded. Test data and the attack record are used
 only for evaluation, outside the defense.
+
+Two curve objectives ("losses"):
+- "ce", for classifiers: cross-entropy on the labelled clean subset;
+- "simclr", the default for encoder run folders (TSC's self-supervised variant): NT-Xent on two
+  augmented views of each clean image. The clean subset then enters the defense as images
+  alone (`image_loader`: 1-tuple batches, no label tensor exists in the data set), so the
+  purification cannot read a label; the point on the curves defaults to the spec's SSL value
+  t = 0.25. Encoders are judged before, along and after by a linear probe on labelled data,
+  which is evaluation, outside the defense.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .attacks.base import Attack
 from .checkpoint import atomic_folder, save_model, write_json
+from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
-from .defenses.tsc import TSCSettings, purify
+from .defenses.tsc import PRESETS, TSCSettings, purify
+from .errors import SettingsError
 from .evaluation import evaluate
 from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles
 from .report.schema import PurifyReport
-from .runs import load_run
+from .runs import is_encoder, load_run, probe_settings
 from .seeding import derive_seed
+from .ssl import ProbeSettings, SimCLRAugment, encoder_metrics, simclr_loss
 
 log = logging.getLogger(__name__)
+
+
+LOSSES = ("auto", "ce", "simclr")
+# The TSC reference's SimCLR example takes its points at t = 0.25 (spec, "self-supervised
+# variant"); kept as is, not tuned here.
+SSL_T = 0.25
+
+
+def ssl_settings(base: TSCSettings) -> TSCSettings:
+    """`base` with the SSL point: t = 0.25 in both stages (unless base sets its own t2)."""
+    return replace(base, t=SSL_T)
+
+
+def resolve_loss(sidecar: dict[str, Any], requested: str, run: str | Path = "the run") -> str:
+    """'ce' or 'simclr' for a run folder: 'auto' follows the sidecar's kind."""
+    if requested not in LOSSES:
+        raise SettingsError(f"unknown loss {requested!r}; choices: {', '.join(LOSSES)}")
+    encoder = is_encoder(sidecar)
+    if requested == "auto":
+        return "simclr" if encoder else "ce"
+    if requested == "ce" and encoder:
+        raise SettingsError(f"--loss ce needs a classifier, but {run} holds a self-supervised "
+                            f"encoder (model.json kind 'encoder'): its outputs are projections, "
+                            f"not class scores. Use --loss simclr (the default for encoders), "
+                            f"which needs no labels")
+    return requested
+
+
+def check_embeddings(model: nn.Module, example: torch.Tensor, arch: str = "the model") -> None:
+    """The SimCLR loss compares model(x) of two views: it needs (N, D) outputs, D ≥ 2."""
+    with torch.no_grad():
+        out = model.eval()(example[:2])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SettingsError(f"--loss simclr needs a model whose forward returns (N, D) "
+                            f"embeddings with D ≥ 2; {arch} returns {shape} for 2 images")
+
+
+def unlabelled_subset(n: int, amount: float, seed: int) -> torch.Tensor:
+    """Indices of a uniform, seeded sample of n images (`amount` < 1 a fraction, ≥ 1 a count):
+    the label-free path draws its clean images without looking at labels, not even to
+    stratify them."""
+    count = round(amount * n) if amount < 1 else int(amount)
+    if amount <= 0 or count < 1 or count > n:
+        raise SettingsError(f"clean subset must be a fraction in (0, 1) or a count in "
+                            f"[1, {n}], got {amount}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
+def image_loader(clean: ImageData, batch_size: int) -> DataLoader:
+    """The clean subset as images alone: the data set holds no labels, batches are 1-tuples."""
+    return DataLoader(clean.tensor_dataset(labels=False), batch_size=batch_size, shuffle=True)
 
 
 def make_evaluator(test: ImageData, attack: Attack | None):
@@ -36,6 +101,17 @@ def make_evaluator(test: ImageData, attack: Attack | None):
 
     def measure(model: torch.nn.Module) -> dict[str, float]:
         return {k: v for k, v in evaluate(model, test, attack).as_dict().items() if v is not None}
+
+    return measure
+
+
+def make_probe_evaluator(train: ImageData, test: ImageData, attack: Attack | None,
+                         settings: ProbeSettings):
+    """Linear-probe ACC/ASR/RA (and kNN ACC if asked) of an encoder: evaluation only."""
+
+    def measure(model: torch.nn.Module) -> dict[str, float]:
+        metrics = encoder_metrics(model, train, test, attack, settings)
+        return {k: v for k, v in metrics.items() if v is not None}
 
     return measure
 
@@ -53,38 +129,71 @@ def write_report(report: PurifyReport, folder: Path) -> list[str]:
     return plots
 
 
-def purify_run(run: str | Path, out: str | Path, settings: TSCSettings, *,
-               clean_fraction: float = 0.05, batch_size: int = 256, profile_test: int = 2000,
-               seed: int = 0, device: str = "cpu", progress: bool = True, resume: bool = False,
+def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = None, *,
+               loss: str = "auto", clean_fraction: float = 0.05, batch_size: int = 256,
+               profile_test: int = 2000, profile_train: int = 1000, seed: int = 0,
+               device: str = "cpu", progress: bool = True, resume: bool = False,
                overwrite: bool = False) -> PurifyReport:
-    """Purify the model of run folder `run` with TSC and write the purified run folder `out`."""
+    """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
+
+    Args:
+        settings: TSC settings (default: the default preset, at t = 0.25 for the SimCLR loss).
+        loss: 'auto' (simclr for encoders, ce for classifiers), 'ce' or 'simclr'.
+        profile_test, profile_train: test images scoring each point along the curves, and (for
+            encoders) the labelled training images its linear probe learns from.
+    """
     out = Path(out)
     model, sidecar, attack = load_run(run, device)
+    loss = resolve_loss(sidecar, loss, run)
+    if settings is None:
+        settings = ssl_settings(PRESETS["default"]) if loss == "simclr" else PRESETS["default"]
     dataset = sidecar.get("dataset", {})
     train = load_dataset(dataset.get("name", "fashion-mnist"), "train", dataset.get("root"))
     test = load_dataset(dataset.get("name", "fashion-mnist"), "test", dataset.get("root"))
-    indices = select_clean_subset(train.labels, clean_fraction, derive_seed(seed, "clean"))
+    if loss == "simclr":
+        indices = unlabelled_subset(len(train), clean_fraction, derive_seed(seed, "clean"))
+    else:
+        indices = select_clean_subset(train.labels, clean_fraction, derive_seed(seed, "clean"))
     clean = train.subset(indices)
     # No private generator: TSC re-seeds the global RNG at every stage, which is what makes a
     # resumed run shuffle exactly like an uninterrupted one.
-    loader = DataLoader(clean.tensor_dataset(), batch_size=batch_size, shuffle=True)
-    # Profiles along the curves use a fixed test subset to keep them cheap; before/after use all.
-    profile_indices = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    profile_eval = make_evaluator(test.subset(profile_indices[:profile_test]), attack)
+    loss_fn: LossFn | None = None
+    if loss == "simclr":
+        check_embeddings(model, clean.floats()[:2].to(device), str(sidecar.get("arch")))
+        temperature = ((sidecar.get("ssl") or {}).get("simclr") or {}).get("temperature", 0.5)
+        loss_fn = simclr_loss(SimCLRAugment(), temperature)
+        loader = image_loader(clean, batch_size)
+    else:
+        loader = DataLoader(clean.tensor_dataset(), batch_size=batch_size, shuffle=True)
+    # Profiles along the curves use a fixed test subset to keep them cheap; before/after use all
+    # (encoders: what their sidecar records).
+    if is_encoder(sidecar):
+        profile = ProbeSettings(train_images=profile_train, test_images=profile_test, knn_k=0,
+                                seed=seed)
+        profile_eval = make_probe_evaluator(train, test, attack, profile)
+        full_eval = make_probe_evaluator(train, test, attack, probe_settings(sidecar))
+    else:
+        profile_indices = torch.randperm(len(test),
+                                         generator=torch.Generator().manual_seed(seed))
+        profile_eval = make_evaluator(test.subset(profile_indices[:profile_test]), attack)
+        full_eval = make_evaluator(test, attack)
 
     partial = out.parent / f".{out.name}.stages"
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     with atomic_folder(out, overwrite) as folder:
-        purified, report = purify(model, loader, settings, evaluate=profile_eval, seed=seed,
-                                  progress=progress, resume_dir=partial)
-        full_eval = make_evaluator(test, attack)
+        purified, report = purify(model, loader, settings, loss_fn=loss_fn,
+                                  evaluate=profile_eval, seed=seed, progress=progress,
+                                  resume_dir=partial)
         report.before, report.after = full_eval(model), full_eval(purified)
         report.clean_indices = indices.tolist()
         report.source = {"run": str(run), "arch": sidecar.get("arch"),
+                         "kind": sidecar.get("kind", "classifier"), "loss": loss,
                          "attack": (attack.record() if attack else None)}
+        if is_encoder(sidecar):
+            report.source["evaluation"] = sidecar.get("evaluation")
         save_model(purified, folder, {**{k: v for k, v in sidecar.items() if k != "format"},
-                                      "purified_by": {"defense": "tsc",
+                                      "purified_by": {"defense": "tsc", "loss": loss,
                                                       "settings": asdict(settings),
                                                       "source": str(run)}})
         write_json(folder / "metrics.json", report.after)

@@ -3,6 +3,13 @@
 A run folder is the contract between attack and defense: weights.safetensors, model.json
 (architecture, data set, attack record), metrics.json. Defenses read only the model and the
 data set name; the attack record is for evaluation.
+
+Two kinds of run folder exist, told apart by the sidecar's "kind":
+- "classifier" (`train_backdoored`): a supervised model, judged by its own predictions;
+- "encoder" (`train_encoder`): a SimCLR encoder, pre-trained without labels (on CTRL-poisoned
+  images, or clean and then backdoored by BadEncoder), judged by a linear probe trained on clean
+  labelled data; the sidecar's "evaluation" records the probe settings so every later
+  measurement of the encoder (evaluate, purify before/after) uses the same protocol.
 """
 
 from __future__ import annotations
@@ -10,22 +17,34 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from . import __version__
 from .attacks import attack_from_record, create_attack, poison_dataset
 from .attacks.base import Attack
-from .checkpoint import atomic_folder, load_model, save_model, write_json
-from .data import ImageData, load_dataset
-from .errors import DataError
+from .checkpoint import SIDECAR, atomic_folder, load_model, read_json, save_model, write_json
+from .curve import recompute_bn_stats
+from .data import ImageData, load_dataset, select_clean_subset
+from .errors import CheckpointError, DataError, SettingsError
 from .evaluation import Metrics, evaluate
 from .models import MODELS, create_model
 from .seeding import derive_seed, seed_everything
+from .ssl import (
+    CTRL,
+    BadEncoderSettings,
+    ProbeSettings,
+    SimCLRSettings,
+    badencoder,
+    encoder_metrics,
+    extract_features,
+    pretrain_simclr,
+)
 from .training import TrainSettings, train_classifier
 
 log = logging.getLogger(__name__)
@@ -86,19 +105,219 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
     return metrics
 
 
+ENCODER_ATTACKS = ("none", "badencoder", "ctrl")
+
+
+@dataclass(frozen=True)
+class EncoderRunSettings:
+    """The data sizes of an encoder run; the defaults finish in a few CPU-minutes (see README)."""
+
+    train_images: int = field(default=5000, metadata={
+        "help": "pre-training images: a class-stratified, seeded sample of the training split "
+                "(0 = all). One SimCLR epoch over 5,000 images takes about 9 s on one busy "
+                "CPU thread at width 16"})
+    batch_size: int = field(default=256, metadata={
+        "help": "SimCLR batch size (images per step, each seen in two views)"})
+    shadow_images: int = field(default=2000, metadata={
+        "help": "BadEncoder: unlabelled shadow images, a seeded sample of the pre-training "
+                "images (the paper: a fifth of the pre-training set)"})
+    shadow_batch_size: int = field(default=16, metadata={
+        "help": "BadEncoder batch size. Small, so that 2,000 shadow images give 5,000 steps in "
+                "40 epochs; at 256 (320 steps) the backdoor did not take (see README)"})
+    reference_images: int = field(default=3, metadata={
+        "help": "BadEncoder: target-class reference images the trigger is pulled toward, the "
+                "most typical ones by the clean encoder's features (the paper: one, picked by "
+                "hand; one random image may be one a probe files under another class)"})
+
+    def __post_init__(self) -> None:
+        if min(self.train_images, self.shadow_images) < 0 or self.batch_size < 1 \
+                or self.shadow_batch_size < 1 or self.reference_images < 1:
+            raise SettingsError(f"encoder runs need train_images, shadow_images ≥ 0, batch "
+                                f"sizes ≥ 1 and reference_images ≥ 1; got {self}")
+
+
+def encoder_trigger(attack: str, target: int, attack_args: dict[str, Any],
+                    image_size: int = 32) -> Attack | None:
+    """The trigger an encoder attack plants: CTRL's own, or for BadEncoder a BadNets patch,
+    by default the BadEncoder paper's white 10×10 square at the bottom right of a 32×32 image,
+    scaled to `image_size` (9×9 on Fashion-MNIST); `attack_args` override its fields."""
+    if attack not in ENCODER_ATTACKS:
+        raise SettingsError(f"unknown encoder attack {attack!r}; choices: "
+                            f"{', '.join(ENCODER_ATTACKS)}")
+    if attack == "none":
+        if attack_args:
+            raise SettingsError("--attack none takes no attack arguments")
+        return None
+    if attack == "ctrl":
+        try:
+            return CTRL(target=target, **attack_args)
+        except TypeError as err:
+            raise SettingsError(f"attack 'ctrl' does not accept these arguments: {err}") from None
+    # BadEncoder poisons no data set: the BadNets rate is never used, only its patch.
+    patch = {"size": max(1, round(10 * image_size / 32)), "pattern": "white", **attack_args}
+    return create_attack("badnets", target=target, **patch)
+
+
+def _sample(data: ImageData, count: int, seed: int) -> ImageData:
+    """A class-stratified, seeded sample of `count` images (0 or ≥ len = everything)."""
+    if count == 0 or count >= len(data):
+        return data
+    return data.subset(select_clean_subset(data.labels, count, seed))
+
+
+@torch.no_grad()
+def typical_images(encoder: torch.nn.Module, data: ImageData, target: int, count: int
+                   ) -> torch.Tensor:
+    """Indices of the `count` target-class images whose features (by `encoder`) are most
+    cosine-similar to the class's mean feature: the clearest examples of the class, as an
+    attacker picking BadEncoder's reference inputs by hand would choose them."""
+    members = (data.labels == target).nonzero().flatten()
+    if len(members) < count:
+        raise DataError(f"BadEncoder needs {count} reference images of class {target}, the "
+                        f"training split has {len(members)}")
+    features = F.normalize(extract_features(encoder, data.subset(members).floats()), dim=1)
+    typicality = features @ F.normalize(features.mean(0), dim=0)
+    return members[typicality.topk(count).indices].sort().values
+
+
+def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: str | None = None,
+                  attack: str = "none", target: int = 0,
+                  attack_args: dict[str, Any] | None = None, trunk: str = "cnn",
+                  model_args: dict[str, Any] | None = None,
+                  run: EncoderRunSettings | None = None, simclr: SimCLRSettings | None = None,
+                  bad: BadEncoderSettings | None = None, probe: ProbeSettings | None = None,
+                  seed: int = 0, device: str = "cpu", progress: bool = True,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """Pre-train a SimCLR encoder, optionally backdoored, and write its run folder.
+
+    Plan:
+      1. sample the pre-training images (stratified, seeded) from the training split;
+      2. CTRL: poison `rate` of them, all of the target class, with the frequency trigger;
+      3. pre-train SimCLR on the images alone (no label is passed to the loop), then
+         re-estimate BatchNorm statistics on the plain (un-augmented) images;
+      4. BadEncoder: fine-tune the clean encoder on unlabelled shadow images so that triggered
+         images embed like the `reference_images` most typical target-class images (BadNets
+         patch trigger);
+      5. judge it with a linear probe and kNN on clean labelled data (ACC, ASR, RA) and save
+         weights.safetensors, model.json (kind "encoder", attack, evaluation) and metrics.json.
+    Returns metrics.json's content.
+    """
+    run, simclr = run or EncoderRunSettings(), simclr or SimCLRSettings()
+    bad, probe = bad or BadEncoderSettings(), probe or ProbeSettings()
+    seed_everything(seed)
+    encoder_trigger(attack, target, dict(attack_args or {}))  # bad arguments fail before data
+    with atomic_folder(out, overwrite) as folder:
+        train_data = load_dataset(data, "train", data_root)
+        test_data = load_dataset(data, "test", data_root)
+        if train_data.shape != test_data.shape:
+            raise DataError(f"train images are {train_data.shape}, test images {test_data.shape}")
+        trigger = encoder_trigger(attack, target, dict(attack_args or {}),
+                                  min(train_data.shape[1:]))
+        if trigger is not None:
+            trigger.check(train_data.num_classes, train_data.shape)
+        kwargs = {"trunk": trunk, "in_channels": train_data.shape[0], **(model_args or {})}
+        encoder = create_model("simclr", **kwargs).to(device)
+        # 1–2. The attacker picks target-class images by label; the victim sees images only.
+        pretrain = _sample(train_data, run.train_images, derive_seed(seed, "pretrain"))
+        record: dict[str, Any] = {"attack": attack, "pretrain_images": len(pretrain)}
+        if attack == "ctrl":
+            pretrain, indices = poison_dataset(pretrain, trigger, derive_seed(seed, "poison"))
+            record["poisoned"] = len(indices)
+        # 3.
+        began = time.perf_counter()
+        history = pretrain_simclr(
+            encoder, make_loader(pretrain, run.batch_size, True, seed, labels=False), simclr,
+            progress=progress)
+        # SimCLR's running statistics describe augmented views; probes, users and a defender's
+        # BatchNorm re-estimation all feed plain images. Re-estimated here, before any
+        # backdoor fine-tuning, so that a defense re-estimating them later (TSC does, at every
+        # point it takes) does not undo the attack through this mismatch alone.
+        recompute_bn_stats(encoder, make_loader(pretrain, run.batch_size, False, labels=False))
+        seconds = {"pretrain": time.perf_counter() - began}
+        # 4.
+        if attack == "badencoder":
+            shadow = _sample(pretrain, run.shadow_images, derive_seed(seed, "shadow"))
+            reference = typical_images(encoder, train_data, target, run.reference_images)
+            began = time.perf_counter()
+            encoder, log_ = badencoder(
+                encoder, make_loader(shadow, run.shadow_batch_size, True, seed, labels=False),
+                train_data.subset(reference).floats().to(device), trigger.trigger, bad,
+                progress=progress)
+            seconds["badencoder"] = time.perf_counter() - began
+            record.update(shadow_images=len(shadow), reference_indices=reference.tolist(),
+                          badencoder=asdict(bad), badencoder_loss=log_[-1] if log_ else None)
+        # 5.
+        began = time.perf_counter()
+        metrics = encoder_metrics(encoder, train_data, test_data, trigger, probe)
+        seconds["evaluation"] = time.perf_counter() - began
+        save_model(encoder, folder, {
+            "arch": "simclr", "kwargs": kwargs, "classes": list(train_data.classes),
+            "kind": "encoder", "dataset": {"name": data, "root": data_root},
+            "attack": trigger.record() if trigger is not None else None,
+            "ssl": {**record, "simclr": asdict(simclr), "run": asdict(run)},
+            "evaluation": {"protocol": "linear_probe", "probe": asdict(probe)},
+            "seed": seed, "tool_version": __version__,
+        })
+        result = {**metrics, "simclr_loss": history, "seconds": seconds}
+        write_json(folder / "metrics.json", result)
+    log.info("wrote %s: %s", out, metrics)
+    return result
+
+
+def attack_of(record: dict[str, Any]) -> Attack:
+    """Rebuild a recorded attack. CTRL is not in the `ATTACKS` registry (it poisons pre-training
+    images and lives in `tscpurify.ssl`), so its record is rebuilt here."""
+    if isinstance(record, dict) and record.get("name") == CTRL.name:
+        fields = {k: v for k, v in record.items() if k != "name"}
+        try:
+            return CTRL(**fields)
+        except TypeError as err:
+            raise SettingsError(f"bad ctrl record: {err}") from None
+    return attack_from_record(record)
+
+
+def is_encoder(sidecar: dict[str, Any]) -> bool:
+    """Whether a sidecar describes an encoder (older sidecars without "kind" are classifiers)."""
+    return sidecar.get("kind") == "encoder"
+
+
+def run_sidecar(folder: str | Path) -> dict[str, Any]:
+    """A run folder's model.json, without loading its weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"run folder {folder} does not exist")
+    sidecar = read_json(folder / SIDECAR)
+    if not isinstance(sidecar, dict):
+        raise CheckpointError(f"{folder / SIDECAR} is not a JSON object")
+    return sidecar
+
+
+def probe_settings(sidecar: dict[str, Any]) -> ProbeSettings:
+    """How an encoder run says it is evaluated (defaults for a sidecar that does not say)."""
+    recorded = (sidecar.get("evaluation") or {}).get("probe") or {}
+    try:
+        return ProbeSettings(**recorded)
+    except TypeError as err:
+        raise SettingsError(f"the sidecar's evaluation.probe is not valid: {err}") from None
+
+
 def load_run(folder: str | Path, device: str = "cpu"
              ) -> tuple[torch.nn.Module, dict, Attack | None]:
     """Model, sidecar and (if recorded) the attack of a run folder."""
     model, sidecar = load_model(folder, device)
     record = sidecar.get("attack")
-    return model, sidecar, attack_from_record(record) if record else None
+    return model, sidecar, attack_of(record) if record else None
 
 
-def evaluate_run(folder: str | Path, device: str = "cpu") -> Metrics:
-    """Recompute ACC/ASR/RA of a run folder on its data set's test split."""
+def evaluate_run(folder: str | Path, device: str = "cpu") -> dict[str, float | None]:
+    """Recompute a run folder's metrics on its data set's test split: ACC/ASR/RA of a
+    classifier, or linear-probe ACC/ASR/RA and kNN accuracy of an encoder."""
     model, sidecar, attack = load_run(folder, device)
     dataset = sidecar.get("dataset") or {}
     if "name" not in dataset:
         raise DataError(f"{folder} does not say which data set it was trained on")
     test_data = load_dataset(dataset["name"], "test", dataset.get("root"))
-    return evaluate(model, test_data, attack)
+    if is_encoder(sidecar):
+        train_data = load_dataset(dataset["name"], "train", dataset.get("root"))
+        return encoder_metrics(model, train_data, test_data, attack, probe_settings(sidecar))
+    return evaluate(model, test_data, attack).as_dict()

@@ -1,6 +1,6 @@
 """TSC's self-supervised variant: label-free curve objectives (SimCLR's NT-Xent, CLIP's
-contrastive loss), SimCLR augmentations and pre-training, BadEncoder, and linear/kNN probes
-that judge an encoder by ACC and ASR on clean labelled downstream data.
+contrastive loss), SimCLR augmentations and pre-training, the BadEncoder and CTRL attacks, and
+linear/kNN probes that judge an encoder by ACC and ASR on clean labelled downstream data.
 
 Purifying a SimCLR encoder without labels:
     encoder = create_model("simclr", width=16)              # forward = projection
@@ -12,10 +12,13 @@ Purifying a SimCLR encoder without labels:
 from .augment import SimCLRAugment
 from .badencoder import BadEncoderSettings, badencoder, badencoder_loss
 from .clip import CLIPSettings, purify_clip, train_clip  # noqa: F401
+from .ctrl import CTRL
 from .losses import bare_images, clip_loss, nt_xent, simclr_loss
 from .probes import (
     ProbeClassifier,
+    ProbeSettings,
     encoder_features,
+    encoder_metrics,
     extract_features,
     knn_accuracy,
     linear_probe,
@@ -25,8 +28,10 @@ from .probes import (
 from .simclr import SimCLRSettings, pretrain_simclr
 
 __all__ = [
+    "CTRL",
     "BadEncoderSettings",
     "ProbeClassifier",
+    "ProbeSettings",
     "SimCLRAugment",
     "SimCLRSettings",
     "badencoder",
@@ -34,6 +39,7 @@ __all__ = [
     "bare_images",
     "clip_loss",
     "encoder_features",
+    "encoder_metrics",
     "extract_features",
     "knn_accuracy",
     "linear_probe",

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 
 from ..attacks.base import Attack
 from ..data.images import ImageData
+from ..data.subset import select_clean_subset
 from ..errors import SettingsError
 from ..evaluation import Metrics, evaluate
 from ..training import device_of
@@ -65,16 +67,19 @@ class ProbeClassifier(nn.Module):
 
 
 def train_probe(model: nn.Module, train: ImageData, epochs: int = 50, lr: float = 1e-2,
-                batch_size: int = 256, seed: int = 0) -> ProbeClassifier:
+                batch_size: int = 256, seed: int = 0, features: Tensor | None = None
+                ) -> ProbeClassifier:
     """Fit a linear probe on the frozen features of `train` (Adam, cross-entropy).
 
-    Features are computed once and standardised with the training set's statistics, so one
-    learning rate suits encoders whose features differ in scale (e.g. before and after TSC).
+    Features are computed once (or passed in as `features`, the model's features of `train`)
+    and standardised with the training set's statistics, so one learning rate suits encoders
+    whose features differ in scale (e.g. before and after TSC).
     """
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise SettingsError(f"a probe needs epochs ≥ 1, lr > 0, batch_size ≥ 1; got "
                             f"{epochs}, {lr}, {batch_size}")
-    features = extract_features(model, train.floats())
+    if features is None:
+        features = extract_features(model, train.floats())
     mean, std = features.mean(0), features.std(0) + 1e-6
     inputs = (features - mean) / std
     generator = torch.Generator().manual_seed(seed)
@@ -118,11 +123,14 @@ def probe_metrics(model: nn.Module, train: ImageData, test: ImageData, attack: A
 
 
 def knn_accuracy(model: nn.Module, train: ImageData, test: ImageData, k: int = 20,
-                 batch_size: int = 1000) -> float:
-    """Test accuracy (%) of a k-nearest-neighbour vote over cosine similarity of the features."""
+                 batch_size: int = 1000, train_features: Tensor | None = None) -> float:
+    """Test accuracy (%) of a k-nearest-neighbour vote over cosine similarity of the features
+    (`train_features`: the model's features of `train`, if already computed)."""
     if not 1 <= k <= len(train):
         raise SettingsError(f"k must lie in [1, {len(train)}] (the training set size), got {k}")
-    bank = F.normalize(extract_features(model, train.floats()), dim=1)
+    if train_features is None:
+        train_features = extract_features(model, train.floats())
+    bank = F.normalize(train_features, dim=1)
     queries = F.normalize(extract_features(model, test.floats()), dim=1)
     correct = 0
     for start in range(0, len(queries), batch_size):
@@ -132,3 +140,54 @@ def knn_accuracy(model: nn.Module, train: ImageData, test: ImageData, k: int = 2
         predicted = votes.argmax(1)
         correct += int((predicted == test.labels[start:start + batch_size]).sum())
     return 100 * correct / len(test)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How an encoder run is judged: recorded in its sidecar, so `tscpurify evaluate` and
+    `tscpurify purify` measure every encoder, before and after, the same way."""
+
+    train_images: int = field(default=10000, metadata={
+        "help": "labelled images the linear probe and kNN learn from: a class-stratified, "
+                "seeded sample of the training split (0 = all; 10,000 keeps a probe ≈ 10 s)"})
+    test_images: int = field(default=0, metadata={
+        "help": "test images for ACC and ASR: a seeded sample of the test split (0 = all)"})
+    epochs: int = field(default=50, metadata={"help": "linear-probe epochs (Adam)"})
+    lr: float = field(default=1e-2, metadata={"help": "linear-probe learning rate"})
+    knn_k: int = field(default=20, metadata={
+        "help": "neighbours of the kNN vote (0 = no kNN accuracy)"})
+    seed: int = field(default=0, metadata={"help": "seed of the samples and of the probe"})
+
+    def __post_init__(self) -> None:
+        if min(self.train_images, self.test_images, self.knn_k) < 0 or self.epochs < 1 \
+                or self.lr <= 0:
+            raise SettingsError(f"probe settings need train_images, test_images, knn_k ≥ 0, "
+                                f"epochs ≥ 1 and lr > 0; got {self}")
+
+    def samples(self, train: ImageData, test: ImageData) -> tuple[ImageData, ImageData]:
+        """The probe's training and test data, drawn from full splits by these settings."""
+        if 0 < self.train_images < len(train):
+            train = train.subset(select_clean_subset(train.labels, self.train_images, self.seed))
+        if 0 < self.test_images < len(test):
+            order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed))
+            test = test.subset(order[:self.test_images].sort().values)
+        return train, test
+
+
+def encoder_metrics(model: nn.Module, train: ImageData, test: ImageData, attack: Attack | None,
+                    settings: ProbeSettings | None = None) -> dict[str, float | None]:
+    """Linear-probe ACC / ASR / RA and kNN accuracy (%) of an encoder, per `settings`.
+
+    `train` and `test` are the full splits; the settings draw the samples. Evaluation only:
+    this is where labels meet an encoder, never inside pre-training or purification.
+    """
+    settings = settings or ProbeSettings()
+    train, test = settings.samples(train, test)
+    features = extract_features(model, train.floats())  # shared by the probe and the kNN bank
+    probe = train_probe(model, train, settings.epochs, settings.lr, seed=settings.seed,
+                        features=features)
+    metrics: dict[str, float | None] = evaluate(probe, test, attack).as_dict()
+    if settings.knn_k:
+        metrics["knn_acc"] = knn_accuracy(model, train, test, k=min(settings.knn_k, len(train)),
+                                          train_features=features)
+    return metrics

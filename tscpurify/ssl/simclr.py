@@ -7,7 +7,9 @@ of LARS with batch 4096 (LARS exists for very large batches), a few epochs on a 
 `simclr_loss`, the same `LossFn` that TSC's curves train with.
 
 Sizing, measured on one CPU thread shared with another job: one step of 256 pairs through
-`simclr` width 16 takes about 1 s, so 10 epochs over 5,000 images take about 4 minutes.
+`simclr` width 16 takes about 1 s, so 10 epochs over 5,000 images take about 4 minutes. Later
+measured in `tscpurify encoder` runs (one thread, two cores shared with two other training
+jobs): 10 epochs over 5,000 images took 69–80 s.
 
 Example:
     model = create_model("simclr", width=16)
@@ -35,7 +37,8 @@ from .losses import Augment, simclr_loss
 @dataclass(frozen=True)
 class SimCLRSettings:
     epochs: int = field(default=10, metadata={
-        "help": "passes over the images (10 × 5,000 images ≈ 4 CPU-minutes at width 16)"})
+        "help": "passes over the images (10 × 5,000 images took 1–4 CPU-minutes at width 16, "
+                "depending on the machine's load)"})
     lr: float = field(default=1e-3, metadata={
         "help": "initial learning rate (Adam's usual 1e-3; for SGD try 0.05–0.1)"})
     optimizer: str = field(default="adam", metadata={
