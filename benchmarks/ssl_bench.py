@@ -31,7 +31,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -46,8 +45,15 @@ from tscpurify.models.clip import Tokenizer
 from tscpurify.purification import image_loader, ssl_settings, unlabelled_subset
 from tscpurify.runs import EncoderRunSettings, load_run, probe_settings, train_encoder
 from tscpurify.seeding import derive_seed, seed_everything
-from tscpurify.ssl import (BadEncoderSettings, ProbeSettings, SimCLRAugment, SimCLRSettings,
-                           encoder_metrics, simclr_loss, train_clip)
+from tscpurify.ssl import (
+    BadEncoderSettings,
+    ProbeSettings,
+    SimCLRAugment,
+    SimCLRSettings,
+    encoder_metrics,
+    simclr_loss,
+    train_clip,
+)
 from tscpurify.ssl.captions import CaptionedImages, all_captions
 from tscpurify.ssl.clip import frozen_text_loss, purify_clip
 from tscpurify.ssl.poisoned_pairs import poison_pairs

@@ -141,6 +141,22 @@ class Attack:
         return {"name": self.name, **fields}
 
 
+def draw_besides(size: int, taken: torch.Tensor, count: int, generator: torch.Generator,
+                 what: str) -> torch.Tensor:
+    """`count` indices drawn uniformly among the `size` samples not in `taken`: the extra samples
+    (WaNet's noise mode, Input-Aware's cross triggers) an attack alters besides its backdoor
+    set. Draws nothing from `generator` when count is 0."""
+    rest = torch.ones(size, dtype=torch.bool)
+    rest[taken] = False
+    candidates = rest.nonzero().flatten()
+    if count > len(candidates):
+        raise SettingsError(f"{what}: {count} samples asked for, but only {len(candidates)} "
+                            f"samples are not backdoored; lower rate or cross_ratio")
+    if count == 0:
+        return candidates[:0]
+    return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+
+
 def poison_dataset(data: ImageData, attack: Attack, seed: int) -> tuple[ImageData, torch.Tensor]:
     """The poisoned training set and the poisoned indices (recorded, never given to defenses).
 

@@ -63,7 +63,7 @@ from torch.nn import functional as F
 from ..data.images import ImageData
 from ..errors import SettingsError
 from . import ATTACKS
-from .base import Attack, frozen, to_pixels, to_uint8, transient
+from .base import Attack, draw_besides, frozen, to_pixels, to_uint8, transient
 from .surrogate import surrogate_cnn
 
 log = logging.getLogger(__name__)
@@ -322,18 +322,12 @@ class InputAware(Attack):
     def poison(self, data: ImageData, generator: torch.Generator) -> tuple[ImageData, torch.Tensor]:
         """Backdoor samples as usual, plus cross-trigger samples that keep their labels."""
         poisoned, indices = super().poison(data, generator)
-        count = round(self.cross_ratio * len(indices))
-        rest = torch.ones(len(data), dtype=torch.bool)
-        rest[indices] = False
-        candidates = rest.nonzero().flatten()
-        if count > len(candidates):
-            raise SettingsError(f"input_aware needs {count} cross-trigger samples (cross_ratio "
-                                f"{self.cross_ratio} × {len(indices)}) but only "
-                                f"{len(candidates)} samples are not backdoored; lower rate or "
-                                f"cross_ratio")
-        if count == 0:
+        crossed = draw_besides(len(data), indices, round(self.cross_ratio * len(indices)),
+                               generator, f"input_aware's cross-trigger samples (cross_ratio "
+                                          f"{self.cross_ratio} × {len(indices)} backdoor samples)")
+        if len(crossed) == 0:
             return poisoned, indices
-        crossed = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        count = len(crossed)
         # Each cross sample borrows the trigger of a uniformly drawn *other* training image.
         partners = torch.randint(0, len(data) - 1, (count,), generator=generator)
         partners += (partners >= crossed).long()

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from ..data.images import ImageData
 from ..errors import SettingsError
 from . import ATTACKS
-from .base import Attack, to_pixels, to_uint8
+from .base import Attack, draw_besides, to_pixels, to_uint8
 
 
 @ATTACKS.register("wanet")
@@ -87,18 +87,12 @@ class WaNet(Attack):
     def poison(self, data: ImageData, generator: torch.Generator) -> tuple[ImageData, torch.Tensor]:
         """Backdoor samples as usual, plus noise-mode samples that keep their labels."""
         poisoned, indices = super().poison(data, generator)
-        count = round(self.cross_ratio * len(indices))
-        rest = torch.ones(len(data), dtype=torch.bool)
-        rest[indices] = False
-        candidates = rest.nonzero().flatten()
-        if count > len(candidates):
-            raise SettingsError(f"wanet needs {count} noise-mode samples (cross_ratio "
-                                f"{self.cross_ratio} × {len(indices)}) but only "
-                                f"{len(candidates)} samples are not backdoored; lower rate "
-                                f"or cross_ratio")
-        if count == 0:
+        noise = draw_besides(len(data), indices, round(self.cross_ratio * len(indices)),
+                             generator, f"wanet's noise-mode samples (cross_ratio "
+                                        f"{self.cross_ratio} × {len(indices)} backdoor samples)")
+        if len(noise) == 0:
             return poisoned, indices
-        noise = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        count = len(noise)
         height, width = data.shape[1:]
         jitter = torch.rand(count, height, width, 2, generator=generator) * 2 - 1
         images = poisoned.images.clone()

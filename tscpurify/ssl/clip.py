@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..curve.train import LossFn, ModelFn, device_of
 from ..data.augment import random_crop_flip
@@ -42,6 +40,7 @@ from ..errors import DataError, SettingsError
 from ..models.clip import logit_multiplier
 from ..report.schema import PurifyReport
 from .losses import Augment, clip_loss
+from .simclr import train_on_loss
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -117,31 +116,8 @@ def train_clip(model: nn.Module, pairs: Iterable[Any], settings: CLIPSettings | 
     objective = clip_pair_loss(random_crop_flip if settings.augment else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
-    steps = max(1, settings.epochs * len(pairs)) if hasattr(pairs, "__len__") else None
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-                 if steps else None)
-    history: list[float] = []
-    bar = tqdm(range(settings.epochs), desc="clip", disable=not progress, leave=False)
-    for epoch in bar:
-        model.train()  # every epoch: a callback may have left the model in eval mode
-        began, total, count = time.perf_counter(), 0.0, 0
-        for batch in pairs:
-            loss = objective(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.item()
-            count += 1
-        if count == 0:
-            raise DataError("CLIP training needs data: the loader gave no batches")
-        history.append(total / count)
-        bar.set_postfix(loss=f"{history[-1]:.3f}", sec=f"{time.perf_counter() - began:.0f}")
-        for callback in callbacks:
-            callback(epoch, model)
-    model.eval()
-    return history
+    return train_on_loss(model, pairs, objective, optimizer, settings.epochs,
+                         callbacks=callbacks, progress=progress, desc="clip")
 
 
 # --- purification -----------------------------------------------------------------------------

@@ -88,16 +88,27 @@ def pretrain_simclr(model: nn.Module, images: Iterable[Any], settings: SimCLRSet
     except TypeError as err:
         raise SettingsError(f"pretrain_simclr: {err}") from None
     objective = loss_fn or simclr_loss(augment, settings.temperature)
-    optimizer = _optimizer(model, settings)
-    steps = max(1, settings.epochs * len(images)) if hasattr(images, "__len__") else None
+    return train_on_loss(model, images, objective, _optimizer(model, settings), settings.epochs,
+                         callbacks=callbacks, progress=progress, desc="simclr")
+
+
+def train_on_loss(model: nn.Module, batches: Iterable[Any], objective: LossFn,
+                  optimizer: torch.optim.Optimizer, epochs: int, *,
+                  callbacks: Sequence[Callable[[int, nn.Module], None]] = (),
+                  progress: bool = True, desc: str = "train") -> list[float]:
+    """The self-supervised training loop (SimCLR, CLIP): `objective(model, batch)` minimised by
+    `optimizer` for `epochs` passes, the learning rate following a cosine to 0 over all steps
+    (when the loader has a length). Returns each epoch's mean loss; the model ends in eval
+    mode."""
+    steps = max(1, epochs * len(batches)) if hasattr(batches, "__len__") else None
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
                  if steps else None)
     history: list[float] = []
-    bar = tqdm(range(settings.epochs), desc="simclr", disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         model.train()  # every epoch: a callback may have left the model in eval mode
         began, total, count = time.perf_counter(), 0.0, 0
-        for batch in images:
+        for batch in batches:
             loss = objective(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -107,7 +118,7 @@ def pretrain_simclr(model: nn.Module, images: Iterable[Any], settings: SimCLRSet
             total += loss.item()
             count += 1
         if count == 0:
-            raise DataError("SimCLR pre-training needs data: the loader gave no batches")
+            raise DataError(f"{desc}: training needs data, the loader gave no batches")
         history.append(total / count)
         bar.set_postfix(loss=f"{history[-1]:.3f}", sec=f"{time.perf_counter() - began:.0f}")
         for callback in callbacks:
