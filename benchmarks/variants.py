@@ -44,9 +44,15 @@ def main() -> None:
     print(f"preset {args.preset} + {overrides}: {time.perf_counter() - began:.0f} s")
     print("before", {k: round(v, 2) for k, v in measure(model).items()})
     for s in report.stages:
-        print(f"round {s.round} stage {s.stage} (point at t={s.t:g}), t = 0, 0.1, ..., 1")
+        point = {k: round(v, 2) for k, v in s.metrics.items()}
+        tuned = {k: round(v, 2) for k, v in s.finetuned.items()}
+        print(f"round {s.round} stage {s.stage}: point at t={s.t:g} {point}"
+              + (f", after fine-tune {tuned}" if tuned else ""))
+        if s.profile:
+            print("  along the curve, t = " + " ".join(f"{p['t']:5g}" for p in s.profile))
         for key, digits in (("acc", 1), ("asr", 1), ("loss", 2)):
-            print(f"  {key:4} " + " ".join(f"{p[key]:5.{digits}f}" for p in s.profile))
+            if s.profile:
+                print(f"  {key:4} " + " ".join(f"{p[key]:5.{digits}f}" for p in s.profile))
     print("after", {k: round(v, 2) for k, v in measure(purified).items()})
     print("seconds", {k: round(v, 1) for k, v in report.seconds.items()})
 

@@ -36,6 +36,18 @@ def test_purify_returns_a_new_model_and_never_mutates_its_input(setup):
     assert report.seconds["curve"] > 0 and report.seconds["permutation"] > 0
 
 
+def test_stage_two_records_the_metrics_after_its_fine_tune(setup):
+    model, loader = setup
+    seen = []
+    _, report = purify(model, loader, TINY, progress=False,
+                       evaluate=lambda m: seen.append(m) or {"calls": float(len(seen))})
+    stage_two = [s for s in report.stages if s.stage == 2]
+    assert all(s.finetuned and s.finetuned["calls"] > s.metrics["calls"] for s in stage_two)
+    assert all(not s.finetuned for s in report.stages if s.stage == 1)
+    _, report = purify(model, loader, TINY, progress=False, ft_epochs=0)
+    assert all(not s.finetuned for s in report.stages)
+
+
 class Interrupt(Exception):
     pass
 
@@ -48,7 +60,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 
     def crash_in_round_two(_model):
         calls["n"] += 1
-        if calls["n"] > 9:  # 4 profile points per stage: round 0 is done and saved
+        # 4 profile points per stage, plus one after round 0's fine-tune: round 0 is saved
+        if calls["n"] > 9:
             raise Interrupt
         return {}
 

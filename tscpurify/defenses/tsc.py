@@ -241,6 +241,7 @@ class _Stages:
             self.timed("finetune", train_classifier, model, self.clean, ft,
                        progress=self.progress, desc="fine-tune", loss_fn=self.loss_fn)
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            record = replace(record, finetuned=self.measure(model.eval()))
         return state, record
 
     def run(self, start: dict) -> tuple[dict, list[StageRecord]]:

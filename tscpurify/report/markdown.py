@@ -23,11 +23,14 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
             lines.append(f"| {name} | {fmt(metrics.get('acc'))} | {fmt(metrics.get('asr'))} | "
                          f"{fmt(metrics.get('ra'))} |")
     if report.stages:
-        lines += ["", "## Stages", "", "| round | stage | t | ACC % | ASR % | seconds |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Stages", "", "| round | stage | t | ACC % | ASR % | after fine-tune "
+                  "ACC / ASR % | seconds |", "|---|---|---|---|---|---|---|"]
         for s in report.stages:
+            tuned = (f"{fmt(s.finetuned.get('acc'))} / {fmt(s.finetuned.get('asr'))}"
+                     if s.finetuned else "–")
             lines.append(f"| {s.round} | {s.stage} | {s.t:g} | {fmt(s.metrics.get('acc'))} | "
-                         f"{fmt(s.metrics.get('asr'))} | {sum(s.seconds.values()):.0f} |")
+                         f"{fmt(s.metrics.get('asr'))} | {tuned} | "
+                         f"{sum(s.seconds.values()):.0f} |")
         lines += ["", "## Along the curves", "",
                   "ACC / ASR (%) and clean loss at each t; the point taken is in bold.", ""]
         for s in report.stages:

@@ -20,6 +20,8 @@ class StageRecord:
     metrics: dict[str, float | None] = field(default_factory=dict)
     profile: list[dict[str, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # After the round's clean fine-tune (stage 2 only; empty when no fine-tune ran).
+    finetuned: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
