@@ -12,7 +12,7 @@ Cells are setting:seed with setting one of
 Encoders are judged by a linear probe on clean labelled data (ACC, ASR), CLIP zero-shot.
 Every defense sees 5% of the training images, and no label: SimCLR cells get bare images
 (NT-Xent on two views), CLIP cells image-caption pairs (contrastive loss against the frozen
-clean text encoder). TSC runs the default preset at the spec's SSL point t = 0.25; MCR its own
+clean text encoder). TSC runs the "ssl" preset (the SSL point t = 0.25, two rounds); MCR its own
 defaults. Backdoored models are cached in --cache; rows are appended to --out (JSON lines)
 and printed as Markdown.
 
@@ -42,7 +42,7 @@ from tscpurify.defenses.mcr import MCRSettings, mcr
 from tscpurify.defenses.tsc import PRESETS, TSCSettings, purify
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer
-from tscpurify.purification import image_loader, ssl_settings, unlabelled_subset
+from tscpurify.purification import image_loader, unlabelled_subset
 from tscpurify.runs import EncoderRunSettings, load_run, probe_settings, train_encoder
 from tscpurify.seeding import derive_seed, seed_everything
 from tscpurify.ssl import (
@@ -71,8 +71,8 @@ SMOKE_ENCODER = {"run": EncoderRunSettings(train_images=500, shadow_images=100),
 
 
 def tsc_settings(args: argparse.Namespace) -> TSCSettings:
-    """The default preset at the SSL point t = 0.25, without profiles (the table needs none)."""
-    settings = ssl_settings(replace(PRESETS["default"], profile_points=0))
+    """The SSL preset (t = 0.25), without profiles (the table needs none)."""
+    settings = replace(PRESETS["ssl"], profile_points=0)
     return replace(settings, rounds=1, epochs=1, ft_epochs=0) if args.smoke else settings
 
 

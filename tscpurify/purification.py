@@ -137,7 +137,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
 
     Args:
-        settings: TSC settings (default: the default preset, at t = 0.25 for the SimCLR loss).
+        settings: TSC settings (default: the default preset; the "ssl" preset for the SimCLR
+            loss).
         loss: 'auto' (simclr for encoders, ce for classifiers), 'ce' or 'simclr'.
         profile_test, profile_train: test images scoring each point along the curves, and (for
             encoders) the labelled training images its linear probe learns from.
@@ -146,7 +147,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     model, sidecar, attack = load_run(run, device)
     loss = resolve_loss(sidecar, loss, run)
     if settings is None:
-        settings = ssl_settings(PRESETS["default"]) if loss == "simclr" else PRESETS["default"]
+        settings = PRESETS["ssl"] if loss == "simclr" else PRESETS["default"]
     dataset = sidecar.get("dataset", {})
     train = load_dataset(dataset.get("name", "fashion-mnist"), "train", dataset.get("root"))
     test = load_dataset(dataset.get("name", "fashion-mnist"), "test", dataset.get("root"))

@@ -29,7 +29,7 @@ epochs = 1
 rounds = 1
 epochs = 1
 profile_points = 0
-ft_epochs = 0
+final_ft_epochs = 0
 """)
     return path
 

@@ -8,6 +8,7 @@ from tscpurify.curve import (
     BezierCurve,
     CurveSettings,
     cross_entropy_loss,
+    distillation_loss,
     to_device,
     train_curve,
 )
@@ -118,3 +119,37 @@ def test_to_device_walks_containers():
     moved = to_device(batch, torch.device("cpu"))
     assert isinstance(moved["a"], tuple) and isinstance(moved["a"][1], list)
     assert moved["b"] == 3 and torch.equal(moved["a"][1][0], torch.zeros(2))
+
+
+def test_distillation_is_zero_against_itself_and_pulls_toward_the_teacher():
+    torch.manual_seed(0)
+    teacher = create_model("mlp", num_classes=2, image_size=4, hidden=(8,)).eval()
+    student = create_model("mlp", num_classes=2, image_size=4, hidden=(8,)).eval()
+    x, _ = separable()[0]
+    pure = distillation_loss(teacher, weight=1.0)
+
+    def value(model):
+        with torch.no_grad():
+            return float(pure(model, x))
+
+    # Label-free at weight 1: bare images are enough, and a copy of the teacher scores zero.
+    assert value(teacher) == pytest.approx(0.0, abs=1e-6)
+    before = value(student)
+    assert before > 1e-3
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    for _ in range(50):
+        optimizer.zero_grad()
+        pure(student, x).backward()
+        optimizer.step()
+    assert value(student) < 0.2 * before
+    assert all(p.grad is None for p in teacher.parameters()), "the teacher must stay frozen"
+
+
+def test_distillation_mixes_in_the_labels():
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=2, image_size=4, hidden=(8,)).eval()
+    batch = separable()[0]
+    with torch.no_grad():
+        mixed = distillation_loss(model, weight=0.25)(model, batch)
+        ce = cross_entropy_loss()(model, batch)
+    assert float(mixed) == pytest.approx(0.75 * float(ce), rel=1e-5)

@@ -22,7 +22,7 @@ TINY = {
     "ibau": dict(rounds=1, inner_passes=1),
     "mcr": dict(ft_epochs=1, epochs=1),
     "nad": dict(teacher_epochs=1, epochs=1),
-    "tsc": dict(rounds=1, epochs=1, ft_epochs=0, profile_points=0),
+    "tsc": dict(rounds=1, epochs=1, final_ft_epochs=0, profile_points=0),
 }
 
 

@@ -4,11 +4,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tscpurify.defenses import defend
 from tscpurify.defenses.tsc import TSCSettings, purify
-from tscpurify.errors import DataError
+from tscpurify.errors import DataError, SettingsError
 from tscpurify.models import create_model
 
 TINY = TSCSettings(rounds=2, epochs=1, lr=0.05, mid_init="random", profile_points=3,
-                   ft_epochs=1)
+                   ft_epochs=1, final_ft_epochs=1)
 
 
 @pytest.fixture()
@@ -44,7 +44,7 @@ def test_stage_two_records_the_metrics_after_its_fine_tune(setup):
     stage_two = [s for s in report.stages if s.stage == 2]
     assert all(s.finetuned and s.finetuned["calls"] > s.metrics["calls"] for s in stage_two)
     assert all(not s.finetuned for s in report.stages if s.stage == 1)
-    _, report = purify(model, loader, TINY, progress=False, ft_epochs=0)
+    _, report = purify(model, loader, TINY, progress=False, ft_epochs=0, final_ft_epochs=0)
     assert all(not s.finetuned for s in report.stages)
 
 
@@ -91,3 +91,26 @@ def test_registered_defenses_run_through_defend(setup):
     assert len(result.details["report"].stages) == 2
     result = defend("ft", model, loader, progress=False, epochs=1)
     assert result.seconds["total"] > 0
+
+
+def test_last_fine_tune_distils_only_with_the_default_loss(setup):
+    model, loader = setup
+    plain, _ = purify(model, loader, TINY, progress=False, rounds=1, distill=0.0)
+    distilled, report = purify(model, loader, TINY, progress=False, rounds=1, distill=0.5)
+    assert report.settings["distill"] == 0.5 and report.stages[-1].finetuned
+    # Same seed, same curves: only the last fine-tune's objective differs.
+    assert not torch.equal(list(plain.parameters())[-1], list(distilled.parameters())[-1])
+
+    def label_free(model_fn, batch):
+        return model_fn(batch[0]).logsumexp(1).mean()
+
+    _, report = purify(model, loader, TINY, progress=False, rounds=1, distill=0.5,
+                       loss_fn=label_free)
+    assert report.settings["distill"] == 0.0, "a custom objective keeps the fine-tune plain"
+
+
+def test_distill_settings_are_checked():
+    with pytest.raises(SettingsError, match="distill"):
+        TSCSettings(distill=1.5)
+    with pytest.raises(SettingsError, match="distill_temperature"):
+        TSCSettings(distill_temperature=0)

@@ -21,7 +21,7 @@ from tscpurify.ssl.clip import CLIPView, frozen_text_loss, purify_clip
 from tscpurify.ssl.losses import clip_loss
 from tscpurify.ssl.zero_shot import zero_shot_metrics
 
-TINY = TSCSettings(rounds=1, epochs=1, profile_points=0, ft_epochs=0)
+TINY = TSCSettings(rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
 CLASSES = ("bag", "coat", "dress", "shirt")
 TOKENIZER = Tokenizer.from_texts(all_captions(CLASSES))
 
@@ -55,7 +55,7 @@ def same(a: dict, b: dict) -> bool:
 def test_purify_clip_leaves_its_input_alone_and_keeps_the_text_side(ft_epochs):
     model = tiny_clip().train()  # a training flag and gradients that must survive
     before = snapshot(model)
-    purified, report = purify_clip(model, pair_loader(), TINY, ft_epochs=ft_epochs,
+    purified, report = purify_clip(model, pair_loader(), TINY, final_ft_epochs=ft_epochs,
                                    progress=False)
     assert same(snapshot(model), before) and model.training
     assert all(p.requires_grad for p in model.parameters())

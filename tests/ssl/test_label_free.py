@@ -12,7 +12,7 @@ from tscpurify.defenses.base import loader_has_labels
 from tscpurify.models import create_model
 from tscpurify.ssl import SimCLRAugment, simclr_loss
 
-TINY = TSCSettings(rounds=1, epochs=1, profile_points=0, ft_epochs=0)
+TINY = TSCSettings(rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
 
 
 class LabelRead(Exception):
@@ -81,7 +81,7 @@ def test_purify_runs_label_free_end_to_end(encoder_and_loader, ft_epochs, profil
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ImagesOnly.reads = 0
     settings = TSCSettings(rounds=1, epochs=1, profile_points=profile_points,
-                           ft_epochs=ft_epochs)
+                           final_ft_epochs=ft_epochs)
     purified, report = purify(model, loader, settings, progress=False,
                               loss_fn=simclr_loss(SimCLRAugment()))
     x = torch.rand(5, 1, 28, 28)

@@ -10,6 +10,7 @@ from .train import (
     ModelFn,
     cross_entropy_loss,
     device_of,
+    distillation_loss,
     to_device,
     train_curve,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "curve_profile",
     "default_ts",
     "device_of",
+    "distillation_loss",
     "recompute_bn_stats",
     "to_device",
     "train_curve",

@@ -94,6 +94,30 @@ def cross_entropy_loss(augment: Callable[[Tensor], Tensor] | None = None) -> Los
     return loss
 
 
+def distillation_loss(teacher: nn.Module, augment: Callable[[Tensor], Tensor] | None = None, *,
+                      weight: float = 0.5, temperature: float = 2.0) -> LossFn:
+    """Cross-entropy with labels, mixed with knowledge distillation from a frozen `teacher`:
+    (1 − weight) · CE(s, y) + weight · T² · KL(softmax(teacher/T) ‖ softmax(s/T)), with the
+    student and the teacher seeing the same augmented images. weight = 1 needs no labels.
+    """
+    teacher.eval()
+
+    def loss(model_fn: ModelFn, batch: Any) -> Tensor:
+        device = device_of(model_fn)
+        x = to_device(batch[0] if isinstance(batch, (tuple, list)) else batch, device)
+        x = augment(x) if augment is not None else x
+        logits = model_fn(x)
+        with torch.no_grad():
+            target = F.softmax(teacher(x) / temperature, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target,
+                      reduction="batchmean") * temperature ** 2
+        if weight >= 1:
+            return kd
+        y = to_device(batch[1], device)
+        return (1 - weight) * F.cross_entropy(logits, y) + weight * kd
+    return loss
+
+
 def _squared_norm(weights: dict[str, Tensor]) -> Tensor:
     # One fused reduction per tensor, then one stack: fewer ops than summing w.pow(2) piecewise.
     return torch.stack(torch._foreach_norm(list(weights.values()))).square().sum()

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from ..curve.train import LossFn, ModelFn, device_of
 from ..data.augment import random_crop_flip
-from ..defenses.tsc import TSCSettings, purify
+from ..defenses.tsc import PRESETS, TSCSettings, purify
 from ..errors import DataError, SettingsError
 from ..models.clip import logit_multiplier
 from ..report.schema import PurifyReport
@@ -203,7 +203,7 @@ def purify_clip(model: nn.Module, clean_pairs: DataLoader, settings: TSCSettings
         clean_pairs: a loader of clean (images, caption ids) batches, ids from the model's own
             tokenizer (for open_clip: `open_clip.get_tokenizer(name)`), images already in the
             input form `model.visual` expects.
-        settings: TSCSettings (default: TSCSettings()); `overrides` replace single fields or pass
+        settings: TSCSettings (default: the "ssl" preset); `overrides` replace single fields or pass
             `purify`'s other keywords (`resume_dir`, `spec` for encoders fx cannot trace, such
             as open_clip's vision transformers).
         augment: image augmentation inside the curve loss (default random crop and flip; None
@@ -235,7 +235,7 @@ def purify_clip(model: nn.Module, clean_pairs: DataLoader, settings: TSCSettings
                                 f"image encoder")
     # 2. TSC on the image encoder alone; `purify` copies it, so `model.visual` stays as it was.
     measure = None if evaluate is None else (lambda visual: evaluate(CLIPView(visual, frozen)))
-    visual, report = purify(model.visual, clean_pairs, settings,
+    visual, report = purify(model.visual, clean_pairs, settings or PRESETS["ssl"],
                             loss_fn=frozen_text_loss(frozen, augment), evaluate=measure,
                             seed=seed, progress=progress, **overrides)
     # 3. A copy of the input whose `visual` is the purified encoder: the memo makes deepcopy

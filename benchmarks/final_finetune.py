@@ -1,0 +1,81 @@
+"""Variants of TSC's last fine-tune on one backdoored run folder, all from the same curves.
+
+    tscpurify attack --model cnn --width 16 --epochs 5 --seed 101 --out runs/tune101-badnets
+    python benchmarks/final_finetune.py runs/tune101-badnets
+
+Runs the preset's rounds once with no fine-tune after the last round (the finished stages are
+kept in --resume, so a second call costs only the fine-tunes), then fine-tunes copies of that
+model in several ways and prints ACC / ASR / RA on 2,000 test images for each. This is how the
+default's last fine-tune was chosen: on tuning models (seed 101), never on benchmark cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import replace
+
+import torch
+from torch.utils.data import DataLoader
+
+from tscpurify.curve import cross_entropy_loss, distillation_loss
+from tscpurify.data import load_dataset, select_clean_subset
+from tscpurify.data.augment import random_crop_flip
+from tscpurify.defenses.tsc import PRESETS, purify
+from tscpurify.purification import make_evaluator
+from tscpurify.runs import load_run
+from tscpurify.training import TrainSettings, train_classifier
+
+# name → (epochs, lr, distillation weight, temperature); weight 0 is the plain fine-tune.
+VARIANTS = {
+    "none": (0, 0.01, 0.0, 2.0),
+    "plain 5": (5, 0.01, 0.0, 2.0),
+    "plain 15": (15, 0.01, 0.0, 2.0),
+    "kd 0.5 T2 5": (5, 0.01, 0.5, 2.0),
+    "kd 0.5 T2 15": (15, 0.01, 0.5, 2.0),
+    "kd 1.0 T2 15": (15, 0.01, 1.0, 2.0),
+    "kd 1.0 T4 15": (15, 0.01, 1.0, 4.0),
+    "kd 0.5 T2 15 lr.03": (15, 0.03, 0.5, 2.0),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="backdoored run folder")
+    parser.add_argument("overrides", nargs="?", default="{}", help="TSCSettings fields as JSON")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    model, _, attack = load_run(args.run)
+    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    clean = train.subset(select_clean_subset(train.labels, 3000, 0))
+    loader = DataLoader(clean.tensor_dataset(), batch_size=256, shuffle=True)
+    sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]
+    measure = make_evaluator(test.subset(sample), attack)
+    settings = replace(PRESETS[args.preset], profile_points=0, ft_after_last=False,
+                       **json.loads(args.overrides))
+    began = time.perf_counter()
+    curves_only, _ = purify(model, loader, settings, progress=False,
+                            resume_dir=args.resume or f"{args.run}/tsc-stages")
+    print(f"{settings.rounds} rounds without the last fine-tune: "
+          f"{time.perf_counter() - began:.0f} s")
+    print("before", {k: round(v, 2) for k, v in measure(model).items()})
+    for name in args.variants:
+        epochs, lr, weight, temperature = VARIANTS[name]
+        tuned = copy.deepcopy(curves_only)
+        torch.manual_seed(0)
+        loss_fn = (distillation_loss(model, random_crop_flip, weight=weight,
+                                     temperature=temperature) if weight
+                   else cross_entropy_loss(random_crop_flip))
+        if epochs:
+            train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
+                             progress=False, loss_fn=loss_fn)
+        print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
