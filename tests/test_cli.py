@@ -68,7 +68,7 @@ def test_evaluate_rejects_a_checkpoint_that_does_not_match(backdoored_run, tmp_p
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
 
 
-PURIFY_TINY = ["--rounds", "1", "--epochs", "1", "--profile-points", "3", "--ft-epochs", "1",
+PURIFY_TINY = ["--rounds", "1", "--epochs", "1", "--profile-points", "3", "--final-ft-epochs", "1",
                "--clean-fraction", "0.2", "--batch-size", "32", "--profile-test", "50", "--quiet"]
 
 

@@ -19,7 +19,7 @@ ENCODER_TINY = ["--width", "4", "--train-images", "200", "--epochs", "1", "--bat
                 "--shadow-images", "64", "--shadow-batch-size", "32", "--badencoder-epochs", "1",
                 "--probe-train-images", "200", "--probe-epochs", "5", "--probe-knn-k", "5",
                 "--quiet"]
-PURIFY_TINY = ["--rounds", "1", "--epochs", "1", "--profile-points", "3", "--ft-epochs", "1",
+PURIFY_TINY = ["--rounds", "1", "--epochs", "1", "--profile-points", "3", "--final-ft-epochs", "1",
                "--clean-fraction", "0.2", "--batch-size", "32", "--profile-test", "50",
                "--profile-train", "100", "--quiet"]
 
