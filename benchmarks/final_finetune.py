@@ -38,6 +38,9 @@ VARIANTS = {
     "kd 1.0 T2 15": (15, 0.01, 1.0, 2.0),
     "kd 1.0 T4 15": (15, 0.01, 1.0, 4.0),
     "kd 0.5 T2 15 lr.03": (15, 0.03, 0.5, 2.0),
+    "plain 15 lr.03": (15, 0.03, 0.0, 2.0),
+    "kd 0.5 T1 15 lr.03": (15, 0.03, 0.5, 1.0),
+    "kd 0.25 T2 15 lr.03": (15, 0.03, 0.25, 2.0),
 }
 
 
@@ -55,7 +58,7 @@ def main() -> None:
     loader = DataLoader(clean.tensor_dataset(), batch_size=256, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]
     measure = make_evaluator(test.subset(sample), attack)
-    settings = replace(PRESETS[args.preset], profile_points=0, ft_after_last=False,
+    settings = replace(PRESETS[args.preset], profile_points=0, final_ft_epochs=0,
                        **json.loads(args.overrides))
     began = time.perf_counter()
     curves_only, _ = purify(model, loader, settings, progress=False,

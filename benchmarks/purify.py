@@ -94,8 +94,8 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
         "seconds": {**report.seconds, "wall": tsc_seconds, "ft": ft.seconds["total"]},
         "plain_step_seconds": step,
         "overhead_ratio": defense_only / (curve_steps * step),
-        "stages": [{"round": s.round, "stage": s.stage, "t": s.t, "profile": s.profile}
-                   for s in report.stages],
+        "stages": [{"round": s.round, "stage": s.stage, "t": s.t, "metrics": s.metrics,
+                    "finetuned": s.finetuned, "profile": s.profile} for s in report.stages],
     }
     return row
 

@@ -74,6 +74,15 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert len(report.stages) == 4
+    # Stages made with other settings or another seed are refused, not silently mixed in;
+    # the profiles change no weight, so they may differ.
+    with pytest.raises(SettingsError, match=r"other settings \(epochs: 1 there, 2 now\)"):
+        purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path, epochs=2)
+    with pytest.raises(SettingsError, match="seed: 3 there, 4 now"):
+        purify(model, loader, TINY, seed=4, progress=False, resume_dir=tmp_path)
+    again, _ = purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path,
+                      profile_points=0)
+    assert torch.equal(list(again.parameters())[-1], list(reference.parameters())[-1])
 
 
 def test_label_free_loader_needs_a_label_free_loss(setup):

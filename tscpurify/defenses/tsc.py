@@ -163,6 +163,8 @@ class _Stages:
         self.spec = spec if spec is not None else derive_spec(template, example)
         # Derived or hand-written, a spec is trusted only once it provably keeps the function.
         verify_spec(template, self.spec, example, generator=torch.Generator().manual_seed(seed))
+        if resume_dir is not None:
+            self.check_resume_dir()
 
     def model_from(self, state: dict[str, torch.Tensor]) -> nn.Module:
         model = self._copy_template()
@@ -225,6 +227,26 @@ class _Stages:
         stem = self.resume_dir / f"round{round_}_stage{stage}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
+    def resume_key(self) -> dict[str, Any]:
+        """What the saved stages depend on: every setting but the profiles, and the seed."""
+        key = {k: v for k, v in asdict(self.settings).items() if k != "profile_points"}
+        return {**key, "seed": self.seed}
+
+    def check_resume_dir(self) -> None:
+        """Refuse stages saved by a run with other settings: resuming them would silently mix
+        two configurations into one result."""
+        path = self.resume_dir / "settings.json"
+        if not path.exists():
+            return
+        saved, wanted = json.loads(path.read_text()), self.resume_key()
+        changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        if changed:
+            raise SettingsError(
+                f"the finished stages in {self.resume_dir} were made with other settings ("
+                + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
+                            for k in changed)
+                + "); resume with the same settings, or start over without resuming")
+
     def load_finished(self, round_: int, stage: int) -> tuple[dict, StageRecord] | None:
         if self.resume_dir is None:
             return None
@@ -237,6 +259,7 @@ class _Stages:
         if self.resume_dir is None:
             return
         self.resume_dir.mkdir(parents=True, exist_ok=True)
+        (self.resume_dir / "settings.json").write_text(json.dumps(self.resume_key()))
         weights, record_path = self._paths(round_, stage)
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(weights) + ".tmp")
         Path(str(weights) + ".tmp").rename(weights)  # the record is written last: it marks done
