@@ -79,11 +79,12 @@ class TSCSettings:
         "help": "clean fine-tuning epochs after the last round, 0 = none (paper: none)"})
     final_ft_lr: float = field(default=0.03, metadata={
         "help": "learning rate of the fine-tune after the last round"})
-    distill: float = field(default=0.5, metadata={
+    distill: float = field(default=0.25, metadata={
         "help": "weight of distillation from the suspect model in the fine-tune after the last "
                 "round, the rest being the task loss (0 = none; paper: none). Used with the "
-                "default cross-entropy loss only. At 1 (distillation alone) it brought a "
-                "Blended backdoor back on a tuning model (README)"})
+                "default cross-entropy loss only. More wins more accuracy but lets the "
+                "backdoor back in: at 0.5 Blended's ASR rose by about a point on tuning models, "
+                "at 1 by 4-12 points (README)"})
     distill_temperature: float = field(default=2.0, metadata={
         "help": "softmax temperature of that distillation"})
     profile_points: int = field(default=11, metadata={
