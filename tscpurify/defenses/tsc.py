@@ -10,7 +10,9 @@ Plan, per round r (θ_0 = the suspect model):
      at t, re-estimate BatchNorm statistics → θ_1.
   2. Stage 2, recovery: permute θ_r to align with θ_1, train a curve from the aligned θ_r
      (t=0) to θ_1 (t=1), take the point at `t2` (the paper: t) → θ_{r+1}.
-  3. Between rounds, optionally fine-tune θ_{r+1} briefly on the clean data.
+  3. Between rounds, optionally fine-tune θ_{r+1} briefly on the clean data; after the last
+     round, a longer fine-tune whose loss may mix in distillation from the suspect model (an
+     addition to the paper that wins back accuracy; see TSCSettings.distill).
 The curve's loss is any callable (cross-entropy with labels, or a self-supervised loss), so
 the defense needs labels only if its loss does. Nothing here reads the trigger, poisoned
 data or ASR: `evaluate` callbacks are only called and recorded, never consulted.
@@ -53,7 +55,8 @@ Evaluate = Callable[[nn.Module], dict[str, float]]
 class TSCSettings:
     """TSC's knobs. The defaults are the "default" preset, which works at a CPU budget; the
     "paper" preset holds the reference implementation's values. Every default was fixed on
-    one tuning model and none is chosen at run time from anything but clean data."""
+    tuning models (never on benchmark cells) and none is chosen at run time from anything but
+    clean data."""
 
     rounds: int = field(default=3, metadata={"help": "number of two-stage rounds (paper: 3)"})
     t: float = field(default=0.4, metadata={
