@@ -191,14 +191,14 @@ def add_purify_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def purify_settings(args: argparse.Namespace, loss: str = "ce"):
-    """The preset (for the SimCLR loss: "default" means the "ssl" preset, any other preset
-    moves to the SSL point t = 0.25), then single flags."""
+    """The preset, made the SSL one for the SimCLR loss (see `ssl_settings`), then single
+    flags."""
     from .defenses.tsc import PRESETS, TSCSettings
     from .purification import ssl_settings
 
     base = PRESETS[args.preset]
     if loss == "simclr":
-        base = PRESETS["ssl"] if args.preset == "default" else ssl_settings(base)
+        base = ssl_settings(base)
     return settings_from_args(TSCSettings, args, base)
 
 

@@ -46,13 +46,15 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("auto", "ce", "simclr")
 # The TSC reference's SimCLR example takes its points at t = 0.25 (spec, "self-supervised
-# variant"); kept as is, not tuned here.
-SSL_T = 0.25
+# variant"); kept as is, not tuned here. The "ssl" preset holds it.
+SSL_T = PRESETS["ssl"].t
 
 
 def ssl_settings(base: TSCSettings) -> TSCSettings:
-    """`base` with the SSL point: t = 0.25 in both stages (unless base sets its own t2)."""
-    return replace(base, t=SSL_T)
+    """Settings for the SimCLR loss: the "ssl" preset in place of the default one (the setting
+    encoders were measured with), any other `base` moved to the SSL point t = 0.25 in both
+    stages (unless it sets its own t2)."""
+    return PRESETS["ssl"] if base == PRESETS["default"] else replace(base, t=SSL_T)
 
 
 def resolve_loss(sidecar: dict[str, Any], requested: str, run: str | Path = "the run") -> str:
@@ -147,7 +149,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     model, sidecar, attack = load_run(run, device)
     loss = resolve_loss(sidecar, loss, run)
     if settings is None:
-        settings = PRESETS["ssl"] if loss == "simclr" else PRESETS["default"]
+        settings = ssl_settings(PRESETS["default"]) if loss == "simclr" else PRESETS["default"]
     dataset = sidecar.get("dataset", {})
     train = load_dataset(dataset.get("name", "fashion-mnist"), "train", dataset.get("root"))
     test = load_dataset(dataset.get("name", "fashion-mnist"), "test", dataset.get("root"))
