@@ -20,10 +20,17 @@ from dataclasses import replace
 import torch
 from torch.utils.data import DataLoader
 
-from tscpurify.curve import cross_entropy_loss, distillation_loss
+from tscpurify.curve import (
+    cross_entropy_loss,
+    distillation_loss,
+    path_aware_loss,
+    recompute_bn_stats,
+)
 from tscpurify.data import load_dataset, select_clean_subset
 from tscpurify.data.augment import random_crop_flip
+from tscpurify.defenses import defend
 from tscpurify.defenses.tsc import PRESETS, purify
+from tscpurify.permutation import apply_permutation, derive_spec, match
 from tscpurify.purification import make_evaluator
 from tscpurify.runs import load_run
 from tscpurify.training import TrainSettings, train_classifier
@@ -41,7 +48,36 @@ VARIANTS = {
     "plain 15 lr.03": (15, 0.03, 0.0, 2.0),
     "kd 0.5 T1 15 lr.03": (15, 0.03, 0.5, 1.0),
     "kd 0.25 T2 15 lr.03": (15, 0.03, 0.25, 2.0),
+    "kd 0.25 T2 15": (15, 0.01, 0.25, 2.0),
 }
+# name → FT-SAM overrides: sharpness-aware fine-tuning as the last step instead.
+SAM_VARIANTS = {
+    "sam 15 lr.03": {"epochs": 15, "lr": 0.03},
+    "sam 15": {"epochs": 15, "lr": 0.01},
+    "sam 8 lr.03": {"epochs": 8, "lr": 0.03},
+    "sam 15 lr.03 rho.5": {"epochs": 15, "lr": 0.03, "rho": 0.5},
+}
+# name → (epochs, lr, distillation weight, rho): path-aware fine-tunes, the loss taken a
+# fraction rho of the way towards the suspect model aligned to the purified one.
+PATH_VARIANTS = {
+    "path .25 15 lr.03": (15, 0.03, 0.0, 0.25),
+    "path .5 15 lr.03": (15, 0.03, 0.0, 0.5),
+    "path .25 kd.25 15 lr.03": (15, 0.03, 0.25, 0.25),
+    "path .5 kd.25 15 lr.03": (15, 0.03, 0.25, 0.5),
+}
+
+
+def path_aware_finetune(purified, suspect, loader, epochs, lr, weight, rho):
+    spec = derive_spec(purified, next(iter(loader))[0][:8])
+    perm = match(purified, suspect, spec, loader, mode="align")
+    anchor = apply_permutation(suspect.state_dict(), spec, perm)
+    inner = (distillation_loss(suspect, random_crop_flip, weight=weight) if weight
+             else cross_entropy_loss(random_crop_flip))
+    tuned = copy.deepcopy(purified)
+    train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
+                     progress=False, loss_fn=path_aware_loss(inner, anchor, rho))
+    recompute_bn_stats(tuned, loader)
+    return tuned
 
 
 def main() -> None:
@@ -50,7 +86,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="?", default="{}", help="TSCSettings fields as JSON")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS])
     args = parser.parse_args()
     model, _, attack = load_run(args.run)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
@@ -67,6 +104,18 @@ def main() -> None:
           f"{time.perf_counter() - began:.0f} s")
     print("before", {k: round(v, 2) for k, v in measure(model).items()})
     for name in args.variants:
+        if name in PATH_VARIANTS:
+            torch.manual_seed(0)
+            tuned = path_aware_finetune(curves_only, model, loader, *PATH_VARIANTS[name])
+            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
+                  flush=True)
+            continue
+        if name in SAM_VARIANTS:
+            tuned = defend("ft_sam", curves_only, loader, seed=0, progress=False,
+                           **SAM_VARIANTS[name]).model
+            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
+                  flush=True)
+            continue
         epochs, lr, weight, temperature = VARIANTS[name]
         tuned = copy.deepcopy(curves_only)
         torch.manual_seed(0)

@@ -9,6 +9,7 @@ from tscpurify.curve import (
     CurveSettings,
     cross_entropy_loss,
     distillation_loss,
+    path_aware_loss,
     to_device,
     train_curve,
 )
@@ -153,3 +154,31 @@ def test_distillation_mixes_in_the_labels():
         mixed = distillation_loss(model, weight=0.25)(model, batch)
         ce = cross_entropy_loss()(model, batch)
     assert float(mixed) == pytest.approx(0.75 * float(ce), rel=1e-5)
+
+
+def test_path_aware_loss_is_the_loss_at_the_shifted_point_with_a_scaled_gradient():
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=2, image_size=4, hidden=(8,)).eval()
+    anchor_model = create_model("mlp", num_classes=2, image_size=4, hidden=(8,)).eval()
+    anchor = anchor_model.state_dict()
+    batch = separable()[0]
+    ce = cross_entropy_loss()
+    # rho = 0 is the plain loss.
+    with torch.no_grad():
+        assert float(path_aware_loss(ce, anchor, 0.0)(model, batch)) == pytest.approx(
+            float(ce(model, batch)), rel=1e-6)
+    # rho = 0.3: the loss of the model a third of the way to the anchor ...
+    shifted = create_model("mlp", num_classes=2, image_size=4, hidden=(8,)).eval()
+    with torch.no_grad():
+        for (k, p), q in zip(model.named_parameters(), shifted.parameters(), strict=True):
+            q.copy_(0.7 * p + 0.3 * anchor[k])
+    loss = path_aware_loss(ce, anchor, 0.3)(model, batch)
+    assert loss.item() == pytest.approx(ce(shifted, batch).item(), rel=1e-5)
+    # ... whose gradient reaches the model's parameters scaled by 1 - rho, never the anchor.
+    loss.backward()
+    ce(shifted, batch).backward()
+    for p, q in zip(model.parameters(), shifted.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, 0.7 * q.grad)
+    assert all(p.grad is None for p in anchor_model.parameters())
+    with pytest.raises(SettingsError, match="rho"):
+        path_aware_loss(ce, anchor, 1.0)

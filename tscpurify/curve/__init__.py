@@ -11,6 +11,7 @@ from .train import (
     cross_entropy_loss,
     device_of,
     distillation_loss,
+    path_aware_loss,
     to_device,
     train_curve,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "default_ts",
     "device_of",
     "distillation_loss",
+    "path_aware_loss",
     "recompute_bn_stats",
     "to_device",
     "train_curve",

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DataError, SettingsError
-from .bezier import BezierCurve
+from .bezier import BezierCurve, CurveFunction
 
 ModelFn = Callable[[Tensor], Tensor]
 LossFn = Callable[[ModelFn, Any], Tensor]
@@ -115,6 +115,29 @@ def distillation_loss(teacher: nn.Module, augment: Callable[[Tensor], Tensor] | 
             return kd
         y = to_device(batch[1], device)
         return (1 - weight) * F.cross_entropy(logits, y) + weight * kd
+    return loss
+
+
+def path_aware_loss(loss_fn: LossFn, anchor: dict[str, Tensor], rho: float) -> LossFn:
+    """`loss_fn` taken at the point a fraction `rho` of the way from the model to `anchor`:
+    L((1 − rho)·θ + rho·θ_anchor), differentiated with respect to θ.
+
+    Fine-tuning θ this way makes the segment towards the anchor fit the data, which pushes θ
+    itself further from the anchor than a plain fine-tune would. With the suspect model
+    (aligned to θ) as anchor this is a path-aware fine-tune in the spirit of PAM (Min et al.,
+    "Uncovering, Explaining, and Mitigating the Superficial Safety of Backdoor Defense",
+    NeurIPS 2024): a purified model fine-tuned plainly can drift back towards the backdoor.
+    BatchNorm normalises with batch statistics as usual, but its running statistics are then
+    those of the shifted point: re-estimate them (`recompute_bn_stats`) afterwards.
+    """
+    if not 0 <= rho < 1:
+        raise SettingsError(f"rho must lie in [0, 1), got {rho}")
+
+    def loss(model: nn.Module, batch: Any) -> Tensor:
+        weights = {k: p * (1 - rho) + anchor[k] * rho for k, p in model.named_parameters()
+                   if k in anchor}
+        device = next(iter(weights.values())).device
+        return loss_fn(CurveFunction(model, weights, rho, device), batch)
     return loss
 
 
