@@ -16,8 +16,11 @@ import copy
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from tscpurify.curve import (
@@ -50,12 +53,27 @@ VARIANTS = {
     "kd 0.25 T2 15 lr.03": (15, 0.03, 0.25, 2.0),
     "kd 0.25 T2 15": (15, 0.01, 0.25, 2.0),
 }
+# name → (epochs, lr, distillation weight, label smoothing): distillation from the purified
+# model itself (before this fine-tune) instead of the suspect, or label smoothing alone.
+SELF_VARIANTS = {
+    "self-kd .25 15 lr.03": (15, 0.03, 0.25, 0.0),
+    "self-kd .5 15 lr.03": (15, 0.03, 0.5, 0.0),
+    "ls .1 15 lr.03": (15, 0.03, 0.0, 0.1),
+}
+# name → (epochs, lr, distillation weight): the last fine-tune started from the last round's
+# stage-1 point instead of its stage-2 point (the last stage 2 skipped).
+STAGE1_VARIANTS = {
+    "s1 kd.25 15 lr.03": (15, 0.03, 0.25),
+    "s1 plain 15 lr.03": (15, 0.03, 0.0),
+    "s1 kd.25 20 lr.03": (20, 0.03, 0.25),
+}
 # name → FT-SAM overrides: sharpness-aware fine-tuning as the last step instead.
 SAM_VARIANTS = {
     "sam 15 lr.03": {"epochs": 15, "lr": 0.03},
     "sam 15": {"epochs": 15, "lr": 0.01},
     "sam 8 lr.03": {"epochs": 8, "lr": 0.03},
     "sam 15 lr.03 rho.5": {"epochs": 15, "lr": 0.03, "rho": 0.5},
+    "sam 15 lr.03 rho.1": {"epochs": 15, "lr": 0.03, "rho": 0.1},
 }
 # name → (epochs, lr, distillation weight, rho): path-aware fine-tunes, the loss taken a
 # fraction rho of the way towards the suspect model aligned to the purified one.
@@ -64,6 +82,8 @@ PATH_VARIANTS = {
     "path .5 15 lr.03": (15, 0.03, 0.0, 0.5),
     "path .25 kd.25 15 lr.03": (15, 0.03, 0.25, 0.25),
     "path .5 kd.25 15 lr.03": (15, 0.03, 0.25, 0.5),
+    "path .1 kd.25 15 lr.03": (15, 0.03, 0.25, 0.1),
+    "path .05 kd.25 15 lr.03": (15, 0.03, 0.25, 0.05),
 }
 
 
@@ -87,7 +107,8 @@ def main() -> None:
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS])
+                        choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS,
+                                 *STAGE1_VARIANTS, *SELF_VARIANTS])
     args = parser.parse_args()
     model, _, attack = load_run(args.run)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
@@ -104,6 +125,36 @@ def main() -> None:
           f"{time.perf_counter() - began:.0f} s")
     print("before", {k: round(v, 2) for k, v in measure(model).items()})
     for name in args.variants:
+        if name in SELF_VARIANTS:
+            epochs, lr, weight, smoothing = SELF_VARIANTS[name]
+            tuned = copy.deepcopy(curves_only)
+            torch.manual_seed(0)
+            if weight:
+                loss_fn = distillation_loss(copy.deepcopy(curves_only), random_crop_flip,
+                                            weight=weight)
+            else:
+                def loss_fn(m, batch, smoothing=smoothing):
+                    return F.cross_entropy(m(random_crop_flip(batch[0])), batch[1],
+                                           label_smoothing=smoothing)
+            train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
+                             progress=False, loss_fn=loss_fn)
+            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
+                  flush=True)
+            continue
+        if name in STAGE1_VARIANTS:
+            epochs, lr, weight = STAGE1_VARIANTS[name]
+            stages = Path(args.resume or f"{args.run}/tsc-stages")
+            tuned = copy.deepcopy(model)
+            tuned.load_state_dict(load_file(
+                str(stages / f"round{settings.rounds - 1}_stage1.safetensors")))
+            torch.manual_seed(0)
+            loss_fn = (distillation_loss(model, random_crop_flip, weight=weight) if weight
+                       else cross_entropy_loss(random_crop_flip))
+            train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
+                             progress=False, loss_fn=loss_fn)
+            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
+                  flush=True)
+            continue
         if name in PATH_VARIANTS:
             torch.manual_seed(0)
             tuned = path_aware_finetune(curves_only, model, loader, *PATH_VARIANTS[name])

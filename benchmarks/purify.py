@@ -8,7 +8,8 @@ curve training. The overhead ratio is TSC's time without the optional profiles a
 evaluations, divided by (curve steps × the time of one plain training step of the model at
 the same batch size); "TSC s / FT s" divides the same time by fine-tuning's for as many
 steps. Both ratios need an otherwise idle machine to mean anything. Results are appended to
---out (JSON lines) and printed as Markdown.
+--out (JSON lines) and printed as Markdown. `--reuse-ft OLD.jsonl` takes FT's row (metrics and
+time) from an earlier output with the same step count, to re-run only TSC after a change to it.
 """
 
 from __future__ import annotations
@@ -80,7 +81,15 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
     tsc_seconds = time.perf_counter() - began
     curve_steps = settings.rounds * 2 * settings.epochs * len(loader)
     ft_epochs = curve_steps // len(loader)
-    ft = defend("ft", model, loader, seed=seed, progress=not args.quiet, epochs=ft_epochs)
+    earlier = args.reuse_ft.get(cell)
+    if earlier is not None and earlier["ft_epochs"] == ft_epochs:
+        # FT depends on the model, the clean data, the seed and its step count only, never on
+        # TSC's settings: an earlier row's run of it is this run's, bit for bit.
+        ft_metrics, ft_seconds = earlier["ft"], earlier["seconds"]["ft"]
+    else:
+        ft = defend("ft", model, loader, seed=seed, progress=not args.quiet, epochs=ft_epochs)
+        ft_metrics, ft_seconds = evaluate(ft.model, test, attack_obj).as_dict(), ft.seconds["total"]
+        earlier = None
 
     x, y = next(iter(loader))
     step = plain_step_seconds(model, x.to(args.device), y.to(args.device))
@@ -89,9 +98,9 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
         "cell": cell, "preset": args.preset, "settings": report.settings,
         "backdoored": run_metrics(folder),
         "tsc": evaluate(purified, test, attack_obj).as_dict(),
-        "ft": evaluate(ft.model, test, attack_obj).as_dict(),
+        "ft": ft_metrics, "ft_reused": earlier is not None,
         "curve_steps": curve_steps, "ft_epochs": ft_epochs,
-        "seconds": {**report.seconds, "wall": tsc_seconds, "ft": ft.seconds["total"]},
+        "seconds": {**report.seconds, "wall": tsc_seconds, "ft": ft_seconds},
         "plain_step_seconds": step,
         "overhead_ratio": defense_only / (curve_steps * step),
         "stages": [{"round": s.round, "stage": s.stage, "t": s.t, "metrics": s.metrics,
@@ -136,7 +145,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/out/purify.jsonl")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--reuse-ft", metavar="JSONL",
+                        help="take each cell's FT result from this earlier output when its step "
+                             "count matches, instead of fine-tuning again (FT does not depend on "
+                             "TSC's settings); such rows say \"ft_reused\": true")
     args = parser.parse_args()
+    args.reuse_ft = ({json.loads(line)["cell"]: json.loads(line)
+                      for line in Path(args.reuse_ft).read_text().splitlines()}
+                     if args.reuse_ft else {})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {}
