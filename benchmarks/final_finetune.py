@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from tscpurify.curve import (
@@ -59,6 +58,10 @@ SELF_VARIANTS = {
     "self-kd .25 15 lr.03": (15, 0.03, 0.25, 0.0),
     "self-kd .5 15 lr.03": (15, 0.03, 0.5, 0.0),
     "ls .1 15 lr.03": (15, 0.03, 0.0, 0.1),
+    "ls .2 15 lr.03": (15, 0.03, 0.0, 0.2),
+    "ls .1 15": (15, 0.01, 0.0, 0.1),
+    "ls .1 20 lr.03": (20, 0.03, 0.0, 0.1),
+    "kd .25 ls .1 15 lr.03": (15, 0.03, 0.25, 0.1),
 }
 # name → (epochs, lr, distillation weight): the last fine-tune started from the last round's
 # stage-1 point instead of its stage-2 point (the last stage 2 skipped).
@@ -129,13 +132,11 @@ def main() -> None:
             epochs, lr, weight, smoothing = SELF_VARIANTS[name]
             tuned = copy.deepcopy(curves_only)
             torch.manual_seed(0)
-            if weight:
-                loss_fn = distillation_loss(copy.deepcopy(curves_only), random_crop_flip,
-                                            weight=weight)
-            else:
-                def loss_fn(m, batch, smoothing=smoothing):
-                    return F.cross_entropy(m(random_crop_flip(batch[0])), batch[1],
-                                           label_smoothing=smoothing)
+            # "kd … ls …" distils from the suspect, "self-kd" from the purified model itself.
+            teacher = model if name.startswith("kd") else copy.deepcopy(curves_only)
+            loss_fn = (distillation_loss(teacher, random_crop_flip, weight=weight,
+                                         label_smoothing=smoothing) if weight
+                       else cross_entropy_loss(random_crop_flip, label_smoothing=smoothing))
             train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
                              progress=False, loss_fn=loss_fn)
             print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},

@@ -83,22 +83,27 @@ def device_of(model_fn: ModelFn) -> torch.device:
     return torch.device("cpu")
 
 
-def cross_entropy_loss(augment: Callable[[Tensor], Tensor] | None = None) -> LossFn:
-    """Supervised loss for batches (x, y): cross-entropy of model(augment(x)) against y.
+def cross_entropy_loss(augment: Callable[[Tensor], Tensor] | None = None, *,
+                       label_smoothing: float = 0.0) -> LossFn:
+    """Supervised loss for batches (x, y): cross-entropy of model(augment(x)) against y, with
+    the targets smoothed by `label_smoothing` (0 = one-hot).
 
     Augmentation runs after the move to the device, so it costs no extra host copy.
     """
     def loss(model_fn: ModelFn, batch: Any) -> Tensor:
         x, y = to_device(batch[:2], device_of(model_fn))
-        return F.cross_entropy(model_fn(augment(x) if augment is not None else x), y)
+        return F.cross_entropy(model_fn(augment(x) if augment is not None else x), y,
+                               label_smoothing=label_smoothing)
     return loss
 
 
 def distillation_loss(teacher: nn.Module, augment: Callable[[Tensor], Tensor] | None = None, *,
-                      weight: float = 0.5, temperature: float = 2.0) -> LossFn:
+                      weight: float = 0.5, temperature: float = 2.0,
+                      label_smoothing: float = 0.0) -> LossFn:
     """Cross-entropy with labels, mixed with knowledge distillation from a frozen `teacher`:
     (1 − weight) · CE(s, y) + weight · T² · KL(softmax(teacher/T) ‖ softmax(s/T)), with the
-    student and the teacher seeing the same augmented images. weight = 1 needs no labels.
+    student and the teacher seeing the same augmented images. weight = 1 needs no labels;
+    `label_smoothing` smooths the CE term's targets.
     """
     teacher.eval()
 
@@ -114,7 +119,8 @@ def distillation_loss(teacher: nn.Module, augment: Callable[[Tensor], Tensor] | 
         if weight >= 1:
             return kd
         y = to_device(batch[1], device)
-        return (1 - weight) * F.cross_entropy(logits, y) + weight * kd
+        ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return (1 - weight) * ce + weight * kd
     return loss
 
 
