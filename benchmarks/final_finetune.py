@@ -61,6 +61,8 @@ SELF_VARIANTS = {
     "ls .2 15 lr.03": (15, 0.03, 0.0, 0.2),
     "ls .1 15": (15, 0.01, 0.0, 0.1),
     "ls .1 20 lr.03": (20, 0.03, 0.0, 0.1),
+    "ls .1 15 lr.05": (15, 0.05, 0.0, 0.1),
+    "ls .05 15 lr.03": (15, 0.03, 0.0, 0.05),
     "kd .25 ls .1 15 lr.03": (15, 0.03, 0.25, 0.1),
 }
 # name → (epochs, lr, distillation weight): the last fine-tune started from the last round's

@@ -182,3 +182,20 @@ def test_path_aware_loss_is_the_loss_at_the_shifted_point_with_a_scaled_gradient
     assert all(p.grad is None for p in anchor_model.parameters())
     with pytest.raises(SettingsError, match="rho"):
         path_aware_loss(ce, anchor, 1.0)
+
+
+def test_label_smoothing_raises_the_loss_of_confident_right_answers():
+    teacher = create_model("mlp", num_classes=2, image_size=4, hidden=(8,)).eval()
+    x, y = separable()[0]
+    logits = torch.where(nn.functional.one_hot(y, 2).bool(), 20.0, -20.0)
+
+    def confident(inputs):  # a model that is sure, and right
+        return logits
+
+    sharp = cross_entropy_loss()(confident, (x, y))
+    smooth = cross_entropy_loss(label_smoothing=0.2)(confident, (x, y))
+    assert float(sharp) < 1e-6 < float(smooth)
+    with torch.no_grad():
+        plain = distillation_loss(teacher, weight=0.5)(confident, (x, y))
+        smoothed = distillation_loss(teacher, weight=0.5, label_smoothing=0.2)(confident, (x, y))
+    assert float(smoothed) > float(plain)

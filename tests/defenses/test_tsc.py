@@ -118,8 +118,28 @@ def test_last_fine_tune_distils_only_with_the_default_loss(setup):
     assert report.settings["distill"] == 0.0, "a custom objective keeps the fine-tune plain"
 
 
+def test_last_fine_tune_smooths_labels_only_with_the_default_loss(setup):
+    model, loader = setup
+    sharp, _ = purify(model, loader, TINY, progress=False, rounds=1, distill=0.0,
+                      final_ft_label_smoothing=0.0)
+    smooth, report = purify(model, loader, TINY, progress=False, rounds=1, distill=0.0,
+                            final_ft_label_smoothing=0.2)
+    assert report.settings["final_ft_label_smoothing"] == 0.2
+    # Same seed, same curves: only the last fine-tune's targets differ.
+    assert not torch.equal(list(sharp.parameters())[-1], list(smooth.parameters())[-1])
+
+    def label_free(model_fn, batch):
+        return model_fn(batch[0]).logsumexp(1).mean()
+
+    _, report = purify(model, loader, TINY, progress=False, rounds=1,
+                       final_ft_label_smoothing=0.2, loss_fn=label_free)
+    assert report.settings["final_ft_label_smoothing"] == 0.0
+
+
 def test_distill_settings_are_checked():
     with pytest.raises(SettingsError, match="distill"):
         TSCSettings(distill=1.5)
     with pytest.raises(SettingsError, match="distill_temperature"):
         TSCSettings(distill_temperature=0)
+    with pytest.raises(SettingsError, match="label_smoothing"):
+        TSCSettings(final_ft_label_smoothing=1.0)

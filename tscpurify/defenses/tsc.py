@@ -11,8 +11,8 @@ Plan, per round r (θ_0 = the suspect model):
   2. Stage 2, recovery: permute θ_r to align with θ_1, train a curve from the aligned θ_r
      (t=0) to θ_1 (t=1), take the point at `t2` (the paper: t) → θ_{r+1}.
   3. Between rounds, optionally fine-tune θ_{r+1} briefly on the clean data; after the last
-     round, a longer fine-tune whose loss may mix in distillation from the suspect model (an
-     addition to the paper that wins back accuracy; see TSCSettings.distill).
+     round, a longer one with label-smoothed cross-entropy (an addition to the paper that wins
+     back accuracy; see TSCSettings.final_ft_label_smoothing and .distill).
 The curve's loss is any callable (cross-entropy with labels, or a self-supervised loss), so
 the defense needs labels only if its loss does. Nothing here reads the trigger, poisoned
 data or ASR: `evaluate` callbacks are only called and recorded, never consulted.
@@ -82,14 +82,18 @@ class TSCSettings:
         "help": "clean fine-tuning epochs after the last round, 0 = none (paper: none)"})
     final_ft_lr: float = field(default=0.03, metadata={
         "help": "learning rate of the fine-tune after the last round"})
-    distill: float = field(default=0.25, metadata={
+    distill: float = field(default=0.0, metadata={
         "help": "weight of distillation from the suspect model in the fine-tune after the last "
                 "round, the rest being the task loss (0 = none; paper: none). Used with the "
-                "default cross-entropy loss only. More wins more accuracy but lets the "
-                "backdoor back in: at 0.5 Blended's ASR rose by about a point on tuning models, "
-                "at 1 by 4-12 points (README)"})
+                "default cross-entropy loss only. It wins accuracy but can let the backdoor back "
+                "in: at 0.25 a Blended tuning model went from 3.0% to 7.3% ASR (README)"})
     distill_temperature: float = field(default=2.0, metadata={
         "help": "softmax temperature of that distillation"})
+    final_ft_label_smoothing: float = field(default=0.1, metadata={
+        "help": "label smoothing of the cross-entropy in the fine-tune after the last round "
+                "(0 = none; paper: no fine-tune). Used with the default cross-entropy loss only. "
+                "On tuning models it kept a Blended backdoor from waking up, which plain and "
+                "distilling fine-tunes did not always (README)"})
     profile_points: int = field(default=11, metadata={
         "help": "points along each curve at which metrics are recorded (0 = none)"})
 
@@ -107,6 +111,9 @@ class TSCSettings:
             raise SettingsError(f"fine-tuning needs epochs ≥ 0 and lr > 0; got ft_epochs "
                                 f"{self.ft_epochs}, final_ft_epochs {self.final_ft_epochs}, "
                                 f"ft_lr {self.ft_lr}, final_ft_lr {self.final_ft_lr}")
+        if not 0 <= self.final_ft_label_smoothing < 1:
+            raise SettingsError(f"final_ft_label_smoothing must lie in [0, 1), got "
+                                f"{self.final_ft_label_smoothing}")
         if not 0 <= self.distill <= 1 or self.distill_temperature <= 0:
             raise SettingsError(f"distill must lie in [0, 1] and distill_temperature be > 0; "
                                 f"got {self.distill} and {self.distill_temperature}")
@@ -122,17 +129,19 @@ PRESETS: dict[str, TSCSettings] = {
     # The reference implementation's CIFAR-10 example, literally: hours on a CPU, and on
     # Fashion-MNIST at a CPU budget its stage 2 brings the backdoor back (see README).
     "paper": TSCSettings(rounds=3, epochs=200, lr=0.02, cosine_t_max=100, mid_init="linear",
-                         ft_epochs=10, ft_lr=1e-4, final_ft_epochs=0, distill=0.0),
+                         ft_epochs=10, ft_lr=1e-4, final_ft_epochs=0, distill=0.0,
+                         final_ft_label_smoothing=0.0),
     # What works at a CPU budget (chosen on tuning models, see README "Why the default
     # differs"): a freshly initialised control point, a larger curve learning rate annealed to
     # zero, the paper's three rounds with a short clean fine-tune after each, and after the
-    # last a longer one that mixes in distillation from the suspect model to win back accuracy.
+    # last a longer one with label smoothing, to win back accuracy without waking the backdoor.
     "default": TSCSettings(),
     # Self-supervised encoders and CLIP: the setting their results were measured with (the
     # SimCLR point t = 0.25 of the reference's SSL example, two rounds, a plain 5-epoch
     # fine-tune after each round). The classifier default's third round and distilling
     # fine-tune were tuned on classifiers and have not been measured on encoders.
-    "ssl": TSCSettings(rounds=2, t=0.25, final_ft_epochs=5, final_ft_lr=0.01, distill=0.0),
+    "ssl": TSCSettings(rounds=2, t=0.25, final_ft_epochs=5, final_ft_lr=0.01, distill=0.0,
+                       final_ft_label_smoothing=0.0),
 }
 
 
@@ -289,12 +298,18 @@ class _Stages:
         if epochs > 0:
             model = self.model_from(state)
             ft = TrainSettings(epochs=epochs, lr=lr, batch_size=self.clean.batch_size or 1)
-            # The curve's own objective, so a label-free purification stays label-free.
+            # The curve's own objective, so a label-free purification stays label-free; the
+            # last fine-tune's extras (distillation, label smoothing) exist for cross-entropy
+            # only, and purify() switches them off for a custom loss.
             loss_fn = self.loss_fn
             if last and settings.distill > 0:
                 loss_fn = distillation_loss(self.template, random_crop_flip,
                                             weight=settings.distill,
-                                            temperature=settings.distill_temperature)
+                                            temperature=settings.distill_temperature,
+                                            label_smoothing=settings.final_ft_label_smoothing)
+            elif last and settings.final_ft_label_smoothing > 0:
+                loss_fn = cross_entropy_loss(random_crop_flip,
+                                             label_smoothing=settings.final_ft_label_smoothing)
             self.timed("finetune", train_classifier, model, self.clean, ft,
                        progress=self.progress, desc="fine-tune", loss_fn=loss_fn)
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -352,12 +367,12 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
                                                               shuffle=True), epochs=20)
     """
     settings = replace(settings or TSCSettings(), **overrides)
-    if loss_fn is not None and settings.distill > 0:
-        # Distillation compares class scores; a custom objective (an encoder's SSL loss, say)
-        # says nothing about the outputs being class scores, so the last fine-tune stays plain,
-        # and the report's settings say so.
-        log.info("custom loss_fn: the last fine-tune uses it alone (distill 0)")
-        settings = replace(settings, distill=0.0)
+    if loss_fn is not None and (settings.distill > 0 or settings.final_ft_label_smoothing > 0):
+        # Distillation and label smoothing act on class scores; a custom objective (an
+        # encoder's SSL loss, say) says nothing about the outputs being class scores, so the
+        # last fine-tune uses it alone, and the report's settings say so.
+        log.info("custom loss_fn: the last fine-tune uses it alone (distill 0, no smoothing)")
+        settings = replace(settings, distill=0.0, final_ft_label_smoothing=0.0)
     if loss_fn is None:
         if not loader_has_labels(clean):
             raise DataError("the clean loader yields bare images: pass a label-free loss_fn "
