@@ -6,7 +6,8 @@
 Runs the preset's rounds once with no fine-tune after the last round (the finished stages are
 kept in --resume, so a second call costs only the fine-tunes), then fine-tunes copies of that
 model in several ways and prints ACC / ASR / RA on 2,000 test images for each. This is how the
-default's last fine-tune was chosen: on tuning models (seed 101), never on benchmark cells.
+default's last fine-tune was chosen: on tuning models (seeds 101-106), never on benchmark cells.
+`--variants` picks which ones run; the variant tables below say what each name means.
 """
 
 from __future__ import annotations
