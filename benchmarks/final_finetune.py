@@ -52,6 +52,7 @@ VARIANTS = {
     "kd 0.5 T1 15 lr.03": (15, 0.03, 0.5, 1.0),
     "kd 0.25 T2 15 lr.03": (15, 0.03, 0.25, 2.0),
     "kd 0.25 T2 15": (15, 0.01, 0.25, 2.0),
+    "kd 0.1 T2 15 lr.03": (15, 0.03, 0.1, 2.0),
 }
 # name → (epochs, lr, distillation weight, label smoothing): distillation from the purified
 # model itself (before this fine-tune) instead of the suspect, or label smoothing alone.
@@ -65,6 +66,7 @@ SELF_VARIANTS = {
     "ls .1 15 lr.05": (15, 0.05, 0.0, 0.1),
     "ls .05 15 lr.03": (15, 0.03, 0.0, 0.05),
     "kd .25 ls .1 15 lr.03": (15, 0.03, 0.25, 0.1),
+    "kd .1 ls .1 15 lr.03": (15, 0.03, 0.1, 0.1),
 }
 # name → (epochs, lr, distillation weight): the last fine-tune started from the last round's
 # stage-1 point instead of its stage-2 point (the last stage 2 skipped).
