@@ -128,11 +128,12 @@ def path_aware_loss(loss_fn: LossFn, anchor: dict[str, Tensor], rho: float) -> L
     """`loss_fn` taken at the point a fraction `rho` of the way from the model to `anchor`:
     L((1 − rho)·θ + rho·θ_anchor), differentiated with respect to θ.
 
-    Fine-tuning θ this way makes the segment towards the anchor fit the data, which pushes θ
-    itself further from the anchor than a plain fine-tune would. With the suspect model
-    (aligned to θ) as anchor this is a path-aware fine-tune in the spirit of PAM (Min et al.,
-    "Uncovering, Explaining, and Mitigating the Superficial Safety of Backdoor Defense",
-    NeurIPS 2024): a purified model fine-tuned plainly can drift back towards the backdoor.
+    Fine-tuning θ this way asks the segment towards the anchor to fit the data, which is meant
+    to push θ itself away from the anchor. With the suspect model (aligned to θ) as anchor this
+    is a path-aware fine-tune in the spirit of PAM (Min et al., "Uncovering, Explaining, and
+    Mitigating the Superficial Safety of Backdoor Defense", NeurIPS 2024), against a purified
+    model drifting back to the backdoor when fine-tuned. As TSC's last step on our tuning
+    models it did not help (README), so no default uses it.
     BatchNorm normalises with batch statistics as usual, but its running statistics are then
     those of the shifted point: re-estimate them (`recompute_bn_stats`) afterwards.
     """
