@@ -131,7 +131,12 @@ def main() -> None:
                             resume_dir=args.resume or f"{args.run}/tsc-stages")
     print(f"{settings.rounds} rounds without the last fine-tune: "
           f"{time.perf_counter() - began:.0f} s")
-    print("before", {k: round(v, 2) for k, v in measure(model).items()})
+
+    def show(name: str, tuned: torch.nn.Module) -> None:
+        print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
+              flush=True)
+
+    show("before", model)
     for name in args.variants:
         if name in SELF_VARIANTS:
             epochs, lr, weight, smoothing = SELF_VARIANTS[name]
@@ -144,8 +149,7 @@ def main() -> None:
                        else cross_entropy_loss(random_crop_flip, label_smoothing=smoothing))
             train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
                              progress=False, loss_fn=loss_fn)
-            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
-                  flush=True)
+            show(name, tuned)
             continue
         if name in STAGE1_VARIANTS:
             epochs, lr, weight = STAGE1_VARIANTS[name]
@@ -158,20 +162,17 @@ def main() -> None:
                        else cross_entropy_loss(random_crop_flip))
             train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
                              progress=False, loss_fn=loss_fn)
-            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
-                  flush=True)
+            show(name, tuned)
             continue
         if name in PATH_VARIANTS:
             torch.manual_seed(0)
             tuned = path_aware_finetune(curves_only, model, loader, *PATH_VARIANTS[name])
-            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
-                  flush=True)
+            show(name, tuned)
             continue
         if name in SAM_VARIANTS:
             tuned = defend("ft_sam", curves_only, loader, seed=0, progress=False,
                            **SAM_VARIANTS[name]).model
-            print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
-                  flush=True)
+            show(name, tuned)
             continue
         epochs, lr, weight, temperature = VARIANTS[name]
         tuned = copy.deepcopy(curves_only)
@@ -182,8 +183,7 @@ def main() -> None:
         if epochs:
             train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
                              progress=False, loss_fn=loss_fn)
-        print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
-              flush=True)
+        show(name, tuned)
 
 
 if __name__ == "__main__":
