@@ -82,7 +82,11 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
     curve_steps = settings.rounds * 2 * settings.epochs * len(loader)
     ft_epochs = curve_steps // len(loader)
     earlier = args.reuse_ft.get(cell)
-    if earlier is not None and earlier["ft_epochs"] == ft_epochs:
+    same_data = earlier is not None and all(
+        # Rows written before these two fields existed ran with the defaults.
+        earlier.get(key, parser_default) == getattr(args, key)
+        for key, parser_default in (("clean_fraction", 0.05), ("batch_size", 256)))
+    if same_data and earlier["ft_epochs"] == ft_epochs and earlier["curve_steps"] == curve_steps:
         # FT depends on the model, the clean data, the seed and its step count only, never on
         # TSC's settings: an earlier row's run of it is this run's, bit for bit.
         ft_metrics, ft_seconds = earlier["ft"], earlier["seconds"]["ft"]
@@ -96,6 +100,7 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
     defense_only = tsc_seconds - report.seconds["profile"] - report.seconds["evaluation"]
     row = {
         "cell": cell, "preset": args.preset, "settings": report.settings,
+        "clean_fraction": args.clean_fraction, "batch_size": args.batch_size,
         "backdoored": run_metrics(folder),
         "tsc": evaluate(purified, test, attack_obj).as_dict(),
         "ft": ft_metrics, "ft_reused": earlier is not None,
@@ -147,8 +152,9 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--reuse-ft", metavar="JSONL",
                         help="take each cell's FT result from this earlier output when its step "
-                             "count matches, instead of fine-tuning again (FT does not depend on "
-                             "TSC's settings); such rows say \"ft_reused\": true")
+                             "count, clean fraction and batch size match, instead of fine-tuning "
+                             "again (FT does not depend on TSC's settings); such rows say "
+                             "\"ft_reused\": true")
     args = parser.parse_args()
     args.reuse_ft = ({json.loads(line)["cell"]: json.loads(line)
                       for line in Path(args.reuse_ft).read_text().splitlines()}
