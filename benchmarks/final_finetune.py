@@ -95,12 +95,30 @@ PATH_VARIANTS = {
 }
 
 
+def task_loss(teacher, weight, temperature=2.0, smoothing=0.0):
+    """Cross-entropy (targets smoothed by `smoothing`), mixed with distillation from `teacher`
+    at `weight` if that is > 0; both on crop/flip-augmented images."""
+    if weight:
+        return distillation_loss(teacher, random_crop_flip, weight=weight,
+                                 temperature=temperature, label_smoothing=smoothing)
+    return cross_entropy_loss(random_crop_flip, label_smoothing=smoothing)
+
+
+def finetune(start, loader, epochs, lr, loss_fn):
+    """A copy of `start` fine-tuned from seed 0 (the same data order for every variant)."""
+    tuned = copy.deepcopy(start)
+    torch.manual_seed(0)
+    if epochs:
+        train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
+                         progress=False, loss_fn=loss_fn)
+    return tuned
+
+
 def path_aware_finetune(purified, suspect, loader, epochs, lr, weight, rho):
     spec = derive_spec(purified, next(iter(loader))[0][:8])
     perm = match(purified, suspect, spec, loader, mode="align")
     anchor = apply_permutation(suspect.state_dict(), spec, perm)
-    inner = (distillation_loss(suspect, random_crop_flip, weight=weight) if weight
-             else cross_entropy_loss(random_crop_flip))
+    inner = task_loss(suspect, weight)
     tuned = copy.deepcopy(purified)
     train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
                      progress=False, loss_fn=path_aware_loss(inner, anchor, rho))
@@ -140,29 +158,18 @@ def main() -> None:
     for name in args.variants:
         if name in SELF_VARIANTS:
             epochs, lr, weight, smoothing = SELF_VARIANTS[name]
-            tuned = copy.deepcopy(curves_only)
-            torch.manual_seed(0)
             # "kd … ls …" distils from the suspect, "self-kd" from the purified model itself.
             teacher = model if name.startswith("kd") else copy.deepcopy(curves_only)
-            loss_fn = (distillation_loss(teacher, random_crop_flip, weight=weight,
-                                         label_smoothing=smoothing) if weight
-                       else cross_entropy_loss(random_crop_flip, label_smoothing=smoothing))
-            train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
-                             progress=False, loss_fn=loss_fn)
-            show(name, tuned)
+            show(name, finetune(curves_only, loader, epochs, lr,
+                                task_loss(teacher, weight, smoothing=smoothing)))
             continue
         if name in STAGE1_VARIANTS:
             epochs, lr, weight = STAGE1_VARIANTS[name]
             stages = Path(args.resume or f"{args.run}/tsc-stages")
-            tuned = copy.deepcopy(model)
-            tuned.load_state_dict(load_file(
+            stage1 = copy.deepcopy(model)
+            stage1.load_state_dict(load_file(
                 str(stages / f"round{settings.rounds - 1}_stage1.safetensors")))
-            torch.manual_seed(0)
-            loss_fn = (distillation_loss(model, random_crop_flip, weight=weight) if weight
-                       else cross_entropy_loss(random_crop_flip))
-            train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
-                             progress=False, loss_fn=loss_fn)
-            show(name, tuned)
+            show(name, finetune(stage1, loader, epochs, lr, task_loss(model, weight)))
             continue
         if name in PATH_VARIANTS:
             torch.manual_seed(0)
@@ -175,15 +182,8 @@ def main() -> None:
             show(name, tuned)
             continue
         epochs, lr, weight, temperature = VARIANTS[name]
-        tuned = copy.deepcopy(curves_only)
-        torch.manual_seed(0)
-        loss_fn = (distillation_loss(model, random_crop_flip, weight=weight,
-                                     temperature=temperature) if weight
-                   else cross_entropy_loss(random_crop_flip))
-        if epochs:
-            train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
-                             progress=False, loss_fn=loss_fn)
-        show(name, tuned)
+        show(name, finetune(curves_only, loader, epochs, lr,
+                            task_loss(model, weight, temperature)))
 
 
 if __name__ == "__main__":
