@@ -94,6 +94,41 @@ PATH_VARIANTS = {
     "path .05 kd.25 15 lr.03": (15, 0.03, 0.25, 0.05),
 }
 
+# name → (epochs, lr, mixup alpha, label smoothing, cutmix?): mixup (or CutMix) of pairs of
+# clean images, with the targets mixed in the same proportion.
+MIX_VARIANTS = {
+    "mixup .2 15 lr.03": (15, 0.03, 0.2, 0.0, False),
+    "mixup .4 15 lr.03": (15, 0.03, 0.4, 0.0, False),
+    "mixup 1 15 lr.03": (15, 0.03, 1.0, 0.0, False),
+    "mixup .2 ls.1 15 lr.03": (15, 0.03, 0.2, 0.1, False),
+    "cutmix 1 15 lr.03": (15, 0.03, 1.0, 0.0, True),
+    "mixup .4 20 lr.03": (20, 0.03, 0.4, 0.0, False),
+}
+
+
+def mix_loss(alpha, smoothing, cutmix):
+    beta = torch.distributions.Beta(alpha, alpha)
+
+    def loss(model_fn, batch):
+        x, y = batch[0], batch[1]
+        x = random_crop_flip(x)
+        lam = float(beta.sample())
+        order = torch.randperm(len(x))
+        if cutmix:
+            h, w = x.shape[-2:]
+            ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+            top, left = torch.randint(h - ch + 1, ()).item(), torch.randint(w - cw + 1, ()).item()
+            x = x.clone()
+            x[..., top:top + ch, left:left + cw] = x[order][..., top:top + ch, left:left + cw]
+            lam = 1 - ch * cw / (h * w)
+        else:
+            x = lam * x + (1 - lam) * x[order]
+        logits = model_fn(x)
+        ce = torch.nn.functional.cross_entropy
+        return (lam * ce(logits, y, label_smoothing=smoothing)
+                + (1 - lam) * ce(logits, y[order], label_smoothing=smoothing))
+    return loss
+
 
 def task_loss(teacher, weight, temperature=2.0, smoothing=0.0):
     """Cross-entropy (targets smoothed by `smoothing`), mixed with distillation from `teacher`
@@ -134,7 +169,7 @@ def main() -> None:
     parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS,
-                                 *STAGE1_VARIANTS, *SELF_VARIANTS])
+                                 *STAGE1_VARIANTS, *SELF_VARIANTS, *MIX_VARIANTS])
     args = parser.parse_args()
     model, _, attack = load_run(args.run)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
@@ -156,6 +191,13 @@ def main() -> None:
 
     show("before", model)
     for name in args.variants:
+        if name in MIX_VARIANTS:
+            epochs, lr, *mix = MIX_VARIANTS[name]
+            tuned = finetune(curves_only, loader, epochs, lr, mix_loss(*mix))
+            # Mixed batches shift BatchNorm's running statistics: re-estimate on clean images.
+            recompute_bn_stats(tuned, loader)
+            show(name, tuned)
+            continue
         if name in SELF_VARIANTS:
             epochs, lr, weight, smoothing = SELF_VARIANTS[name]
             # "kd … ls …" distils from the suspect, "self-kd" from the purified model itself.
