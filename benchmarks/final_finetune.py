@@ -105,6 +105,33 @@ MIX_VARIANTS = {
     "mixup .4 20 lr.03": (20, 0.03, 0.4, 0.0, False),
 }
 
+# name → (epochs, lr, label smoothing, averaged epochs): the weights at the end of the last
+# epochs averaged (SWA-style), then BatchNorm re-estimated.
+SWA_VARIANTS = {
+    "ls .1 15 lr.03 swa5": (15, 0.03, 0.1, 5),
+    "ls .1 15 lr.03 swa10": (15, 0.03, 0.1, 10),
+    "ls .1 20 lr.05 swa10": (20, 0.05, 0.1, 10),
+}
+
+
+def averaged_finetune(start, loader, epochs, lr, smoothing, averaged):
+    snapshots = []
+
+    def keep(epoch, model):
+        if epoch >= epochs - averaged:
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    tuned = copy.deepcopy(start)
+    torch.manual_seed(0)
+    train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
+                     progress=False, loss_fn=task_loss(None, 0, smoothing=smoothing),
+                     callbacks=[keep])
+    tuned.load_state_dict({k: torch.stack([s[k] for s in snapshots]).mean(0)
+                           if v.is_floating_point() else v
+                           for k, v in snapshots[-1].items()})
+    recompute_bn_stats(tuned, loader)
+    return tuned
+
 
 def mix_loss(alpha, smoothing, cutmix):
     beta = torch.distributions.Beta(alpha, alpha)
@@ -169,7 +196,8 @@ def main() -> None:
     parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS,
-                                 *STAGE1_VARIANTS, *SELF_VARIANTS, *MIX_VARIANTS])
+                                 *STAGE1_VARIANTS, *SELF_VARIANTS, *MIX_VARIANTS,
+                                 *SWA_VARIANTS])
     args = parser.parse_args()
     model, _, attack = load_run(args.run)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
@@ -191,6 +219,9 @@ def main() -> None:
 
     show("before", model)
     for name in args.variants:
+        if name in SWA_VARIANTS:
+            show(name, averaged_finetune(curves_only, loader, *SWA_VARIANTS[name]))
+            continue
         if name in MIX_VARIANTS:
             epochs, lr, *mix = MIX_VARIANTS[name]
             tuned = finetune(curves_only, loader, epochs, lr, mix_loss(*mix))
