@@ -102,7 +102,6 @@ MIX_VARIANTS = {
     "mixup 1 15 lr.03": (15, 0.03, 1.0, 0.0, False),
     "mixup .2 ls.1 15 lr.03": (15, 0.03, 0.2, 0.1, False),
     "cutmix 1 15 lr.03": (15, 0.03, 1.0, 0.0, True),
-    "mixup .4 20 lr.03": (20, 0.03, 0.4, 0.0, False),
 }
 
 # name → (epochs, lr, label smoothing, averaged epochs): the weights at the end of the last

@@ -141,8 +141,8 @@ PRESETS: dict[str, TSCSettings] = {
     # SimCLR point t = 0.25 of the reference's SSL example, two rounds, a plain 5-epoch
     # fine-tune after each round, 30-epoch curves). The classifier default's longer curves
     # and smoothed fine-tune were tuned on classifiers and have not been measured on encoders.
-    "ssl": TSCSettings(rounds=2, t=0.25, epochs=30, final_ft_epochs=5, final_ft_lr=0.01, distill=0.0,
-                       final_ft_label_smoothing=0.0),
+    "ssl": TSCSettings(rounds=2, t=0.25, epochs=30, final_ft_epochs=5, final_ft_lr=0.01,
+                       distill=0.0, final_ft_label_smoothing=0.0),
 }
 
 
