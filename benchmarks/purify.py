@@ -10,6 +10,7 @@ the same batch size); "TSC s / FT s" divides the same time by fine-tuning's for 
 steps. Both ratios need an otherwise idle machine to mean anything. Results are appended to
 --out (JSON lines) and printed as Markdown. `--reuse-ft OLD.jsonl` takes FT's row (metrics and
 time) from an earlier output with the same step count, to re-run only TSC after a change to it.
+`--set JSON` overrides single TSCSettings fields of the preset, e.g. '{"rounds": 2}'.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tscpurify.data import load_dataset, select_clean_subset
 from tscpurify.data.augment import random_crop_flip
 from tscpurify.defenses import defend
 from tscpurify.defenses.tsc import PRESETS, purify
+from tscpurify.errors import SettingsError
 from tscpurify.evaluation import evaluate
 from tscpurify.purification import make_evaluator
 from tscpurify.runs import load_run
@@ -73,7 +75,8 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
     loader = DataLoader(clean.tensor_dataset(), batch_size=args.batch_size, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
     profile_eval = make_evaluator(test.subset(sample[:args.profile_test]), attack_obj)
-    settings = replace(PRESETS[args.preset], profile_points=args.profile_points)
+    settings = replace(PRESETS[args.preset], profile_points=args.profile_points,
+                       **args.overrides)
 
     began = time.perf_counter()
     purified, report = purify(model, loader, settings, evaluate=profile_eval, seed=seed,
@@ -99,7 +102,8 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
     step = plain_step_seconds(model, x.to(args.device), y.to(args.device))
     defense_only = tsc_seconds - report.seconds["profile"] - report.seconds["evaluation"]
     row = {
-        "cell": cell, "preset": args.preset, "settings": report.settings,
+        "cell": cell, "preset": args.preset, "overrides": args.overrides,
+        "settings": report.settings,
         "clean_fraction": args.clean_fraction, "batch_size": args.batch_size,
         "backdoored": run_metrics(folder),
         "tsc": evaluate(purified, test, attack_obj).as_dict(),
@@ -150,12 +154,20 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/out/purify.jsonl")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--set", default="{}", metavar="JSON",
+                        help="TSCSettings fields to override on the preset, e.g. "
+                             "'{\"rounds\": 2, \"epochs\": 45}'; rows record the settings")
     parser.add_argument("--reuse-ft", metavar="JSONL",
                         help="take each cell's FT result from this earlier output when its step "
                              "count, clean fraction and batch size match, instead of fine-tuning "
                              "again (FT does not depend on TSC's settings); such rows say "
                              "\"ft_reused\": true")
     args = parser.parse_args()
+    try:
+        args.overrides = json.loads(args.set)
+        replace(PRESETS[args.preset], **args.overrides)
+    except (ValueError, TypeError, SettingsError) as error:
+        parser.error(f"--set must be a JSON object of valid TSCSettings fields: {error}")
     args.reuse_ft = ({json.loads(line)["cell"]: json.loads(line)
                       for line in Path(args.reuse_ft).read_text().splitlines()}
                      if args.reuse_ft else {})
@@ -165,10 +177,11 @@ def main() -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             row = json.loads(line)
-            done[(row["cell"], row["preset"])] = row
+            done[(row["cell"], row["preset"], json.dumps(row.get("overrides", {}),
+                                                          sort_keys=True))] = row
     rows = []
     for cell in args.cells:
-        row = done.get((cell, args.preset))
+        row = done.get((cell, args.preset, json.dumps(args.overrides, sort_keys=True)))
         if row is None:
             row = run_cell(cell, args)
             with out.open("a") as handle:
