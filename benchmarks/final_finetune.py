@@ -120,10 +120,7 @@ def averaged_finetune(start, loader, epochs, lr, smoothing, averaged):
         if epoch >= epochs - averaged:
             snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
-    tuned = copy.deepcopy(start)
-    torch.manual_seed(0)
-    train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
-                     progress=False, loss_fn=task_loss(None, 0, smoothing=smoothing),
+    tuned = finetune(start, loader, epochs, lr, task_loss(None, 0, smoothing=smoothing),
                      callbacks=[keep])
     tuned.load_state_dict({k: torch.stack([s[k] for s in snapshots]).mean(0)
                            if v.is_floating_point() else v
@@ -165,13 +162,13 @@ def task_loss(teacher, weight, temperature=2.0, smoothing=0.0):
     return cross_entropy_loss(random_crop_flip, label_smoothing=smoothing)
 
 
-def finetune(start, loader, epochs, lr, loss_fn):
+def finetune(start, loader, epochs, lr, loss_fn, callbacks=()):
     """A copy of `start` fine-tuned from seed 0 (the same data order for every variant)."""
     tuned = copy.deepcopy(start)
     torch.manual_seed(0)
     if epochs:
         train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
-                         progress=False, loss_fn=loss_fn)
+                         progress=False, loss_fn=loss_fn, callbacks=callbacks)
     return tuned
 
 

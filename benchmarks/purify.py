@@ -89,7 +89,8 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
         # Rows written before these two fields existed ran with the defaults.
         earlier.get(key, parser_default) == getattr(args, key)
         for key, parser_default in (("clean_fraction", 0.05), ("batch_size", 256)))
-    if same_data and earlier["ft_epochs"] == ft_epochs and earlier["curve_steps"] == curve_steps:
+    # With the same clean data, the same curve steps mean the same FT epochs.
+    if same_data and earlier["curve_steps"] == curve_steps:
         # FT depends on the model, the clean data, the seed and its step count only, never on
         # TSC's settings: an earlier row's run of it is this run's, bit for bit.
         ft_metrics, ft_seconds = earlier["ft"], earlier["seconds"]["ft"]
@@ -140,6 +141,11 @@ def tsc_over_ft(row: dict) -> float:
     return (s["wall"] - s["profile"] - s["evaluation"]) / s["ft"]
 
 
+def row_key(cell: str, preset: str, overrides: dict) -> tuple[str, str, str]:
+    """What makes a finished row this run's: its cell, preset and settings overrides."""
+    return cell, preset, json.dumps(overrides, sort_keys=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS)
@@ -177,11 +183,10 @@ def main() -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             row = json.loads(line)
-            done[(row["cell"], row["preset"], json.dumps(row.get("overrides", {}),
-                                                          sort_keys=True))] = row
+            done[row_key(row["cell"], row["preset"], row.get("overrides", {}))] = row
     rows = []
     for cell in args.cells:
-        row = done.get((cell, args.preset, json.dumps(args.overrides, sort_keys=True)))
+        row = done.get(row_key(cell, args.preset, args.overrides))
         if row is None:
             row = run_cell(cell, args)
             with out.open("a") as handle:
