@@ -143,3 +143,24 @@ def test_distill_settings_are_checked():
         TSCSettings(distill_temperature=0)
     with pytest.raises(SettingsError, match="label_smoothing"):
         TSCSettings(final_ft_label_smoothing=1.0)
+
+
+def test_stage_two_control_point_can_start_at_the_stage_one_point(setup, monkeypatch):
+    import tscpurify.defenses.tsc as tsc_module
+
+    built = []
+
+    class Recording(tsc_module.BezierCurve):
+        def __init__(self, template, start, end, mid=None):
+            super().__init__(template, start, end, mid)
+            built.append((end, mid))
+
+    monkeypatch.setattr(tsc_module, "BezierCurve", Recording)
+    model, loader = setup
+    purify(model, loader, TINY, progress=False, rounds=1, mid_init2="end")
+    (_, stage_one_mid), (stage_two_end, stage_two_mid) = built
+    assert stage_one_mid is not None  # stage 1 keeps the fresh initialisation
+    assert stage_two_mid.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(stage_two_mid[k], stage_two_end[k]) for k in stage_two_mid)
+    with pytest.raises(SettingsError, match="mid_init2"):
+        TSCSettings(mid_init2="middle")

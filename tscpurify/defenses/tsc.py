@@ -74,6 +74,9 @@ class TSCSettings:
     mid_init: str = field(default="random", metadata={
         "help": "control point init: 'random' = a fresh initialisation of the architecture, "
                 "'linear' = (start+end)/2 (paper)"})
+    mid_init2: str | None = field(default=None, metadata={
+        "help": "stage-2 control point init: None = as mid_init, 'random', 'linear', or 'end' "
+                "= the stage-1 point (the stage-2 curve's clean end)"})
     ft_epochs: int = field(default=5, metadata={
         "help": "clean fine-tuning epochs after each round but the last (paper: 10)"})
     ft_lr: float = field(default=0.01, metadata={
@@ -106,6 +109,9 @@ class TSCSettings:
                 raise SettingsError(f"{name} must lie in [0, 1], got {value}")
         if self.mid_init not in ("random", "linear"):
             raise SettingsError(f"mid_init must be 'random' or 'linear', got {self.mid_init!r}")
+        if self.mid_init2 not in (None, "random", "linear", "end"):
+            raise SettingsError(f"mid_init2 must be None, 'random', 'linear' or 'end', got "
+                                f"{self.mid_init2!r}")
         if min(self.ft_epochs, self.final_ft_epochs) < 0 or min(self.ft_lr,
                                                                 self.final_ft_lr) <= 0:
             raise SettingsError(f"fine-tuning needs epochs ≥ 0 and lr > 0; got ft_epochs "
@@ -207,7 +213,8 @@ class _Stages:
                 ) -> tuple[dict[str, torch.Tensor], StageRecord]:
         """Train a curve from `start` to `end`, take the point at t, re-estimate BatchNorm."""
         seconds_before = dict(self.seconds)
-        curve = BezierCurve(self._copy_template(), start, end, self.initial_mid(round_, stage))
+        curve = BezierCurve(self._copy_template(), start, end,
+                            self.initial_mid(round_, stage, end))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_, stage, "t"))
         self.timed("curve", train_curve, curve, self.clean, self.loss_fn, self.settings.curve(),
                    progress=self.progress, generator=generator)
@@ -227,9 +234,16 @@ class _Stages:
         state = {k: v.detach().clone() for k, v in point.state_dict().items()}
         return state, record
 
-    def initial_mid(self, round_: int, stage: int) -> dict[str, torch.Tensor] | None:
-        if self.settings.mid_init == "linear":
+    def initial_mid(self, round_: int, stage: int, end: dict
+                    ) -> dict[str, torch.Tensor] | None:
+        how = self.settings.mid_init
+        if stage == 2 and self.settings.mid_init2 is not None:
+            how = self.settings.mid_init2
+        if how == "linear":
             return None
+        if how == "end":
+            params = dict(self.template.named_parameters())
+            return {k: end[k].detach().clone() for k in params}
         fresh = self._copy_template()
         torch.manual_seed(derive_seed(self.seed, round_, stage, "mid"))
         for module in fresh.modules():
