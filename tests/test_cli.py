@@ -115,3 +115,12 @@ def test_purify_a_classifier_with_the_simclr_loss(backdoored_run, tmp_path):
     assert main(["purify", str(backdoored_run), "--out", str(default), *PURIFY_TINY]) == 0
     report = json.loads((default / "report.json").read_text())
     assert report["source"]["loss"] == "ce" and report["settings"]["t"] == 0.4
+
+
+@pytest.mark.parametrize("command", ["attack", "encoder", "evaluate", "purify", "demo", "bench"])
+def test_every_command_prints_its_help(command, capsys):
+    # argparse %-formats help strings: a "%" in a settings field's help once crashed --help
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out

@@ -28,7 +28,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, prefix: str =
     for field in dataclasses.fields(cls):
         flag = "--" + prefix + field.name.replace("_", "-")
         kind = _base_type(hints[field.name])
-        help_text = field.metadata.get("help", "")
+        # argparse %-formats help strings, so a literal "7%" in a field's help would crash --help
+        help_text = field.metadata.get("help", "").replace("%", "%%")
         default = field.default
         if kind is bool:
             group.add_argument(flag, dest=prefix + field.name, default=None,
