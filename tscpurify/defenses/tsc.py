@@ -76,7 +76,9 @@ class TSCSettings:
                 "'linear' = (start+end)/2 (paper)"})
     mid_init2: str | None = field(default=None, metadata={
         "help": "stage-2 control point init: None = as mid_init, 'random', 'linear', or 'end' "
-                "= the stage-1 point (the stage-2 curve's clean end)"})
+                "= the stage-1 point (the stage-2 curve's clean end). 'end' kept about 0.4 "
+                "points more accuracy on tuning models, but the curves removed less of the "
+                "backdoor and left the rest to the last fine-tune (README, fourth look)"})
     ft_epochs: int = field(default=5, metadata={
         "help": "clean fine-tuning epochs after each round but the last (paper: 10)"})
     ft_lr: float = field(default=0.01, metadata={
