@@ -112,6 +112,34 @@ SWA_VARIANTS = {
     "ls .1 20 lr.05 swa10": (20, 0.05, 0.1, 10),
 }
 
+# name → (epochs, lr, label smoothing, weight decay): the smoothed fine-tune with a stronger
+# pull towards zero, so weights the clean data does not support (a dormant backdoor's) shrink.
+WD_VARIANTS = {
+    "ls .1 15 lr.03 wd2e-3": (15, 0.03, 0.1, 2e-3),
+    "ls .1 15 lr.03 wd5e-3": (15, 0.03, 0.1, 5e-3),
+}
+
+# name → (epochs, lr, label smoothing): only BatchNorm's affine parameters and the last linear
+# layer train; the features the curves left stay as they are.
+HEAD_VARIANTS = {
+    "bn+head ls .1 15 lr.03": (15, 0.03, 0.1),
+    "bn+head ls .1 15 lr.1": (15, 0.1, 0.1),
+}
+
+
+def bn_and_head_finetune(start, loader, epochs, lr, smoothing):
+    tuned = copy.deepcopy(start)
+    head = [m for m in tuned.modules() if isinstance(m, torch.nn.Linear)][-1]
+    trainable = {id(p) for m in tuned.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or m is head
+                 for p in m.parameters(recurse=False)}
+    for param in tuned.parameters():
+        param.requires_grad_(id(param) in trainable)
+    tuned = finetune(tuned, loader, epochs, lr, task_loss(None, 0, smoothing=smoothing))
+    for param in tuned.parameters():
+        param.requires_grad_(True)
+    return tuned
+
 
 def averaged_finetune(start, loader, epochs, lr, smoothing, averaged):
     snapshots = []
@@ -162,13 +190,14 @@ def task_loss(teacher, weight, temperature=2.0, smoothing=0.0):
     return cross_entropy_loss(random_crop_flip, label_smoothing=smoothing)
 
 
-def finetune(start, loader, epochs, lr, loss_fn, callbacks=()):
+def finetune(start, loader, epochs, lr, loss_fn, callbacks=(), weight_decay=5e-4):
     """A copy of `start` fine-tuned from seed 0 (the same data order for every variant)."""
     tuned = copy.deepcopy(start)
     torch.manual_seed(0)
     if epochs:
-        train_classifier(tuned, loader, TrainSettings(epochs=epochs, lr=lr, batch_size=256),
-                         progress=False, loss_fn=loss_fn, callbacks=callbacks)
+        settings = TrainSettings(epochs=epochs, lr=lr, batch_size=256, weight_decay=weight_decay)
+        train_classifier(tuned, loader, settings, progress=False, loss_fn=loss_fn,
+                         callbacks=callbacks)
     return tuned
 
 
@@ -190,15 +219,17 @@ def main() -> None:
     parser.add_argument("overrides", nargs="?", default="{}", help="TSCSettings fields as JSON")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="batch size of the curves and of every fine-tune (default: 256)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS,
                                  *STAGE1_VARIANTS, *SELF_VARIANTS, *MIX_VARIANTS,
-                                 *SWA_VARIANTS])
+                                 *SWA_VARIANTS, *WD_VARIANTS, *HEAD_VARIANTS])
     args = parser.parse_args()
     model, _, attack = load_run(args.run)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     clean = train.subset(select_clean_subset(train.labels, 3000, 0))
-    loader = DataLoader(clean.tensor_dataset(), batch_size=256, shuffle=True)
+    loader = DataLoader(clean.tensor_dataset(), batch_size=args.batch_size, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]
     measure = make_evaluator(test.subset(sample), attack)
     settings = replace(PRESETS[args.preset], profile_points=0, final_ft_epochs=0,
@@ -215,6 +246,14 @@ def main() -> None:
 
     show("before", model)
     for name in args.variants:
+        if name in WD_VARIANTS:
+            epochs, lr, smoothing, decay = WD_VARIANTS[name]
+            show(name, finetune(curves_only, loader, epochs, lr,
+                                task_loss(None, 0, smoothing=smoothing), weight_decay=decay))
+            continue
+        if name in HEAD_VARIANTS:
+            show(name, bn_and_head_finetune(curves_only, loader, *HEAD_VARIANTS[name]))
+            continue
         if name in SWA_VARIANTS:
             show(name, averaged_finetune(curves_only, loader, *SWA_VARIANTS[name]))
             continue
