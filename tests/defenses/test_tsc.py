@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -80,6 +82,16 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
         purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path, epochs=2)
     with pytest.raises(SettingsError, match="seed: 3 there, 4 now"):
         purify(model, loader, TINY, seed=4, progress=False, resume_dir=tmp_path)
+    other_batch = DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    with pytest.raises(SettingsError, match="batch_size: 16 there, 8 now"):
+        purify(model, other_batch, TINY, seed=3, progress=False, resume_dir=tmp_path)
+    fewer = DataLoader(TensorDataset(*loader.dataset[:32]), batch_size=16, shuffle=True)
+    with pytest.raises(SettingsError, match="clean_images: 48 there, 32 now"):
+        purify(model, fewer, TINY, seed=3, progress=False, resume_dir=tmp_path)
+    # A folder saved before the loader was recorded still resumes.
+    record = tmp_path / "settings.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                  if k not in ("batch_size", "clean_images")}))
     again, _ = purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path,
                       profile_points=0)
     assert torch.equal(list(again.parameters())[-1], list(reference.parameters())[-1])

@@ -259,9 +259,13 @@ class _Stages:
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
     def resume_key(self) -> dict[str, Any]:
-        """What the saved stages depend on: every setting but the profiles, and the seed."""
+        """What the saved stages depend on: every setting but the profiles, the seed, and the
+        clean loader's size and batch size (another clean set or batch makes other curves)."""
         key = {k: v for k, v in asdict(self.settings).items() if k != "profile_points"}
-        return {**key, "seed": self.seed}
+        dataset = getattr(self.clean, "dataset", None)
+        images = len(dataset) if hasattr(dataset, "__len__") else None
+        return {**key, "seed": self.seed, "clean_images": images,
+                "batch_size": self.clean.batch_size}
 
     def check_resume_dir(self) -> None:
         """Refuse stages saved by a run with other settings: resuming them would silently mix
@@ -270,7 +274,9 @@ class _Stages:
         if not path.exists():
             return
         saved, wanted = json.loads(path.read_text()), self.resume_key()
-        changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        # A key the saved record lacks was not recorded yet when it was made: not compared.
+        changed = sorted(k for k in saved.keys() | wanted.keys()
+                         if k in saved and saved[k] != wanted.get(k))
         if changed:
             raise SettingsError(
                 f"the finished stages in {self.resume_dir} were made with other settings ("
