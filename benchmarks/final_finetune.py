@@ -223,6 +223,8 @@ def main() -> None:
     parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="batch size of the curves and of every fine-tune (default: 256)")
+    parser.add_argument("--ft-batch-size", type=int,
+                        help="batch size of the last fine-tunes only (default: --batch-size)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS,
                                  *STAGE1_VARIANTS, *SELF_VARIANTS, *MIX_VARIANTS,
@@ -241,6 +243,8 @@ def main() -> None:
                             resume_dir=args.resume or f"{args.run}/tsc-stages")
     print(f"{settings.rounds} rounds without the last fine-tune: "
           f"{time.perf_counter() - began:.0f} s")
+    if args.ft_batch_size:
+        loader = DataLoader(clean.tensor_dataset(), batch_size=args.ft_batch_size, shuffle=True)
 
     def show(name: str, tuned: torch.nn.Module) -> None:
         print(f"{name:20}", {k: round(v, 2) for k, v in measure(tuned.eval()).items()},
