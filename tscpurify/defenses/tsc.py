@@ -243,9 +243,8 @@ class _Stages:
             how = self.settings.mid_init2
         if how == "linear":
             return None
-        if how == "end":
-            params = dict(self.template.named_parameters())
-            return {k: end[k].detach().clone() for k in params}
+        if how == "end":  # BezierCurve copies what it is given, so no clone here
+            return {k: end[k] for k, _ in self.template.named_parameters()}
         fresh = self._copy_template()
         torch.manual_seed(derive_seed(self.seed, round_, stage, "mid"))
         for module in fresh.modules():
