@@ -75,8 +75,8 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
     loader = DataLoader(clean.tensor_dataset(), batch_size=args.batch_size, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
     profile_eval = make_evaluator(test.subset(sample[:args.profile_test]), attack_obj)
-    settings = replace(PRESETS[args.preset], profile_points=args.profile_points,
-                       **args.overrides)
+    settings = replace(replace(PRESETS[args.preset], **args.overrides),
+                       profile_points=args.profile_points, batch_size=args.batch_size)
 
     began = time.perf_counter()
     purified, report = purify(model, loader, settings, evaluate=profile_eval, seed=seed,
@@ -141,9 +141,10 @@ def tsc_over_ft(row: dict) -> float:
     return (s["wall"] - s["profile"] - s["evaluation"]) / s["ft"]
 
 
-def row_key(cell: str, preset: str, overrides: dict) -> tuple[str, str, str]:
-    """What makes a finished row this run's: its cell, preset and settings overrides."""
-    return cell, preset, json.dumps(overrides, sort_keys=True)
+def row_key(cell: str, preset: str, overrides: dict, batch_size: int
+            ) -> tuple[str, str, str, int]:
+    """What makes a finished row this run's: its cell, preset, settings overrides and batch."""
+    return cell, preset, json.dumps(overrides, sort_keys=True), batch_size
 
 
 def main() -> None:
@@ -151,7 +152,9 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS)
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--clean-fraction", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int,
+                        help="curve, fine-tune and FT batch size (default: the preset's; 64 for "
+                             "the default)")
     parser.add_argument("--profile-test", type=int, default=2000)
     parser.add_argument("--profile-points", type=int, default=11,
                         help="points per curve with ACC/ASR recorded (0 = none: about 30%% "
@@ -171,9 +174,10 @@ def main() -> None:
     args = parser.parse_args()
     try:
         args.overrides = json.loads(args.set)
-        replace(PRESETS[args.preset], **args.overrides)
+        preset = replace(PRESETS[args.preset], **args.overrides)
     except (ValueError, TypeError, SettingsError) as error:
         parser.error(f"--set must be a JSON object of valid TSCSettings fields: {error}")
+    args.batch_size = args.batch_size or preset.batch_size or 256
     args.reuse_ft = ({json.loads(line)["cell"]: json.loads(line)
                       for line in Path(args.reuse_ft).read_text().splitlines()}
                      if args.reuse_ft else {})
@@ -183,10 +187,12 @@ def main() -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             row = json.loads(line)
-            done[row_key(row["cell"], row["preset"], row.get("overrides", {}))] = row
+            # Rows written before batch_size was recorded ran at 256.
+            done[row_key(row["cell"], row["preset"], row.get("overrides", {}),
+                         row.get("batch_size", 256))] = row
     rows = []
     for cell in args.cells:
-        row = done.get(row_key(cell, args.preset, args.overrides))
+        row = done.get(row_key(cell, args.preset, args.overrides, args.batch_size))
         if row is None:
             row = run_cell(cell, args)
             with out.open("a") as handle:

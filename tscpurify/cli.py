@@ -174,8 +174,6 @@ def add_purify_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean-fraction", type=float, default=0.05,
                         help="clean data: a fraction (<1) or count (≥1) of the training split, "
                              "class-stratified and seeded (default: 0.05)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="curve-training batch size (default: 256)")
     parser.add_argument("--profile-test", type=int, default=2000,
                         help="test images used for the metrics along each curve (default: 2000)")
     parser.add_argument("--profile-train", type=int, default=1000,
@@ -219,7 +217,7 @@ def run_purify(args: argparse.Namespace) -> int:
 
     loss = resolve_loss(run_sidecar(args.run), args.loss, args.run)
     report = purify_run(args.run, args.out, purify_settings(args, loss), loss=loss,
-                        clean_fraction=args.clean_fraction, batch_size=args.batch_size,
+                        clean_fraction=args.clean_fraction,
                         profile_test=args.profile_test, profile_train=args.profile_train,
                         seed=args.seed,
                         device=resolve_device(args.device), progress=not args.quiet,

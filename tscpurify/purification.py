@@ -132,7 +132,7 @@ def write_report(report: PurifyReport, folder: Path) -> list[str]:
 
 
 def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = None, *,
-               loss: str = "auto", clean_fraction: float = 0.05, batch_size: int = 256,
+               loss: str = "auto", clean_fraction: float = 0.05,
                profile_test: int = 2000, profile_train: int = 1000, seed: int = 0,
                device: str = "cpu", progress: bool = True, resume: bool = False,
                overwrite: bool = False) -> PurifyReport:
@@ -158,6 +158,9 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     else:
         indices = select_clean_subset(train.labels, clean_fraction, derive_seed(seed, "clean"))
     clean = train.subset(indices)
+    # The classifier default re-batches to its own size anyway; a preset without one (the
+    # SimCLR loss keeps the loader's batches) gets the reference's 256.
+    batch_size = settings.batch_size or 256
     # No private generator: TSC re-seeds the global RNG at every stage, which is what makes a
     # resumed run shuffle exactly like an uninterrupted one.
     loss_fn: LossFn | None = None

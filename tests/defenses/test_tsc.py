@@ -9,8 +9,9 @@ from tscpurify.defenses.tsc import TSCSettings, purify
 from tscpurify.errors import DataError, SettingsError
 from tscpurify.models import create_model
 
+# batch_size None: the tests' loaders keep their own small batches.
 TINY = TSCSettings(rounds=2, epochs=1, lr=0.05, mid_init="random", profile_points=3,
-                   ft_epochs=1, final_ft_epochs=1)
+                   ft_epochs=1, final_ft_epochs=1, batch_size=None)
 
 
 @pytest.fixture()
@@ -176,3 +177,23 @@ def test_stage_two_control_point_can_start_at_the_stage_one_point(setup, monkeyp
     assert all(torch.equal(stage_two_mid[k], stage_two_end[k]) for k in stage_two_mid)
     with pytest.raises(SettingsError, match="mid_init2"):
         TSCSettings(mid_init2="middle")
+
+
+def test_settings_batch_size_re_batches_the_clean_loader(setup, tmp_path):
+    model, loader = setup
+    seen = []
+
+    def recording_ce(model_fn, batch):
+        seen.append(len(batch[0]))
+        return torch.nn.functional.cross_entropy(model_fn(batch[0]), batch[1])
+
+    _, report = purify(model, loader, TINY, progress=False, rounds=1, batch_size=24,
+                       resume_dir=tmp_path)
+    assert report.settings["batch_size"] == 24
+    assert json.loads((tmp_path / "settings.json").read_text())["batch_size"] == 24
+    # A custom objective keeps the caller's batches (16), whatever the settings say.
+    _, report = purify(model, loader, TINY, progress=False, rounds=1, batch_size=24,
+                       loss_fn=recording_ce)
+    assert report.settings["batch_size"] is None and set(seen) == {16}
+    with pytest.raises(SettingsError, match="batch_size"):
+        TSCSettings(batch_size=1)
