@@ -197,3 +197,16 @@ def test_settings_batch_size_re_batches_the_clean_loader(setup, tmp_path):
     assert report.settings["batch_size"] is None and set(seen) == {16}
     with pytest.raises(SettingsError, match="batch_size"):
         TSCSettings(batch_size=1)
+
+
+def test_an_iterable_clean_set_is_refused_with_a_clear_error(setup):
+    model, loader = setup
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(loader.dataset)
+
+    stream = DataLoader(Stream(), batch_size=16)
+    for batch_size in (None, 24):
+        with pytest.raises(DataError, match="map-style"):
+            purify(model, stream, TINY, progress=False, rounds=1, batch_size=batch_size)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from .. import __version__
 from ..curve import BezierCurve, CurveSettings, cross_entropy_loss, recompute_bn_stats, train_curve
@@ -169,6 +169,10 @@ PRESETS: dict[str, TSCSettings] = {
 def rebatched(loader: DataLoader, batch_size: int | None) -> DataLoader:
     """`loader` with shuffled batches of `batch_size` over the same data (None: as it is).
     The global RNG shuffles, as in a loader without a generator, so seeding reproduces it."""
+    if isinstance(loader.dataset, IterableDataset):
+        raise DataError("the clean loader streams an iterable data set; TSC re-batches its clean "
+                        "data and counts its batches, so it needs a map-style one (e.g. a "
+                        "TensorDataset of the clean images)")
     if batch_size is None or loader.batch_size == batch_size:
         return loader
     log.info("clean loader re-batched from %s to %d (TSCSettings.batch_size)",
