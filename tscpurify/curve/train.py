@@ -41,16 +41,14 @@ class CurveSettings:
     l2_reg: float = field(default=1e-4, metadata={
         "help": "curve L2 regulariser: adds 0.5·l2_reg·‖θ(t)‖² to the loss "
                 "(the reference's wd, 1e-4 for CIFAR-10)"})
-    batch_size: int = field(default=256, metadata={
-        "help": "mini-batch size for curve training (informational here: the loader decides)"})
     cosine_t_max: int | None = field(default=100, metadata={
         "help": "T_max of the per-epoch cosine schedule; None means epochs. The reference uses "
                 "100 with 200 epochs, so the rate reaches 0 at epoch 100 and climbs back"})
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
-            raise SettingsError(f"curve training needs epochs ≥ 0, lr > 0, batch_size ≥ 1; got "
-                                f"{self.epochs}, {self.lr}, {self.batch_size}")
+        if self.epochs < 0 or self.lr <= 0:
+            raise SettingsError(f"curve training needs epochs ≥ 0 and lr > 0; got "
+                                f"{self.epochs}, {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0 or self.l2_reg < 0:
             raise SettingsError(f"momentum, weight_decay and l2_reg must be ≥ 0; got "
                                 f"{self.momentum}, {self.weight_decay}, {self.l2_reg}")
