@@ -99,12 +99,12 @@ class TSCSettings:
                 "(0 = none; paper: no fine-tune). Used with the default cross-entropy loss only. "
                 "On tuning models it kept a Blended backdoor from waking up, which plain and "
                 "distilling fine-tunes did not always (README)"})
-    batch_size: int | None = field(default=64, metadata={
+    batch_size: int | None = field(default=256, metadata={
         "help": "clean-data batch size of the curves and fine-tunes; the clean loader is "
-                "re-batched to it (None = the loader's own batches). 64 gives a control point "
-                "that starts from scratch 4x the updates of 256 for the same images seen, and "
-                "kept about 0.8 points more accuracy on tuning models (README, fifth and sixth "
-                "looks; paper: 256). A custom loss_fn keeps the loader's batches"})
+                "re-batched to it (None = the loader's own batches; paper: 256). 64 kept about "
+                "0.8 points more accuracy on tuning models, but a benchmark cell's backdoor "
+                "survived it at 25% ASR (docs/tuning.md, sixth look). A custom loss_fn keeps "
+                "the loader's batches"})
     profile_points: int = field(default=11, metadata={
         "help": "points along each curve at which metrics are recorded (0 = none)"})
 
@@ -151,16 +151,15 @@ PRESETS: dict[str, TSCSettings] = {
     # What works at a CPU budget (chosen on tuning models, see README "Why the default
     # differs"): a freshly initialised control point, a larger curve learning rate annealed to
     # zero, the paper's three rounds with a short clean fine-tune after each, and after the
-    # last a longer one with label smoothing, to win back accuracy without waking the backdoor;
-    # batches of 64, so that the freshly started control point gets enough updates.
+    # last a longer one with label smoothing, to win back accuracy without waking the backdoor.
     # Two rounds of 45 epochs (the same curve steps) keep more accuracy on the small CNN but
     # left a PreAct-ResNet18's Blended backdoor at 10-18% (README "Third look").
     "default": TSCSettings(),
     # Self-supervised encoders and CLIP: the setting their results were measured with (the
     # SimCLR point t = 0.25 of the reference's SSL example, two rounds, a plain 5-epoch
     # fine-tune after each round, 30-epoch curves, the loader's batches of 256). The classifier
-    # default's third round, smoothed fine-tune and batch 64 were tuned on classifiers and have
-    # not been measured on encoders (a contrastive loss wants large batches).
+    # default's third round and smoothed fine-tune were tuned on classifiers and have not been
+    # measured on encoders.
     "ssl": TSCSettings(rounds=2, t=0.25, epochs=30, final_ft_epochs=5, final_ft_lr=0.01,
                        distill=0.0, final_ft_label_smoothing=0.0, batch_size=None),
 }
@@ -400,7 +399,7 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         model: the suspect model; any nn.Module whose symmetry `derive_spec` can trace.
         clean: loader of clean data: (images, labels) batches, or bare images with `loss_fn`.
         settings: TSCSettings (default: TSCSettings()); `overrides` replace single fields. Its
-            `batch_size` (64) re-batches `clean`; set it to None to keep your loader's batches.
+            `batch_size` (256) re-batches `clean`; set it to None to keep your loader's batches.
         loss_fn: the curve objective `loss_fn(model_fn, batch)`; default cross-entropy with
             random crop/flip augmentation (needs labels). A custom one keeps the loader's
             batches and a plain last fine-tune (those defaults were tuned on cross-entropy).
@@ -415,7 +414,7 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         (purified model in eval mode, PurifyReport)
 
     Example:
-        purified, report = tscpurify.purify(model, DataLoader(clean_set, batch_size=64,
+        purified, report = tscpurify.purify(model, DataLoader(clean_set, batch_size=256,
                                                               shuffle=True), epochs=20)
     """
     settings = replace(settings or TSCSettings(), **overrides)
@@ -423,9 +422,9 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
                                 or settings.batch_size is not None):
         # Distillation and label smoothing act on class scores; a custom objective (an
         # encoder's SSL loss, say) says nothing about the outputs being class scores, so the
-        # last fine-tune uses it alone. The batch size of 64 was tuned on cross-entropy, and a
-        # contrastive loss wants large batches: the caller's loader decides. The report's
-        # settings say so.
+        # last fine-tune uses it alone. The batch size was chosen on cross-entropy, and a
+        # contrastive loss has its own needs (large batches): the caller's loader decides. The
+        # report's settings say so.
         log.info("custom loss_fn: the loader's own batches, and a last fine-tune on that loss "
                  "alone (distill 0, no smoothing)")
         settings = replace(settings, distill=0.0, final_ft_label_smoothing=0.0, batch_size=None)
