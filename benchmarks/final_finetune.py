@@ -223,8 +223,7 @@ def main() -> None:
     parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
     parser.add_argument("--batch-size", type=int,
                         help="batch size of the curves and of every fine-tune (default: the "
-                             "preset's, 64 for the default; the tables before the README's "
-                             "sixth look ran at 256)")
+                             "preset's batch_size, 256)")
     parser.add_argument("--ft-batch-size", type=int,
                         help="batch size of the last fine-tunes only (default: --batch-size)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),

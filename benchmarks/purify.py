@@ -153,8 +153,8 @@ def main() -> None:
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--clean-fraction", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int,
-                        help="curve, fine-tune and FT batch size (default: the preset's; 64 for "
-                             "the default)")
+                        help="curve, fine-tune and FT batch size (default: the preset's "
+                             "batch_size, 256)")
     parser.add_argument("--profile-test", type=int, default=2000)
     parser.add_argument("--profile-points", type=int, default=11,
                         help="points per curve with ACC/ASR recorded (0 = none: about 30%% "

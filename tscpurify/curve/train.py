@@ -131,7 +131,7 @@ def path_aware_loss(loss_fn: LossFn, anchor: dict[str, Tensor], rho: float) -> L
     is a path-aware fine-tune in the spirit of PAM (Min et al., "Uncovering, Explaining, and
     Mitigating the Superficial Safety of Backdoor Defense", NeurIPS 2024), against a purified
     model drifting back to the backdoor when fine-tuned. As TSC's last step on our tuning
-    models it did not help (README), so no default uses it.
+    models it did not help (docs/tuning.md), so no default uses it.
     BatchNorm normalises with batch statistics as usual, but its running statistics are then
     those of the shifted point: re-estimate them (`recompute_bn_stats`) afterwards.
     """

@@ -78,7 +78,7 @@ class TSCSettings:
         "help": "stage-2 control point init: None = as mid_init, 'random', 'linear', or 'end' "
                 "= the stage-1 point (the stage-2 curve's clean end). 'end' kept about 0.4 "
                 "points more accuracy on tuning models, but the curves removed less of the "
-                "backdoor and left the rest to the last fine-tune (README, fourth look)"})
+                "backdoor and left the rest to the last fine-tune (docs/tuning.md, fourth look)"})
     ft_epochs: int = field(default=5, metadata={
         "help": "clean fine-tuning epochs after each round but the last (paper: 10)"})
     ft_lr: float = field(default=0.01, metadata={
@@ -91,14 +91,14 @@ class TSCSettings:
         "help": "weight of distillation from the suspect model in the fine-tune after the last "
                 "round, the rest being the task loss (0 = none; paper: none). Used with the "
                 "default cross-entropy loss only. It wins accuracy but can let the backdoor back "
-                "in: at 0.25 a Blended tuning model went from 3.0% to 7.3% ASR (README)"})
+                "in: at 0.25 a Blended tuning model went from 3.0% to 7.3% ASR (docs/tuning.md)"})
     distill_temperature: float = field(default=2.0, metadata={
         "help": "softmax temperature of that distillation"})
     final_ft_label_smoothing: float = field(default=0.1, metadata={
         "help": "label smoothing of the cross-entropy in the fine-tune after the last round "
                 "(0 = none; paper: no fine-tune). Used with the default cross-entropy loss only. "
                 "On tuning models it kept a Blended backdoor from waking up, which plain and "
-                "distilling fine-tunes did not always (README)"})
+                "distilling fine-tunes did not always (docs/tuning.md)"})
     batch_size: int | None = field(default=256, metadata={
         "help": "clean-data batch size of the curves and fine-tunes; the clean loader is "
                 "re-batched to it (None = the loader's own batches; paper: 256). 64 kept about "
@@ -144,16 +144,16 @@ class TSCSettings:
 
 PRESETS: dict[str, TSCSettings] = {
     # The reference implementation's CIFAR-10 example, literally: hours on a CPU, and on
-    # Fashion-MNIST at a CPU budget its stage 2 brings the backdoor back (see README).
+    # Fashion-MNIST at a CPU budget its stage 2 brings the backdoor back (see docs/tuning.md).
     "paper": TSCSettings(rounds=3, epochs=200, lr=0.02, cosine_t_max=100, mid_init="linear",
                          ft_epochs=10, ft_lr=1e-4, final_ft_epochs=0, distill=0.0,
                          final_ft_label_smoothing=0.0, batch_size=256),
-    # What works at a CPU budget (chosen on tuning models, see README "Why the default
-    # differs"): a freshly initialised control point, a larger curve learning rate annealed to
-    # zero, the paper's three rounds with a short clean fine-tune after each, and after the
-    # last a longer one with label smoothing, to win back accuracy without waking the backdoor.
+    # What works at a CPU budget (chosen on tuning models, see docs/tuning.md): a freshly
+    # initialised control point, a larger curve learning rate annealed to zero, the paper's
+    # three rounds with a short clean fine-tune after each, and after the last a longer one
+    # with label smoothing, to win back accuracy without waking the backdoor.
     # Two rounds of 45 epochs (the same curve steps) keep more accuracy on the small CNN but
-    # left a PreAct-ResNet18's Blended backdoor at 10-18% (README "Third look").
+    # left a PreAct-ResNet18's Blended backdoor at 10-18% (docs/tuning.md, third look).
     "default": TSCSettings(),
     # Self-supervised encoders and CLIP: the setting their results were measured with (the
     # SimCLR point t = 0.25 of the reference's SSL example, two rounds, a plain 5-epoch
