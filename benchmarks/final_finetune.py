@@ -236,7 +236,7 @@ def main() -> None:
     clean = train.subset(select_clean_subset(train.labels, 3000, 0))
     settings = replace(PRESETS[args.preset], profile_points=0, final_ft_epochs=0,
                        **json.loads(args.overrides))
-    settings = replace(settings, batch_size=args.batch_size or settings.batch_size or 256)
+    settings = replace(settings, batch_size=args.batch_size or settings.loader_batch_size())
     loader = DataLoader(clean.tensor_dataset(), batch_size=settings.batch_size, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]
     measure = make_evaluator(test.subset(sample), attack)

@@ -177,7 +177,7 @@ def main() -> None:
         preset = replace(PRESETS[args.preset], **args.overrides)
     except (ValueError, TypeError, SettingsError) as error:
         parser.error(f"--set must be a JSON object of valid TSCSettings fields: {error}")
-    args.batch_size = args.batch_size or preset.batch_size or 256
+    args.batch_size = args.batch_size or preset.loader_batch_size()
     args.reuse_ft = ({json.loads(line)["cell"]: json.loads(line)
                       for line in Path(args.reuse_ft).read_text().splitlines()}
                      if args.reuse_ft else {})

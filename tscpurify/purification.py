@@ -158,9 +158,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     else:
         indices = select_clean_subset(train.labels, clean_fraction, derive_seed(seed, "clean"))
     clean = train.subset(indices)
-    # The classifier default re-batches to its own size anyway; a preset without one (the
-    # SimCLR loss keeps the loader's batches) gets the reference's 256.
-    batch_size = settings.batch_size or 256
+    batch_size = settings.loader_batch_size()
     # No private generator: TSC re-seeds the global RNG at every stage, which is what makes a
     # resumed run shuffle exactly like an uninterrupted one.
     loss_fn: LossFn | None = None

@@ -137,6 +137,11 @@ class TSCSettings:
         if self.profile_points == 1:
             raise SettingsError("profile_points must be 0 (off) or at least 2")
 
+    def loader_batch_size(self) -> int:
+        """The batch size to build a clean loader at: `batch_size`, or the reference's 256 for
+        settings that keep the loader's own batches (the SimCLR loss's)."""
+        return self.batch_size or 256
+
     def curve(self) -> CurveSettings:
         return CurveSettings(epochs=self.epochs, lr=self.lr, cosine_t_max=self.cosine_t_max,
                              l2_reg=self.l2_reg, weight_decay=self.weight_decay)
