@@ -226,6 +226,9 @@ def main() -> None:
                              "preset's batch_size, 256)")
     parser.add_argument("--ft-batch-size", type=int,
                         help="batch size of the last fine-tunes only (default: --batch-size)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also print ACC / ASR of every finished stage's point (after the "
+                             "fine-tune between rounds, where there is one)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=[*VARIANTS, *SAM_VARIANTS, *PATH_VARIANTS,
                                  *STAGE1_VARIANTS, *SELF_VARIANTS, *MIX_VARIANTS,
@@ -253,6 +256,14 @@ def main() -> None:
               flush=True)
 
     show("before", model)
+    if args.stages:
+        stages = Path(args.resume or f"{args.run}/tsc-stages")
+        for round_index in range(settings.rounds):
+            for stage in (1, 2):
+                point = copy.deepcopy(model)
+                point.load_state_dict(load_file(
+                    str(stages / f"round{round_index}_stage{stage}.safetensors")))
+                show(f"round {round_index} stage {stage}", point)
     for name in args.variants:
         if name in WD_VARIANTS:
             epochs, lr, smoothing, decay = WD_VARIANTS[name]
