@@ -9,8 +9,8 @@ Cells are setting:seed with setting one of
   badencoder  SimCLR (cnn trunk, width 16) fine-tuned by BadEncoder (BadNets patch);
   ctrl        SimCLR pre-trained on images poisoned by CTRL (frequency trigger);
   ctrl400     the same for 400 epochs instead of 10, 5% poisoned at magnitude 200 (the TSC
-              reference's CTRL command), the budget at which CTRL's backdoor takes hold here
-              (about an hour of pre-training per seed on one thread);
+              reference's CTRL command), the budget at which CTRL's backdoor took hold here,
+              on seed 0 only (about an hour of pre-training per seed on one thread);
   clip        a small CLIP trained on image-caption pairs, 5% poisoned (BadNets patch).
 Encoders are judged by a linear probe on clean labelled data (ACC, ASR), CLIP zero-shot.
 Every defense sees 5% of the training images, and no label: SimCLR cells get bare images
