@@ -215,6 +215,13 @@ def path_aware_finetune(purified, suspect, loader, epochs, lr, weight, rho):
     return tuned
 
 
+def stage_point(model, stages: Path, round_index: int, stage: int) -> torch.nn.Module:
+    """A copy of `model` holding the point a finished stage saved in `stages`."""
+    point = copy.deepcopy(model)
+    point.load_state_dict(load_file(str(stages / f"round{round_index}_stage{stage}.safetensors")))
+    return point
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="backdoored run folder")
@@ -260,10 +267,8 @@ def main() -> None:
         stages = Path(args.resume or f"{args.run}/tsc-stages")
         for round_index in range(settings.rounds):
             for stage in (1, 2):
-                point = copy.deepcopy(model)
-                point.load_state_dict(load_file(
-                    str(stages / f"round{round_index}_stage{stage}.safetensors")))
-                show(f"round {round_index} stage {stage}", point)
+                show(f"round {round_index} stage {stage}",
+                     stage_point(model, stages, round_index, stage))
     for name in args.variants:
         if name in WD_VARIANTS:
             epochs, lr, smoothing, decay = WD_VARIANTS[name]
@@ -293,9 +298,7 @@ def main() -> None:
         if name in STAGE1_VARIANTS:
             epochs, lr, weight = STAGE1_VARIANTS[name]
             stages = Path(args.resume or f"{args.run}/tsc-stages")
-            stage1 = copy.deepcopy(model)
-            stage1.load_state_dict(load_file(
-                str(stages / f"round{settings.rounds - 1}_stage1.safetensors")))
+            stage1 = stage_point(model, stages, settings.rounds - 1, 1)
             show(name, finetune(stage1, loader, epochs, lr, task_loss(model, weight)))
             continue
         if name in PATH_VARIANTS:
