@@ -251,8 +251,8 @@ def main() -> None:
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]
     measure = make_evaluator(test.subset(sample), attack)
     began = time.perf_counter()
-    curves_only, _ = purify(model, loader, settings, progress=False,
-                            resume_dir=args.resume or f"{args.run}/tsc-stages")
+    stages = Path(args.resume or f"{args.run}/tsc-stages")
+    curves_only, _ = purify(model, loader, settings, progress=False, resume_dir=stages)
     print(f"{settings.rounds} rounds without the last fine-tune: "
           f"{time.perf_counter() - began:.0f} s")
     if args.ft_batch_size:
@@ -264,7 +264,6 @@ def main() -> None:
 
     show("before", model)
     if args.stages:
-        stages = Path(args.resume or f"{args.run}/tsc-stages")
         for round_index in range(settings.rounds):
             for stage in (1, 2):
                 show(f"round {round_index} stage {stage}",
@@ -297,7 +296,6 @@ def main() -> None:
             continue
         if name in STAGE1_VARIANTS:
             epochs, lr, weight = STAGE1_VARIANTS[name]
-            stages = Path(args.resume or f"{args.run}/tsc-stages")
             stage1 = stage_point(model, stages, settings.rounds - 1, 1)
             show(name, finetune(stage1, loader, epochs, lr, task_loss(model, weight)))
             continue
