@@ -2,7 +2,7 @@
 BatchNorm re-estimation at a point, and metric profiles along t."""
 
 from .batchnorm import recompute_bn_stats
-from .bezier import BezierCurve, CurveFunction
+from .bezier import BezierCurve, CurveFunction, fresh_control_point
 from .profile import curve_profile, default_ts
 from .train import (
     CurveSettings,
@@ -25,6 +25,7 @@ __all__ = [
     "cross_entropy_loss",
     "curve_profile",
     "default_ts",
+    "fresh_control_point",
     "device_of",
     "distillation_loss",
     "path_aware_loss",

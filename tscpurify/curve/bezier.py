@@ -188,3 +188,16 @@ def _checked(role: str, state: StateDict, params: Mapping[str, Tensor], buffer_n
             raise SpecError(f"curve {role}: {key!r} has dtype {value.dtype}, expected floating")
         out[key] = value.detach().to(device=device, dtype=param.dtype, copy=True)
     return out
+
+
+def fresh_control_point(template: nn.Module, seed: int) -> dict[str, Tensor]:
+    """A control point at a fresh random initialisation of `template`'s architecture (each
+    module's own `reset_parameters`, seeded), instead of the endpoints' mean: TSC's default,
+    because the mean inherits the backdoor (docs/tuning.md). Seeds the global RNG, as the
+    modules' initialisers draw from it."""
+    fresh = copy.deepcopy(template)
+    torch.manual_seed(seed)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return dict(fresh.named_parameters())

@@ -25,6 +25,8 @@ class DefenseResult:
     model: nn.Module
     details: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Optimizer updates from clean mini-batches the defense really took (see budget.py).
+    steps: int = 0
 
 
 def loader_has_labels(loader: DataLoader) -> bool:

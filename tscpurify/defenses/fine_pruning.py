@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ from ..training import TrainSettings, device_of, train_classifier
 from . import DEFENSES
 from ._common import Output, accuracy, inputs_of, module_outputs, split_loader
 from .base import DefenseResult
+from .budget import epochs_for
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class FinePruningSettings:
         if not 0 < self.holdout < 1 or self.tolerance < 0:
             raise SettingsError(f"fine-pruning needs 0 < holdout < 1 and tolerance ≥ 0; got "
                                 f"{self.holdout}, {self.tolerance}")
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        return self.epochs * batches_per_epoch  # pruning itself only runs forward passes
+
+    def at_budget(self, steps: int, batches_per_epoch: int) -> FinePruningSettings:
+        return replace(self, epochs=epochs_for(steps, batches_per_epoch))
 
 
 def last_feature_map(model: nn.Module, x: Tensor) -> tuple[Output, Output]:
@@ -155,4 +162,4 @@ def fine_pruning(model: nn.Module, clean: DataLoader, settings: FinePruningSetti
     details = {"layer": feature.name, "reader": reader.name, "channels": channels,
                "activity": activity.tolist(), "order": order, "pruned": order[:pruned],
                "accuracy": scores, "losses": losses}
-    return DefenseResult(model, details, seconds)
+    return DefenseResult(model, details, seconds, steps=settings.epochs * len(clean))

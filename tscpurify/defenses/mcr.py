@@ -23,6 +23,11 @@ Adapted: the paper's endpoints are two backdoored models, or one and its fine-tu
 use the latter (one suspect model is all a defense gets), as BackdoorBench does. Curve budget:
 BackdoorBench trains 100 epochs on 5% of CIFAR-10; we give MCR one TSC stage (30 epochs).
 
+TSC's curve recipe (`mid_init="random"`, `lr=0.1` annealed to 0, as the fair grid's
+`tsc_recipe` candidate sets it): the control point starts at a fresh initialisation instead of the endpoints'
+mean, which carries the backdoor into the curve (docs/tuning.md). With it MCR differs from TSC
+only in its far endpoint: a fine-tuned copy, not a permuted one.
+
 Settings (defaults): t 0.4 (in the paper's range 0.3–0.4 and equal to TSC's t), ft_epochs 20 and
 ft_lr 0.01 (our FT budget; BackdoorBench ft_lr 0.01), curve epochs 30, lr 0.02 (the curve
 reference's CIFAR-10 value) cosine to 0, momentum 0.9, weight decay 5e-4, curve L2 1e-4,
@@ -37,19 +42,27 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..curve import BezierCurve, CurveSettings, cross_entropy_loss, recompute_bn_stats, train_curve
+from ..curve import (
+    BezierCurve,
+    CurveSettings,
+    cross_entropy_loss,
+    fresh_control_point,
+    recompute_bn_stats,
+    train_curve,
+)
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..seeding import derive_seed
 from ..training import TrainSettings, train_classifier
 from . import DEFENSES
 from .base import DefenseResult
+from .budget import scale_counts
 
 
 @dataclass(frozen=True)
@@ -64,10 +77,26 @@ class MCRSettings:
     l2_reg: float = field(default=1e-4, metadata={"help": "curve L2 regulariser weight"})
     augment: bool = field(default=True, metadata={
         "help": "random crop and flip in the default cross-entropy loss"})
+    mid_init: str = field(default="linear", metadata={
+        "help": "control point init: 'linear' = the endpoints' mean (the paper), 'random' = a "
+                "fresh initialisation (TSC's recipe)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.t <= 1:
             raise SettingsError(f"MCR's t must lie in [0, 1], got {self.t}")
+        if self.mid_init not in ("linear", "random"):
+            raise SettingsError(f"MCR's mid_init must be 'linear' or 'random', got "
+                                f"{self.mid_init!r}")
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        return (self.ft_epochs + self.epochs) * batches_per_epoch
+
+    def at_budget(self, steps: int, batches_per_epoch: int) -> MCRSettings:
+        """Endpoint fine-tune and curve resized together, keeping their ratio."""
+        counts = scale_counts({"ft_epochs": self.ft_epochs, "epochs": self.epochs},
+                              {"ft_epochs": batches_per_epoch, "epochs": batches_per_epoch},
+                              steps)
+        return replace(self, **counts)
 
     def curve(self) -> CurveSettings:
         return CurveSettings(epochs=self.epochs, lr=self.lr, momentum=self.momentum,
@@ -94,7 +123,9 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
     seconds["finetune"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    curve = BezierCurve(model, model.state_dict(), endpoint.state_dict())
+    mid = (fresh_control_point(model, derive_seed(seed, "mcr", "mid"))
+           if settings.mid_init == "random" else None)
+    curve = BezierCurve(model, model.state_dict(), endpoint.state_dict(), mid)
     generator = torch.Generator().manual_seed(derive_seed(seed, "mcr", "t"))
     log = train_curve(curve, clean, loss_fn, settings.curve(), progress=progress,
                       generator=generator)
@@ -106,4 +137,6 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
     seconds["batchnorm"] = time.perf_counter() - began
     details = {"t": settings.t, "curve": curve, "endpoint": endpoint, "curve_log": log,
                "ft_losses": ft_losses}
-    return DefenseResult(repaired, details, seconds)
+    return DefenseResult(repaired, details, seconds,
+                         steps=settings.planned_steps(len(clean)))
+

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ from ..training import TrainSettings, device_of, train_classifier
 from . import DEFENSES
 from ._common import inputs_of, stage_outputs
 from .base import DefenseResult
+from .budget import scale_counts
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,16 @@ class NADSettings:
         if not betas or min(betas) < 0 or self.power <= 0:
             raise SettingsError(f"NAD needs at least one beta ≥ 0 and p > 0; got {self.betas!r}, "
                                 f"{self.power}")
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        return (self.teacher_epochs + self.epochs) * batches_per_epoch
+
+    def at_budget(self, steps: int, batches_per_epoch: int) -> NADSettings:
+        """Teacher and student resized together, keeping their ratio (10:20 by default)."""
+        counts = scale_counts({"teacher_epochs": self.teacher_epochs, "epochs": self.epochs},
+                              {"teacher_epochs": batches_per_epoch,
+                               "epochs": batches_per_epoch}, steps)
+        return replace(self, **counts)
 
     def beta_values(self) -> list[float]:
         return [float(b) for b in self.betas.split(",")]
@@ -153,4 +164,5 @@ def nad(model: nn.Module, clean: DataLoader, settings: NADSettings, *, seed: int
     seconds["distill"] = time.perf_counter() - began
     details = {"stages": names, "betas": betas, "teacher": teacher.eval(),
                "teacher_losses": teacher_losses, "history": history}
-    return DefenseResult(model, details, seconds)
+    steps = (settings.teacher_epochs + settings.epochs) * len(clean)
+    return DefenseResult(model, details, seconds, steps=steps)

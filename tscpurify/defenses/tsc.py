@@ -35,20 +35,36 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from .. import __version__
-from ..curve import BezierCurve, CurveSettings, cross_entropy_loss, recompute_bn_stats, train_curve
+from ..curve import (
+    BezierCurve,
+    CurveSettings,
+    cross_entropy_loss,
+    fresh_control_point,
+    recompute_bn_stats,
+    train_curve,
+)
 from ..curve.profile import default_ts
 from ..curve.train import LossFn, distillation_loss
 from ..data.augment import random_crop_flip
 from ..errors import DataError, SettingsError
-from ..permutation import PermutationSpec, apply_permutation, derive_spec, match, verify_spec
+from ..permutation import (
+    PermutationSpec,
+    apply_permutation,
+    derive_spec,
+    match,
+    random_permutation,
+    verify_spec,
+)
 from ..report.schema import PurifyReport, StageRecord
 from ..seeding import derive_seed, seed_everything
 from ..training import TrainSettings, device_of, train_classifier
 from . import DEFENSES
 from .base import DefenseResult, loader_has_labels
+from .budget import scale_counts
 
 log = logging.getLogger(__name__)
 Evaluate = Callable[[nn.Module], dict[str, float]]
+PERMUTATIONS = ("unalign", "random", "identity")
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,11 @@ class TSCSettings:
                 "the loader's batches"})
     profile_points: int = field(default=11, metadata={
         "help": "points along each curve at which metrics are recorded (0 = none)"})
+    permutation: str = field(default="unalign", metadata={
+        "help": "the symmetry ablation: 'unalign' = stage 1 permutes each unit to its least "
+                "correlated sibling (the paper); 'random' = a seeded random permutation in "
+                "stage 1; 'identity' = no permutation in either stage (TSC's recipe without the "
+                "symmetry: MCR with TSC's settings). Stage 2 aligns unless 'identity'"})
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -136,6 +157,30 @@ class TSCSettings:
                                 f"statistics) or None, got {self.batch_size}")
         if self.profile_points == 1:
             raise SettingsError("profile_points must be 0 (off) or at least 2")
+        if self.permutation not in PERMUTATIONS:
+            raise SettingsError(f"permutation must be one of {', '.join(PERMUTATIONS)}, got "
+                                f"{self.permutation!r}")
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        """Curve steps (two curves a round) plus the fine-tunes, at `batches_per_epoch`
+        batches of this setting's own batch size."""
+        epochs = (2 * self.rounds * self.epochs + (self.rounds - 1) * self.ft_epochs
+                  + self.final_ft_epochs)
+        return epochs * batches_per_epoch
+
+    def at_budget(self, steps: int, batches_per_epoch: int) -> TSCSettings:
+        """Curves and fine-tunes resized together, keeping their ratio; a cosine T_max shorter
+        than the curves (the paper's 100 of 200) keeps its share of them."""
+        counts = scale_counts(
+            {"epochs": self.epochs, "ft_epochs": self.ft_epochs,
+             "final_ft_epochs": self.final_ft_epochs},
+            {"epochs": 2 * self.rounds * batches_per_epoch,
+             "ft_epochs": (self.rounds - 1) * batches_per_epoch,
+             "final_ft_epochs": batches_per_epoch}, steps)
+        t_max = self.cosine_t_max
+        if t_max is not None and self.epochs > 0:
+            t_max = max(1, round(t_max * counts["epochs"] / self.epochs))
+        return replace(self, **counts, cosine_t_max=t_max)
 
     def loader_batch_size(self) -> int:
         """The batch size to build a clean loader at: `batch_size`, or the reference's 256 for
@@ -277,12 +322,7 @@ class _Stages:
             return None
         if how == "end":  # BezierCurve copies what it is given, so no clone here
             return {k: end[k] for k, _ in self.template.named_parameters()}
-        fresh = self._copy_template()
-        torch.manual_seed(derive_seed(self.seed, round_, stage, "mid"))
-        for module in fresh.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        return dict(fresh.named_parameters())
+        return fresh_control_point(self.template, derive_seed(self.seed, round_, stage, "mid"))
 
     # --- resume -----------------------------------------------------------------------------
     def _paths(self, round_: int, stage: int) -> tuple[Path, Path]:
@@ -335,16 +375,26 @@ class _Stages:
 
     # --- the algorithm -----------------------------------------------------------------------
     def stage_one(self, current: dict, round_: int) -> tuple[dict, StageRecord]:
-        model = self.model_from(current)
-        perm = self.timed("permutation", match, model, model, self.spec, self.clean,
-                          mode="unalign")
-        far_copy = apply_permutation(current, self.spec, perm)
+        how = self.settings.permutation
+        if how == "identity":  # the ablation: the curve's far end is the model itself
+            far_copy = current
+        else:
+            if how == "random":
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, round_, "perm"))
+                perm = random_permutation(self.spec, generator)
+            else:
+                model = self.model_from(current)
+                perm = self.timed("permutation", match, model, model, self.spec, self.clean,
+                                  mode="unalign")
+            far_copy = apply_permutation(current, self.spec, perm)
         return self.connect(current, far_copy, self.settings.t, round_, 1)
 
     def stage_two(self, current: dict, theta_1: dict, round_: int) -> tuple[dict, StageRecord]:
-        perm = self.timed("permutation", match, self.model_from(theta_1),
-                          self.model_from(current), self.spec, self.clean, mode="align")
-        aligned = apply_permutation(current, self.spec, perm)
+        aligned = current
+        if self.settings.permutation != "identity":
+            perm = self.timed("permutation", match, self.model_from(theta_1),
+                              self.model_from(current), self.spec, self.clean, mode="align")
+            aligned = apply_permutation(current, self.spec, perm)
         t2 = self.settings.t if self.settings.t2 is None else self.settings.t2
         state, record = self.connect(aligned, theta_1, t2, round_, 2)
         settings, last = self.settings, round_ == self.settings.rounds - 1
@@ -451,7 +501,7 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
     report = PurifyReport(
         tool_version=__version__, defense="tsc", settings=asdict(settings), seed=seed,
         before=stages.measure(template), after=stages.measure(purified), stages=records,
-        seconds=stages.seconds)
+        seconds=stages.seconds, steps=settings.planned_steps(len(clean)))
     return purified, report
 
 
@@ -460,4 +510,4 @@ def tsc(model: nn.Module, clean: DataLoader, settings: TSCSettings, *, seed: int
         progress: bool, callbacks: dict) -> DefenseResult:
     purified, report = purify(model, clean, settings, seed=seed, progress=progress,
                               loss_fn=callbacks.get("loss_fn"), evaluate=callbacks.get("evaluate"))
-    return DefenseResult(purified, {"report": report}, report.seconds)
+    return DefenseResult(purified, {"report": report}, report.seconds, steps=report.steps)

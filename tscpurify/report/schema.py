@@ -36,6 +36,8 @@ class PurifyReport:
     stages: list[StageRecord] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    # Optimizer updates on clean mini-batches (curves and fine-tunes; defenses/budget.py).
+    steps: int = 0
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
