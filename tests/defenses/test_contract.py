@@ -17,11 +17,13 @@ TINY = {
     "anp": dict(iterations=3),
     "clp": {},
     "fine_pruning": dict(epochs=1),
+    "fst": dict(epochs=1),
     "ft": dict(epochs=1),
     "ft_sam": dict(epochs=1),
     "ibau": dict(rounds=1, inner_passes=1),
     "mcr": dict(ft_epochs=1, epochs=1),
     "nad": dict(teacher_epochs=1, epochs=1),
+    "sau": dict(epochs=1, pgd_steps=1),
     "tsc": dict(rounds=1, epochs=1, final_ft_epochs=0, profile_points=0),
 }
 

@@ -9,7 +9,7 @@ from ..registry import Registry
 DEFENSES: Registry = Registry("defense")
 
 # Importing the modules registers their defenses.
-from . import anp, clp, fine_pruning, finetune, ft_sam, ibau, mcr, nad, tsc  # noqa: E402,F401
+from . import anp, clp, fine_pruning, finetune, fst, ft_sam, ibau, mcr, nad, sau, tsc  # noqa: E402,F401
 from .base import DefenseResult, defend  # noqa: E402
 
 __all__ = ["DEFENSES", "DefenseResult", "defend"]
