@@ -250,11 +250,22 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench.grid import run_grid
-    from .bench.tables import markdown_table, plot_bench
+    from .bench.grid import finished_rows, read_grid, run_grid
+    from .bench.tables import markdown_table, plot_bench, tuning_table
 
+    read_grid(args.grid)  # every key checked before anything trains
     out = Path(args.out or f"runs/bench-{Path(args.grid).stem}")
-    rows = run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet)
+    run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet,
+             phase=args.phase)
+    if (out / "tuning.json").exists():
+        choice = json.loads((out / "tuning.json").read_text())
+        table = (f"Rule: {choice['rule']}.\n\n" + tuning_table(choice["choice"]))
+        (out / "tuning.md").write_text(table)
+        print(table)
+        print(f"tuning: {out / 'tuning.md'}, chosen settings: {out / 'tuned.toml'}")
+    if args.phase == "tune":
+        return 0
+    rows = finished_rows(args.grid, out)  # every finished row, earlier phases' included
     table = markdown_table(rows)
     plots = plot_bench(rows, out / "plots")
     (out / "results.md").write_text(table + "\n" + "\n".join(
@@ -339,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "results.jsonl, results.md (ACC / ASR / RA / DER) and plots/.")
     bench.add_argument("grid", help="grid TOML file, or 'quick' / 'full'")
     bench.add_argument("--out", default=None, help="output folder (default: runs/bench-GRID)")
+    bench.add_argument("--phase", choices=("all", "tune", "default", "tuned"), default="all",
+                       help="what to run: the tuning candidates only ('tune'), the published-"
+                            "default rows, the tuned rows (tuning first if unfinished), or all")
     add_common(bench)
     bench.set_defaults(func=run_bench)
     return parser

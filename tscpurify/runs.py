@@ -67,15 +67,19 @@ def make_loader(data: ImageData, batch_size: int, shuffle: bool, seed: int = 0,
 
 
 def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root: str | None = None,
-                     attack: str = "badnets", attack_args: dict[str, Any] | None = None,
+                     attack: str | None = "badnets",
+                     attack_args: dict[str, Any] | None = None,
                      model: str = "cnn", model_args: dict[str, Any] | None = None,
                      train: TrainSettings | None = None, seed: int = 0,
                      device: str = "cpu", progress: bool = True,
                      overwrite: bool = False) -> Metrics:
-    """Train a backdoored model and write its run folder; returns its metrics."""
+    """Train a backdoored model and write its run folder; returns its metrics.
+
+    `attack=None` trains the same model on clean data: the floor a re-tuning evaluation
+    compares purified models with (its run folder records no attack)."""
     train = train or TrainSettings()
     seed_everything(seed)
-    attack_obj = create_attack(attack, **(attack_args or {}))
+    attack_obj = create_attack(attack, **(attack_args or {})) if attack is not None else None
     kwargs_extra = dict(model_args or {})
     MODELS.get(model)  # fail on an unknown name before loading any data
     with atomic_folder(out, overwrite) as folder:
@@ -83,21 +87,25 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
         test_data = load_dataset(data, "test", data_root)
         if train_data.shape != test_data.shape:
             raise DataError(f"train images are {train_data.shape}, test images {test_data.shape}")
-        # Fit learned triggers (TrojanNN, LC) once, so the recorded attack is the fitted one.
-        attack_obj.check(train_data.num_classes, train_data.shape)
-        attack_obj = attack_obj.prepare(train_data, derive_seed(seed, "poison"))
-        poisoned, indices = poison_dataset(train_data, attack_obj, derive_seed(seed, "poison"))
+        poisoned, indices = train_data, torch.zeros(0, dtype=torch.long)
+        if attack_obj is not None:
+            # Fit learned triggers (TrojanNN, LC) once, so the recorded attack is the fitted one.
+            attack_obj.check(train_data.num_classes, train_data.shape)
+            attack_obj = attack_obj.prepare(train_data, derive_seed(seed, "poison"))
+            poisoned, indices = poison_dataset(train_data, attack_obj,
+                                               derive_seed(seed, "poison"))
         kwargs = model_kwargs(model, train_data, kwargs_extra)
         net = create_model(model, **kwargs).to(device)
         loader = make_loader(poisoned, train.batch_size, shuffle=True, seed=seed)
         start = time.perf_counter()
-        train_classifier(net, loader, train, progress=progress, desc=f"{attack} → {model}")
+        train_classifier(net, loader, train, progress=progress,
+                         desc=f"{attack or 'clean'} → {model}")
         seconds = time.perf_counter() - start
         metrics = evaluate(net, test_data, attack_obj)
         save_model(net, folder, {
             "arch": MODELS.name_of(model), "kwargs": kwargs, "classes": list(train_data.classes),
             "kind": "classifier", "dataset": {"name": data, "root": data_root},
-            "attack": attack_obj.record(), "seed": seed, "train": asdict(train),
+            "attack": attack_obj.record() if attack_obj is not None else None, "seed": seed, "train": asdict(train),
             "poisoned": len(indices), "tool_version": __version__,
         })
         write_json(folder / "metrics.json", {**metrics.as_dict(), "train_seconds": seconds})

@@ -1,20 +1,30 @@
-"""The bench grid on tiny data: cells, caching, resume equality, table and plots."""
+"""The bench grid on tiny data: cells, budget, variants, reference rows, tuning, caching,
+resume equality, table and plots."""
 
 import json
 
 import pytest
 
 from tscpurify.bench import grid as grid_module
-from tscpurify.bench.grid import read_grid, run_grid
-from tscpurify.bench.tables import markdown_table, plot_bench
+from tscpurify.bench.grid import finished_rows, read_grid, run_grid
+from tscpurify.bench.tables import markdown_table, plot_bench, summary
 from tscpurify.errors import SettingsError
 
+TSC_ARGS = """[defense_args.tsc]
+rounds = 1
+epochs = 1
+profile_points = 0
+final_ft_epochs = 0
+ft_epochs = 0
+batch_size = 32"""
 
-def write_grid(path, root, attacks=("badnets", "blended")):
+
+def write_grid(path, root, attacks=("badnets", "blended"), extra="", defenses=("ft", "tsc")):
     path.write_text(f"""
 seeds = [0]
 attacks = {list(attacks)}
-defenses = ["ft", "tsc"]
+defenses = {list(defenses)}
+{extra}
 [data]
 name = "fashion-mnist"
 root = "{root}"
@@ -25,26 +35,115 @@ width = 4
 epochs = 2
 [defense_args.ft]
 epochs = 1
-[defense_args.tsc]
-rounds = 1
-epochs = 1
-profile_points = 0
-final_ft_epochs = 0
+{TSC_ARGS if any(d.startswith("tsc") for d in defenses) else ""}
 """)
     return path
 
 
 def test_grid_cells_and_errors(tmp_path, fmnist_root):
-    cells = read_grid(write_grid(tmp_path / "g.toml", fmnist_root))
+    cells = read_grid(write_grid(tmp_path / "g.toml", fmnist_root)).cells
     assert [(c.attack, c.defense) for c in cells] == [
         ("badnets", "ft"), ("badnets", "tsc"), ("blended", "ft"), ("blended", "tsc")]
     assert len({c.key for c in cells}) == 4
     with pytest.raises(SettingsError, match="no grid"):
         read_grid("nonexistent-grid")
-    (tmp_path / "bad.toml").write_text("defenses = ['tscc']")
-    with pytest.raises(SettingsError, match="did you mean 'tsc'"):
-        read_grid(tmp_path / "bad.toml")
-    assert len(read_grid("quick")) > 0
+    for text, message in [
+        ("defenses = ['tscc']", "did you mean 'tsc'"),
+        ("defences = ['tsc']", "unknown key"),
+        ("defenses = ['ft']\n[defense_args.ft]\nepoch = 3", "ft takes: epochs"),
+        ("defenses = ['ft']\n[defense_args.ft]\nepochs = 'three'", "grid"),
+        ("seeds = 0", "seeds must be a list"),
+        ("budget_steps = 0", "budget_steps"),
+        ("settings = ['tuned']", "need a \\[tuning\\] section"),
+        ("defenses = ['x']\n[variants.x]\ndefense = 'ft'\ntune_as = 'y'", "tune_as"),
+    ]:
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(SettingsError, match=message):
+            read_grid(tmp_path / "bad.toml")
+    for shipped in ("quick", "full", "fair"):
+        assert len(read_grid(shipped).cells) > 0
+
+
+def test_shipped_fair_grid_tunes_every_defense_alike():
+    grid = read_grid("fair")
+    assert grid.tuning is not None
+    counts = {len(c) for c in grid.tuning.candidates.values()}
+    assert len(counts) == 1 and counts.pop() <= 4
+    assert "paper" in grid.tuning.candidates["tsc"]
+    # The ablation rows take TSC's tuned settings, with only the permutation changed.
+    assert grid.tuning.tuned_as["tsc_identity"] == "tsc"
+    assert {c.defense_args.get("permutation") for c in grid.cells
+            if c.defense == "tsc_identity"} == {"identity"}
+    cells = {(c.attack, c.model, c.seed) for c in grid.cells}
+    assert ("badnets", "preactresnet18", 0) in cells and ("wanet", "preactresnet18", 0) not in cells
+    assert len(cells) == 14
+
+
+def test_budget_variants_references_and_retune(tmp_path, fmnist_root):
+    extra = """budget_steps = 40
+[variants.ft_ls]
+defense = "ft"
+label_smoothing = 0.1
+[variants.tsc_identity]
+defense = "tsc"
+permutation = "identity"
+[retune]
+images = 200
+poisoned = 20
+epochs = [1, 2]"""
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), extra=extra,
+                      defenses=("none", "clean_floor", "ft", "ft_ls", "tsc", "tsc_identity"))
+    rows = run_grid(grid, tmp_path / "out", progress=False)
+    by = {r["cell"]["defense"]: r for r in rows}
+    # Every training defense at the same budget: 54 clean images in batches of 32 → 2 a step
+    # epoch; ft: 20 epochs; tsc (2 curves + nothing else per round): 10 epochs a curve.
+    assert {by[d]["steps"] for d in ("ft", "ft_ls", "tsc", "tsc_identity")} == {40}
+    assert by["tsc"]["settings"]["epochs"] == 10 and by["ft"]["settings"]["epochs"] == 20
+    assert by["ft_ls"]["settings"]["label_smoothing"] == 0.1
+    assert by["tsc_identity"]["settings"]["permutation"] == "identity"
+    assert by["none"]["after"] == by["none"]["before"] and by["none"]["steps"] == 0
+    clean = [p for p in (tmp_path / "out" / "models").iterdir() if p.name.startswith("clean-")]
+    assert len(clean) == 1 and json.loads((clean[0] / "model.json").read_text())["attack"] is None
+    for row in rows:
+        assert row["retune"]["epochs"] == [1, 2] and len(row["retune"]["asr"]) == 2
+    table = markdown_table(rows)
+    assert "ASR after re-tune 1/2 ep" in table and "| tsc_identity |" in table
+    assert [s["defense"] for s in summary(rows)][:2] == ["none", "clean_floor"]
+    assert (tmp_path / "out" / "models").exists()
+    assert len(list((tmp_path / "out" / "models").iterdir())) == 2  # backdoored + clean twin
+    plots = plot_bench(rows, tmp_path / "plots")
+    assert [p.name for p in plots] == ["asr_heatmap.png", "acc_vs_asr.png", "retune.png"]
+
+
+def test_tuning_picks_by_the_rule_and_tuned_rows_share_identical_runs(tmp_path, fmnist_root):
+    extra = """settings = ["default", "tuned"]
+[variants.ft_identity_twin]
+defense = "ft"
+tune_as = "ft"
+augment = false
+[tuning]
+models = [{attack = "badnets", seed = 100}]
+[tuning.candidates.ft]
+default = {}
+hot = {lr = 0.2}"""
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), extra=extra,
+                      defenses=("ft", "ft_identity_twin"))
+    out = tmp_path / "out"
+    assert run_grid(grid, out, progress=False, phase="tune") == []
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert set(tuning["choice"]["ft"]) == {"candidate", "overrides", "table"}
+    assert not (out / "results.jsonl").exists()
+    chosen = tuning["choice"]["ft"]["overrides"]
+    rows = run_grid(grid, out, progress=False)
+    tuned = {r["cell"]["defense"]: r for r in rows if r["cell"]["setting"] == "tuned"}
+    assert tuned["ft"]["settings"]["lr"] == chosen.get("lr", 0.01)
+    # The variant takes the tuned choice but keeps its own override.
+    assert tuned["ft_identity_twin"]["settings"]["augment"] is False
+    assert tuned["ft_identity_twin"]["settings"]["lr"] == chosen.get("lr", 0.01)
+    keys = [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys))  # a tuned row equal to its default row ran once
+    assert len(finished_rows(grid, out)) == 4
+    assert (out / "tuned.toml").read_text().startswith("# Chosen on tuning models badnets:100")
 
 
 def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monkeypatch):
@@ -62,10 +161,17 @@ def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monk
     monkeypatch.setattr(grid_module, "run_cell", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, tmp_path / "resumed", progress=False)
-    assert len((tmp_path / "resumed" / "results.jsonl").read_text().splitlines()) == 1
+    results = tmp_path / "resumed" / "results.jsonl"
+    assert len(results.read_text().splitlines()) == 1
+    with results.open("a") as handle:  # a line cut short by a crash is run again, not fatal
+        handle.write('{"key": "abc", "cell"')
     monkeypatch.setattr(grid_module, "run_cell", real_run_cell)
     resumed = run_grid(grid, tmp_path / "resumed", progress=False)
-    assert markdown_table(resumed) == markdown_table(whole)
+
+    def untimed(rows):  # seconds differ between runs; everything else must not
+        return [{**r, "seconds": 0.0} for r in rows]
+
+    assert markdown_table(untimed(resumed)) == markdown_table(untimed(whole))
     # The backdoored model is trained once and shared by both defenses.
     assert len([p for p in (tmp_path / "whole" / "models").iterdir()]) == 1
     plots = plot_bench(whole, tmp_path / "plots")

@@ -12,17 +12,18 @@ from ..settings import settings_hash
 from ..training import TrainSettings
 
 
-def cached_backdoored(cache: str | Path, *, attack: str, model: str, seed: int,
+def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed: int,
                       train: TrainSettings, attack_args: dict[str, Any] | None = None,
                       model_args: dict[str, Any] | None = None, data: str = "fashion-mnist",
                       data_root: str | None = None, device: str = "cpu",
                       progress: bool = False) -> Path:
-    """The run folder of this backdoored model, training it first if it is not cached."""
+    """The run folder of this backdoored model, training it first if it is not cached
+    (attack None: the same model trained on clean data)."""
     key = {"attack": attack, "attack_args": attack_args or {}, "model": model,
            "model_args": model_args or {}, "seed": seed, "train": asdict(train), "data": data}
     if data_root is not None:  # only when set, so caches made before the option stay valid
         key["data_root"] = str(data_root)
-    folder = Path(cache) / f"{attack}-{model}-s{seed}-{settings_hash(key)}"
+    folder = Path(cache) / f"{attack or 'clean'}-{model}-s{seed}-{settings_hash(key)}"
     if not (folder / "metrics.json").exists():
         train_backdoored(folder, data=data, data_root=data_root, attack=attack,
                          attack_args=attack_args, model=model,

@@ -1,18 +1,29 @@
 """`tscpurify bench`: a grid of attacks × models × seeds × defenses from a TOML file.
 
 Plan:
-  1. read the grid (TOML) into Cells; each cell's key is the hash of everything that
-     determines its result, so a resumed run skips exactly the finished cells;
-  2. train (or reuse from the cache) one backdoored model per attack × model × seed, shared by
-     every defense;
-  3. run each defense on a clean, stratified subset of the training split through `defend`,
-     evaluate on the test split, and append one JSON line per cell to results.jsonl;
-  4. render results.md and plots from results.jsonl alone.
+  1. read the grid (TOML) into a Grid; every table key is checked before anything trains;
+  2. tuning (when the grid has a [tuning] section): run every defense's candidate settings on
+     the tuning models, pick one per defense by the written rule (`tuning.choose`), and write
+     the choice to `tuned.toml` in the output folder;
+  3. run the benchmark cells, once with each defense's published defaults ("default" rows) and
+     once with the tuned choice ("tuned" rows), every training defense resized to the grid's
+     step budget; a backdoored model is trained once (cached) and shared by every defense;
+  4. evaluate each purified model on the test split, and re-tune it on a few poisoned samples
+     (`tscpurify.retune`) to see whether the backdoor stays gone; append one JSON line per
+     cell (crash-safe, so a resumed run skips exactly the finished cells);
+  5. render results.md and plots from the JSON lines alone.
+
+Rows are named by the grid's defense names: a registered defense, a [variants.NAME] (a
+registered defense with fixed overrides, e.g. TSC without its permutation), or one of two
+references that are not defenses: "none" (the backdoored model as it is) and "clean_floor"
+(the same architecture trained without poison: the floor of the re-tune column).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,13 +34,16 @@ from tqdm.auto import tqdm
 
 from ..data import load_dataset, select_clean_subset
 from ..defenses import DEFENSES, defend
+from ..defenses.budget import at_budget, planned_steps
 from ..errors import SettingsError
 from ..evaluation import Metrics, der, evaluate
+from ..retune import RetuneSettings, retune_profile
 from ..runs import load_run
 from ..seeding import derive_seed
 from ..settings import settings_hash
 from ..training import TrainSettings
 from .cache import cached_backdoored, run_metrics
+from .tuning import TuningSpec, choose, parse_tuning, write_tuned
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,14 +51,22 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 GRIDS = Path(__file__).parent / "grids"
+REFERENCES = ("none", "clean_floor")  # rows that run no defense
+TOP_KEYS = {"seeds", "attacks", "defenses", "budget_steps", "settings", "data", "models",
+            "attack_args", "defense_args", "variants", "retune", "tuning"}
+SETTINGS_ROWS = ("default", "tuned")
+PHASES = ("all", "tune", "default", "tuned")
 
 
 @dataclass(frozen=True)
 class Cell:
+    """One run: a defense (or reference row) on one backdoored model, with final settings."""
+
     attack: str
     model: str
     seed: int
-    defense: str
+    defense: str  # the row's name: a defense, a variant or a reference row
+    base: str = ""  # the registered defense that runs ("" for reference rows)
     attack_args: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
     train_epochs: int = 5
@@ -53,14 +75,59 @@ class Cell:
     data_root: str | None = None
     clean_fraction: float = 0.05
     batch_size: int = 256
+    budget_steps: int | None = None
+    retune: dict[str, Any] | None = None  # RetuneSettings as a dict; None = no re-tune column
+    setting: str = "default"  # "default", "tuned", or a tuning candidate's name
 
     @property
     def key(self) -> str:
-        return settings_hash(asdict(self))
+        """Everything that decides the result, and nothing else: two rows that run the same
+        thing (a tuned choice equal to the default, say) share one run."""
+        fields = asdict(self)
+        fields.pop("setting")
+        if self.base:  # a reference row ("none", "clean_floor") is told apart by its name only
+            fields.pop("defense")
+        return settings_hash(fields)
 
 
-def read_grid(source: str | Path) -> list[Cell]:
-    """Cells of a grid file, or of a shipped grid by name ('quick', 'full')."""
+@dataclass(frozen=True)
+class Grid:
+    cells: list[Cell]  # the benchmark cells, default rows then tuned rows as asked
+    tuning: TuningSpec | None
+    tuning_cells: list[Cell]  # every candidate on every tuning model
+    # Per row: (settings every run of it takes, a variant's own overrides, which win over a
+    # tuned choice: TSC without its permutation stays without it).
+    row_args: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+
+    def tuned(self, cell: Cell, choice: dict[str, dict[str, Any]]) -> Cell:
+        """A tuned row's cell with the chosen candidate's settings."""
+        target = self.tuning.tuned_as.get(cell.defense, "") if self.tuning else ""
+        if cell.setting != "tuned" or not target:
+            return cell
+        fixed, overrides = self.row_args[cell.defense]
+        args = {**fixed, **choice[target]["overrides"], **overrides}
+        return dataclasses.replace(cell, defense_args=args)
+
+
+def _require(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise SettingsError(f"grid: {what} must be a {names}, got {value!r}")
+    return value
+
+
+def _check_settings(base: str, args: dict[str, Any], what: str) -> None:
+    """Fail on an unknown or invalid setting now, not after a model has trained."""
+    cls = DEFENSES.meta[DEFENSES.name_of(base)]["settings"]
+    try:
+        cls(**args)
+    except TypeError as err:
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise SettingsError(f"grid: {what}: {err}; {base} takes: {names}") from None
+
+
+def read_grid(source: str | Path) -> Grid:
+    """The grid in a TOML file, or in a shipped grid by name ('quick', 'full', 'fair')."""
     path = Path(source)
     if not path.exists() and (GRIDS / f"{source}.toml").exists():
         path = GRIDS / f"{source}.toml"
@@ -69,74 +136,239 @@ def read_grid(source: str | Path) -> list[Cell]:
         raise SettingsError(f"no grid {source!r}: give a TOML file or one of: {shipped}")
     try:
         grid = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise SettingsError(f"{path} is not valid TOML: {err}") from None
-    data = grid.get("data", {})
-    models = grid.get("models", {"cnn": {"width": 16, "epochs": 5}})
+    unknown = sorted(set(grid) - TOP_KEYS)
+    if unknown:
+        raise SettingsError(f"grid {path}: unknown key(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted(TOP_KEYS))}")
+
+    data = _require(grid.get("data", {}), dict, "[data]")
+    models = _require(grid.get("models", {"cnn": {"width": 16, "epochs": 5}}), dict, "[models]")
+    seeds = _require(grid.get("seeds", [0]), list, "seeds")
+    attacks = _require(grid.get("attacks", ["badnets"]), list, "attacks")
+    names = _require(grid.get("defenses", ["ft", "tsc"]), list, "defenses")
+    budget = grid.get("budget_steps")
+    if budget is not None and (_require(budget, int, "budget_steps") < 1):
+        raise SettingsError(f"grid: budget_steps must be ≥ 1, got {budget}")
+    rows = tuple(_require(grid.get("settings", ["default"]), list, "settings"))
+    if not rows or any(r not in SETTINGS_ROWS for r in rows):
+        raise SettingsError(f"grid: settings must list some of {SETTINGS_ROWS}, got {rows}")
+    defense_args = _require(grid.get("defense_args", {}), dict, "[defense_args]")
+    variants = _require(grid.get("variants", {}), dict, "[variants]")
+    retune = grid.get("retune")
+    retune_dict = None
+    if retune is not None:
+        try:
+            retune_dict = asdict(RetuneSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                                   for k, v in _require(retune, dict,
+                                                                        "[retune]").items()}))
+        except TypeError as err:
+            raise SettingsError(f"grid: [retune]: {err}") from None
+
+    # What each row name runs: (registered defense, fixed overrides, tuned like which row).
+    rows_of: dict[str, tuple[str, dict[str, Any], str | None]] = {}
+    for name in names:
+        _require(name, str, "a defense name")
+        if name in REFERENCES:
+            rows_of[name] = ("", {}, None)
+        elif name in variants:
+            spec = dict(_require(variants[name], dict, f"[variants.{name}]"))
+            base = DEFENSES.name_of(_require(spec.pop("defense", None), str,
+                                             f"[variants.{name}] defense"))
+            tune_as = spec.pop("tune_as", None)
+            if tune_as is not None and tune_as not in names:
+                raise SettingsError(f"grid: [variants.{name}] tune_as {tune_as!r} is not a "
+                                    f"defense of this grid")
+            rows_of[name] = (base, spec, tune_as)
+        else:
+            rows_of[name] = (DEFENSES.name_of(name), {}, name)
+    bases = {base for base, _, _ in rows_of.values() if base}
+    for name, args in defense_args.items():  # a defense's args also reach its variants
+        if name not in bases and not (name in rows_of and rows_of[name][0]):
+            raise SettingsError(f"grid: [defense_args.{name}] names no defense of this grid")
+        _require(args, dict, f"[defense_args.{name}]")
+    row_args = {}
+    for name, (base, overrides, _) in rows_of.items():
+        fixed = {**defense_args.get(base, {}), **defense_args.get(name, {})} if base else {}
+        row_args[name] = (fixed, overrides)
+        if base:
+            _check_settings(base, {**fixed, **overrides}, f"settings of {name!r}")
+
+    def check_candidate(name: str, candidate: dict[str, Any]) -> None:
+        fixed, overrides = row_args[name]
+        _check_settings(rows_of[name][0], {**fixed, **candidate, **overrides},
+                        f"a tuning candidate of {name!r}")
+
+    tuning = None
+    if "tuning" in grid:
+        tuning = parse_tuning(grid["tuning"], {n: r[2] for n, r in rows_of.items()}, models,
+                              seeds, check_candidate)
+    if "tuned" in rows and tuning is None:
+        raise SettingsError("grid: tuned rows need a [tuning] section")
+
+    attack_args = _require(grid.get("attack_args", {}), dict, "[attack_args]")
+    common = dict(data=_require(data.get("name", "fashion-mnist"), str, "data.name"),
+                  data_root=data.get("root"),
+                  clean_fraction=_require(data.get("clean_fraction", 0.05), (int, float),
+                                          "data.clean_fraction"),
+                  batch_size=_require(data.get("batch_size", 256), int, "data.batch_size"),
+                  budget_steps=budget)
     cells = []
-    for model, model_cfg in models.items():
-        model_args = {k: v for k, v in model_cfg.items() if k != "epochs"}
-        for attack in grid.get("attacks", ["badnets"]):
-            for seed in grid.get("seeds", [0]):
-                for defense in grid.get("defenses", ["ft", "tsc"]):
-                    DEFENSES.get(defense)  # an unknown name fails before any training
-                    cells.append(Cell(
-                        attack=attack, model=model, seed=seed, defense=defense,
-                        attack_args=grid.get("attack_args", {}).get(attack, {}),
+    for setting in rows:
+        for model, model_cfg in models.items():
+            _require(model_cfg, dict, f"[models.{model}]")
+            model_args = {k: v for k, v in model_cfg.items()
+                          if k not in ("epochs", "attacks", "seeds")}
+            for attack in model_cfg.get("attacks", attacks):
+                for seed in model_cfg.get("seeds", seeds):
+                    _require(seed, int, "a seed")
+                    for name, (base, _, _) in rows_of.items():
+                        fixed, overrides = row_args[name]
+                        cells.append(Cell(
+                            attack=attack, model=model, seed=seed, defense=name, base=base,
+                            attack_args=attack_args.get(attack, {}),
+                            model_args=model_args, train_epochs=model_cfg.get("epochs", 5),
+                            defense_args={**fixed, **overrides}, retune=retune_dict,
+                            setting=setting, **common))
+    tuning_cells = []
+    if tuning is not None:
+        model_cfg = models[tuning.model]
+        model_args = {k: v for k, v in model_cfg.items() if k not in ("epochs", "attacks", "seeds")}
+        for name, listed in tuning.candidates.items():
+            fixed, overrides = row_args[name]
+            for candidate, chosen in listed.items():
+                for attack, seed in tuning.models:
+                    tuning_cells.append(Cell(
+                        attack=attack, model=tuning.model, seed=seed, defense=name,
+                        base=rows_of[name][0], attack_args=attack_args.get(attack, {}),
                         model_args=model_args, train_epochs=model_cfg.get("epochs", 5),
-                        defense_args=grid.get("defense_args", {}).get(defense, {}),
-                        data=data.get("name", "fashion-mnist"), data_root=data.get("root"),
-                        clean_fraction=data.get("clean_fraction", 0.05),
-                        batch_size=data.get("batch_size", 256)))
-    return cells
+                        defense_args={**fixed, **chosen, **overrides}, setting=candidate,
+                        **common))
+    return Grid(cells, tuning, tuning_cells, row_args)
 
 
 def read_results(path: Path) -> dict[str, dict]:
+    """Finished rows by key. A line cut short by a crash is skipped (its cell runs again)."""
     if not path.exists():
         return {}
     rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
             rows[row["key"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            print(f"warning: {path}:{number} is not a result row; its cell will run again",
+                  file=sys.stderr)
     return rows
 
 
+def _models(cell: Cell, out: Path, device: str, progress: bool) -> tuple[Path, Path | None]:
+    """The cell's backdoored model and, for the re-tune floor, its clean twin."""
+    options = dict(model=cell.model, seed=cell.seed, train=TrainSettings(epochs=cell.train_epochs),
+                   model_args=cell.model_args, data=cell.data, data_root=cell.data_root,
+                   device=device, progress=progress)
+    backdoored = cached_backdoored(out / "models", attack=cell.attack,
+                                   attack_args=cell.attack_args, **options)
+    clean = (cached_backdoored(out / "models", attack=None, **options)
+             if cell.defense == "clean_floor" else None)
+    return backdoored, clean
+
+
 def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
-    folder = cached_backdoored(out / "models", attack=cell.attack, model=cell.model,
-                               seed=cell.seed, train=TrainSettings(epochs=cell.train_epochs),
-                               attack_args=cell.attack_args, model_args=cell.model_args,
-                               data=cell.data, data_root=cell.data_root, device=device,
-                               progress=progress)
+    folder, clean_folder = _models(cell, out, device, progress)
     model, _, attack = load_run(folder, device)
     train = load_dataset(cell.data, "train", cell.data_root)
     test = load_dataset(cell.data, "test", cell.data_root)
-    clean = train.subset(select_clean_subset(train.labels, cell.clean_fraction,
-                                             derive_seed(cell.seed, "clean")))
-    loader = DataLoader(clean.tensor_dataset(), batch_size=cell.batch_size, shuffle=True)
-    settings_cls = DEFENSES.meta[DEFENSES.name_of(cell.defense)]["settings"]
-    result = defend(cell.defense, model, loader, settings_cls(**cell.defense_args),
-                    seed=cell.seed, progress=progress)
     before = Metrics(**{k: v for k, v in run_metrics(folder).items() if k in ("acc", "asr", "ra")})
-    after = evaluate(result.model, test, attack)
-    return {"key": cell.key, "cell": asdict(cell), "before": before.as_dict(),
-            "after": after.as_dict(), "der": der(before, after),
-            "seconds": result.seconds.get("total", 0.0)}
+    settings, steps, seconds = None, 0, 0.0
+    if cell.base:
+        clean = train.subset(select_clean_subset(train.labels, cell.clean_fraction,
+                                                 derive_seed(cell.seed, "clean")))
+        loader = DataLoader(clean.tensor_dataset(), batch_size=cell.batch_size, shuffle=True)
+        settings_cls = DEFENSES.meta[cell.base]["settings"]
+        settings = settings_cls(**cell.defense_args)
+        # A defense that re-batches (TSC) counts its budget in its own batches.
+        own_batch = getattr(settings, "batch_size", None) or cell.batch_size
+        batches = math.ceil(len(clean) / own_batch)
+        settings = at_budget(settings, cell.budget_steps, batches)
+        result = defend(cell.base, model, loader, settings, seed=cell.seed, progress=progress)
+        model, steps = result.model, result.steps
+        seconds = result.seconds.get("total", 0.0)
+        if steps != planned_steps(settings, batches):
+            raise RuntimeError(f"{cell.base} took {steps} steps but planned "
+                               f"{planned_steps(settings, batches)}")  # a bug, not user error
+    elif cell.defense == "clean_floor":
+        model, _, _ = load_run(clean_folder, device)
+    after = evaluate(model, test, attack)
+    row = {"key": cell.key, "cell": asdict(cell), "before": before.as_dict(),
+           "after": after.as_dict(), "der": der(before, after), "steps": steps,
+           "seconds": seconds, "settings": asdict(settings) if settings is not None else {}}
+    if cell.retune is not None:
+        retune = RetuneSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in cell.retune.items()})
+        row["retune"] = retune_profile(model, train, test, attack, retune,
+                                       seed=derive_seed(cell.seed, "retune"))
+    return row
 
 
-def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
-             progress: bool = True) -> list[dict]:
-    """Run every unfinished cell; returns all rows in grid order."""
-    cells = read_grid(source)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
+def _run_cells(cells: list[Cell], results_path: Path, out: Path, device: str,
+               progress: bool, desc: str) -> list[dict]:
     done = read_results(results_path)
-    for cell in tqdm(cells, desc="bench", disable=not progress):
+    for cell in tqdm(cells, desc=desc, disable=not progress):
         if cell.key in done:
             continue
         row = run_cell(cell, out, device, progress=False)
         with results_path.open("a") as handle:  # one line per finished cell: crash-safe
             handle.write(json.dumps(row) + "\n")
         done[cell.key] = row
-    return [done[c.key] for c in cells]
+    # Rows carry their own labels: a shared run appears under every row that asked for it.
+    return [{**done[c.key], "cell": asdict(c)} for c in cells if c.key in done]
+
+
+def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
+               ) -> dict[str, dict[str, Any]]:
+    """Run every candidate on the tuning models; write and return the choice (tuned.toml,
+    and tuning.json with the table behind each choice)."""
+    if grid.tuning is None:
+        raise SettingsError("this grid has no [tuning] section")
+    rows = _run_cells(grid.tuning_cells, out / "tuning.jsonl", out, device, progress, "tuning")
+    choice = choose(rows, grid.tuning)
+    write_tuned(out / "tuned.toml", choice, grid.tuning)
+    (out / "tuning.json").write_text(json.dumps(
+        {"rule": grid.tuning.rule, "models": grid.tuning.models, "choice": choice}, indent=1))
+    return choice
+
+
+def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
+             progress: bool = True, phase: str = "all") -> list[dict]:
+    """Run every unfinished cell of `phase` ('tune', 'default', 'tuned' or 'all'); returns the
+    benchmark rows of the phases run, in grid order."""
+    grid = read_grid(source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if phase not in PHASES:
+        raise SettingsError(f"unknown phase {phase!r}; choices: {', '.join(PHASES)}")
+    cells = grid.cells
+    if grid.tuning is not None and phase in ("tune", "tuned", "all"):
+        choice = run_tuning(grid, out, device, progress)
+        cells = [grid.tuned(c, choice) for c in cells]
+    if phase == "tune":
+        return []
+    wanted = {"default": ("default",), "tuned": ("tuned",), "all": SETTINGS_ROWS}[phase]
+    cells = [c for c in cells if c.setting in wanted]
+    return _run_cells(cells, out / "results.jsonl", out, device, progress, "bench")
+
+
+def finished_rows(source: str | Path, out: str | Path) -> list[dict]:
+    """Every benchmark row of the grid that has a result in `out`, in grid order: default
+    rows, and tuned rows once the tuning has chosen."""
+    grid, out = read_grid(source), Path(out)
+    done = read_results(out / "results.jsonl")
+    cells = [c for c in grid.cells if c.setting != "tuned"]
+    if grid.tuning is not None and (out / "tuning.json").exists():
+        choice = json.loads((out / "tuning.json").read_text())["choice"]
+        cells = [grid.tuned(c, choice) for c in grid.cells]
+    return [{**done[c.key], "cell": asdict(c)} for c in cells if c.key in done]

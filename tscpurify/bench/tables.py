@@ -1,51 +1,129 @@
-"""Markdown table and plots of a bench run, derived from its rows alone."""
+"""Markdown tables and plots of a bench run, derived from its rows alone."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+RETUNE_EPOCH = 2  # the re-tune column of the summary: ASR after this many epochs
+
 
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def retune_asr(row: dict, epoch: int) -> float | None:
+    """ASR after `epoch` re-tune epochs, or None when the row has no such measurement."""
+    profile = row.get("retune")
+    if not profile or epoch not in profile["epochs"]:
+        return None
+    return profile["asr"][profile["epochs"].index(epoch)]
+
+
+def _retune_cell(row: dict) -> str:
+    profile = row.get("retune")
+    if not profile:
+        return "–"
+    return " / ".join(f"{a:.1f}" for a in profile["asr"])
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return mean(present) if present else None
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """One line per cell, then each defense's mean DER / ACC / ASR over all its cells."""
-    lines = ["| attack | model | seed | defense | ACC before | ASR before | ACC | ASR | RA | DER |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per cell, then each defense's means over all its cells; a grid with default
+    and tuned rows gets one section per setting."""
+    settings = list(dict.fromkeys(r["cell"].get("setting", "default") for r in rows))
+    parts = []
+    for setting in settings:
+        group = [r for r in rows if r["cell"].get("setting", "default") == setting]
+        if len(settings) > 1:
+            parts.append(f"### {setting} settings\n")
+        parts.append(_cells_table(group))
+        parts.append(_summary_table(group))
+    return "\n".join(parts)
+
+
+def _cells_table(rows: list[dict]) -> str:
+    epochs = next((r["retune"]["epochs"] for r in rows if r.get("retune")), None)
+    retune_head = f"ASR after re-tune {'/'.join(map(str, epochs))} ep" if epochs else "re-tune"
+    lines = [f"| attack | model | seed | defense | ACC before | ASR before | ACC | ASR | RA | DER "
+             f"| {retune_head} | steps | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, b, a = r["cell"], r["before"], r["after"]
         lines.append(f"| {c['attack']} | {c['model']} | {c['seed']} | {c['defense']} | "
                      f"{fmt(b['acc'])} | {fmt(b['asr'])} | {fmt(a['acc'])} | {fmt(a['asr'])} | "
-                     f"{fmt(a['ra'])} | {r['der']:.3f} |")
+                     f"{fmt(a['ra'])} | {r['der']:.3f} | {_retune_cell(r)} | "
+                     f"{r.get('steps', 0)} | {r.get('seconds', 0.0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per defense, in order of appearance: cells, mean ACC drop, ASR, RA, DER, re-tune ASR,
+    steps and seconds."""
     by_defense: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_defense[r["cell"]["defense"]].append(r)
-    lines += ["", "| defense | cells | mean ACC | mean ASR | mean DER |", "|---|---|---|---|---|"]
-    for name, group in by_defense.items():
-        lines.append(f"| {name} | {len(group)} | {mean(r['after']['acc'] for r in group):.2f} | "
-                     f"{mean(r['after']['asr'] for r in group):.2f} | "
-                     f"{mean(r['der'] for r in group):.3f} |")
+    return [{"defense": name, "cells": len(group),
+             "acc_drop": mean(r["before"]["acc"] - r["after"]["acc"] for r in group),
+             "asr": _mean([r["after"]["asr"] for r in group]),
+             "ra": _mean([r["after"]["ra"] for r in group]),
+             "der": mean(r["der"] for r in group),
+             "retune_asr": _mean([retune_asr(r, RETUNE_EPOCH) for r in group]),
+             "steps": mean(r.get("steps", 0) for r in group),
+             "seconds": mean(r.get("seconds", 0.0) for r in group)}
+            for name, group in by_defense.items()]
+
+
+def _summary_table(rows: list[dict]) -> str:
+    lines = ["", f"| defense | cells | mean ACC drop | mean ASR | mean RA | mean DER | "
+                 f"mean ASR after {RETUNE_EPOCH} re-tune epochs | steps | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summary(rows):
+        lines.append(f"| {s['defense']} | {s['cells']} | {s['acc_drop']:.2f} | {fmt(s['asr'])} | "
+                     f"{fmt(s['ra'])} | {s['der']:.3f} | {fmt(s['retune_asr'])} | "
+                     f"{s['steps']:.0f} | {s['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
+    """Every candidate of every tuned defense on the tuning models, the chosen one in bold."""
+    lines = ["| defense | candidate | settings | ACC drop per model | ASR per model | mean drop | "
+             "mean ASR | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for name, picked in choice.items():
+        for line in picked["table"]:
+            settings = ", ".join(f"{k}={v}" for k, v in line["overrides"].items()) or "defaults"
+            chosen = line["candidate"] == picked["candidate"]
+            lines.append(
+                f"| {name} | {line['candidate']} | {settings} | "
+                f"{' / '.join(f'{d:.2f}' for d in line['drops'])} | "
+                f"{' / '.join(f'{a:.2f}' for a in line['asrs'])} | {fmt(line['mean_drop'])} | "
+                f"{fmt(line['mean_asr'])} | {'**yes**' if chosen else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
-    """asr_heatmap.png (attack × model rows, defense columns, mean over seeds) and
-    acc_vs_asr.png (one colour per defense)."""
+    """asr_heatmap.png (attack × model rows, defense columns, mean over seeds),
+    acc_vs_asr.png (one colour per defense) and, when rows were re-tuned, retune.png
+    (mean ASR against re-tune epochs per defense)."""
     folder.mkdir(parents=True, exist_ok=True)
     defenses = list(dict.fromkeys(r["cell"]["defense"] for r in rows))
     settings = list(dict.fromkeys(f"{r['cell']['attack']} / {r['cell']['model']}" for r in rows))
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
-        values[(f"{r['cell']['attack']} / {r['cell']['model']}", r["cell"]["defense"])].append(
-            r["after"]["asr"])
+        if r["after"]["asr"] is not None:
+            values[(f"{r['cell']['attack']} / {r['cell']['model']}",
+                    r["cell"]["defense"])].append(r["after"]["asr"])
     grid = [[mean(values[(s, d)]) if values[(s, d)] else float("nan") for d in defenses]
             for s in settings]
     fig, ax = plt.subplots(figsize=(1.2 * len(defenses) + 2, 0.6 * len(settings) + 1.5))
@@ -63,7 +141,7 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in defenses:
-        group = [r for r in rows if r["cell"]["defense"] == name]
+        group = [r for r in rows if r["cell"]["defense"] == name and r["after"]["asr"] is not None]
         ax.scatter([r["after"]["asr"] for r in group], [r["after"]["acc"] for r in group],
                    label=name, s=25)
     ax.set_xlabel("ASR after defense (%)")
@@ -74,4 +152,31 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     scatter = folder / "acc_vs_asr.png"
     fig.savefig(scatter, dpi=110)
     plt.close(fig)
-    return [heatmap, scatter]
+    plots = [heatmap, scatter]
+
+    retuned = [r for r in rows if r.get("retune")]
+    if retuned:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in defenses:
+            group = [r for r in retuned if r["cell"]["defense"] == name]
+            if not group:
+                continue
+            epochs = [0, *group[0]["retune"]["epochs"]]
+            curve = [mean(r["after"]["asr"] for r in group),
+                     *(mean(r["retune"]["asr"][i] for r in group)
+                       for i in range(len(epochs) - 1))]
+            style = "--" if name in ("none", "clean_floor") else "-"
+            ax.plot(epochs, curve, style, marker="o", label=name)
+        sizes = retuned[0]["retune"]
+        ax.set_xlabel(f"re-tune epochs ({sizes['images']:,} images, {sizes['poisoned']} "
+                      f"poisoned)")
+        ax.set_ylabel("mean ASR (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = folder / "retune.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        plots.append(path)
+    return plots

@@ -1,0 +1,84 @@
+"""The one tuning rule (tscpurify/bench/tuning.py) and the [tuning] section's checks."""
+
+import pytest
+
+from tscpurify.bench.tuning import choose, parse_tuning, pick, tuned_toml
+from tscpurify.errors import SettingsError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+
+def line(name, drop, asr):
+    return {"candidate": name, "overrides": {}, "mean_drop": drop, "mean_asr": asr,
+            "drops": [drop], "asrs": [asr]}
+
+
+def test_lowest_asr_within_the_drop_bound_wins():
+    lines = [line("default", 1.0, 40.0), line("a", 2.9, 5.0), line("b", 3.5, 0.1)]
+    assert pick(lines, max_drop=3.0) == "a"  # b removes more but costs more than 3 points
+    assert pick(lines, max_drop=4.0) == "b"
+
+
+def test_ties_go_to_the_smaller_drop_then_to_the_first_listed():
+    assert pick([line("default", 2.0, 1.004), line("a", 1.0, 1.0)], 3.0) == "a"
+    assert pick([line("default", 1.0, 1.0), line("a", 1.0, 1.0)], 3.0) == "default"
+    assert pick([line("default", 2.0, 1.02), line("a", 1.0, 1.0)], 3.0) == "a"
+    assert pick([line("default", 2.0, 0.98), line("a", 1.0, 1.0)], 3.0) == "default"
+
+
+def test_when_no_candidate_keeps_accuracy_the_smallest_drop_wins():
+    assert pick([line("default", 5.0, 1.0), line("a", 4.0, 50.0)], 3.0) == "a"
+
+
+def test_a_choice_needs_every_candidate_on_every_tuning_model():
+    with pytest.raises(SettingsError, match="before every candidate"):
+        pick([line("default", 1.0, 1.0), {**line("a", None, None)}], 3.0)
+
+
+def spec(**section):
+    base = {"models": [{"attack": "badnets", "seed": 100}, {"attack": "blended", "seed": 101}],
+            "candidates": {"ft": {"default": {}, "fast": {"lr": 0.1}}}}
+    return parse_tuning({**base, **section}, {"ft": "ft", "tsc": "tsc", "ft_ls": "ft",
+                                             "none": None},
+                        {"cnn": {}}, [0, 1], lambda row, overrides: None)
+
+
+def test_section_checks():
+    tuning = spec()
+    assert tuning.count == 2 and tuning.max_drop == 3.0 and tuning.model == "cnn"
+    assert tuning.tuned_as == {"ft": "ft", "tsc": "", "ft_ls": "ft"}
+    for bad, message in [
+        ({"models": [{"attack": "badnets", "seed": 1}]}, "must be ≥ 100"),
+        ({"models": [{"attack": "wanet", "seed": 100}]}, "badnets or blended"),
+        ({"candidates": {"ft": {"default": {}, "a": {}},
+                         "tsc": {"default": {}}}}, "same number of candidates"),
+        ({"candidates": {"ft": {"a": {}, "b": {"lr": 1.0}}}}, "must include default"),
+        ({"candidates": {"ft": {f"c{i}": {} for i in range(5)} | {"default": {}}}},
+         "count must be"),
+        ({"candidates": {"nad": {"default": {}}}}, "no tunable defense"),
+        ({"max_drop": -1}, "max_drop"),
+        ({"modles": []}, "unknown"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            spec(**bad)
+
+
+def test_choice_from_rows_and_the_written_preset_round_trips():
+    tuning = spec()
+
+    def row(candidate, attack, seed, acc, asr):
+        return {"cell": {"defense": "ft", "setting": candidate, "attack": attack, "seed": seed},
+                "before": {"acc": 91.0}, "after": {"acc": acc, "asr": asr}}
+
+    rows = [row("default", "badnets", 100, 90.5, 99.0), row("default", "blended", 101, 90.0, 98.0),
+            row("fast", "badnets", 100, 89.0, 20.0), row("fast", "blended", 101, 88.5, 30.0)]
+    choice = choose(rows, tuning)
+    assert choice["ft"]["candidate"] == "fast" and choice["ft"]["overrides"] == {"lr": 0.1}
+    table = choice["ft"]["table"]
+    assert table[1]["mean_drop"] == pytest.approx(2.25) and table[1]["mean_asr"] == 25.0
+    assert tomllib.loads(tuned_toml(choice, tuning)) == {"ft": {"lr": 0.1}}
+    with pytest.raises(SettingsError, match="incomplete"):
+        choose(rows[:3], tuning)
