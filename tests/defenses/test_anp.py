@@ -1,79 +1,129 @@
+import copy
+import dataclasses
+
+import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from tscpurify.defenses import defend
-from tscpurify.defenses.anp import batchnorm_neurons, neuron_forward, perturb_neurons
+from tscpurify.defenses.anp import ANPSettings, neuron_forward, neuron_layers, perturb_neurons
+from tscpurify.errors import SettingsError
 
 from .conftest import snapshot
 
 BNS = ["2", "5", "9", "12"]  # the width-4 CNN's BatchNorm layers
+HIDDEN = "16"  # its hidden Linear (→ 16 features); "18" is the output layer
+LAYERS = [*BNS, HIDDEN]
+
+
+def clean_loader(data):
+    return DataLoader(data, batch_size=32, shuffle=True,
+                      generator=torch.Generator().manual_seed(1))
 
 
 def run(model, data, **overrides):
-    loader = DataLoader(data, batch_size=32, shuffle=True,
-                        generator=torch.Generator().manual_seed(1))
-    return defend("anp", model, loader, progress=False, iterations=25, seed=3, **overrides)
+    return defend("anp", model, clean_loader(data), progress=False, iterations=25, seed=3,
+                  **overrides)
 
 
-def test_neuron_forward_is_the_model_with_masked_bn_scales(trained_cnn, band_data):
+def test_neurons_are_the_batchnorm_channels_and_the_hidden_linear_features(trained_cnn,
+                                                                           band_data):
+    x = band_data.tensors[0][:4]
+    assert list(neuron_layers(trained_cnn, x)) == LAYERS
+    # A Linear that feeds a BatchNorm has its neurons masked once, on the BatchNorm.
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(144, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                        nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    assert list(neuron_layers(mlp, x)) == ["2", "4"]
+
+
+def test_neuron_forward_scales_bn_weights_and_linear_rows(trained_cnn, band_data):
     x = band_data.tensors[0][:8]
-    norms = batchnorm_neurons(trained_cnn)
-    assert list(norms) == BNS
-    ones = {n: torch.ones_like(bn.weight) for n, bn in norms.items()}
+    layers = neuron_layers(trained_cnn, x)
+    ones = {n: torch.ones(layer.weight.shape[0]) for n, layer in layers.items()}
     with torch.no_grad():
-        assert torch.allclose(neuron_forward(trained_cnn, norms, x, ones), trained_cnn(x),
+        assert torch.allclose(neuron_forward(trained_cnn, layers, x, ones), trained_cnn(x),
                               atol=1e-6)
         ones["5"][2] = 0
+        ones[HIDDEN][3] = 0.5
+        noise = ({n: torch.zeros_like(m) for n, m in ones.items()},
+                 {n: torch.zeros_like(m) for n, m in ones.items()})
+        noise[0][HIDDEN][1] = -0.25
+        noise[1][HIDDEN][1] = 1.0
+        masked = neuron_forward(trained_cnn, layers, x, ones, noise)
         trained_cnn[5].weight[2] = 0
-        assert torch.allclose(neuron_forward(trained_cnn, norms, x, ones), trained_cnn(x),
-                              atol=1e-6)
+        trained_cnn[16].weight[3] *= 0.5
+        trained_cnn[16].weight[1] *= 0.75
+        trained_cnn[16].bias[1] *= 2
+        assert torch.allclose(masked, trained_cnn(x), atol=1e-6)
 
 
-def test_the_adversarial_neuron_perturbation_raises_the_loss(trained_cnn, band_data):
+def test_neuron_noise_starts_uniform_and_its_signed_step_is_not_clamped(trained_cnn,
+                                                                         band_data):
     x, y = band_data.tensors[0][:64], band_data.tensors[1][:64]
-    norms = batchnorm_neurons(trained_cnn)
-    ones = {n: torch.ones_like(bn.weight) for n, bn in norms.items()}
-    with torch.no_grad():
-        clean = float(F.cross_entropy(trained_cnn(x), y))
+    layers = neuron_layers(trained_cnn, x)
+    ones = {n: torch.ones(layer.weight.shape[0]) for n, layer in layers.items()}
     torch.manual_seed(0)
-    random = perturb_neurons(trained_cnn, norms, x, y, ones, eps=0.4, steps=0)  # start only
+    start = perturb_neurons(trained_cnn, layers, x, y, ones, eps=0.4, steps=0)
     torch.manual_seed(0)
-    scale, shift = perturb_neurons(trained_cnn, norms, x, y, ones, eps=0.4, steps=2)
-    assert all(float(t.abs().max()) <= 0.4 + 1e-6 for t in (*scale.values(), *shift.values()))
+    noise = perturb_neurons(trained_cnn, layers, x, y, ones, eps=0.4, steps=1)
+    assert set(noise[0]) == set(LAYERS) and HIDDEN in noise[1]  # the hidden Linear is perturbed
+    for before, after in zip((*start[0].values(), *start[1].values()),
+                             (*noise[0].values(), *noise[1].values()), strict=True):
+        assert float(before.abs().max()) <= 0.4
+        step = (after - before).abs()
+        assert torch.allclose(step[step > 0], torch.tensor(0.4))  # one step of eps/steps
+    beyond = torch.cat([t.abs() for t in (*noise[0].values(), *noise[1].values())])
+    assert float(beyond.max()) > 0.5  # left outside [-eps, eps]: no projection
     with torch.no_grad():
-        at_random = float(F.cross_entropy(neuron_forward(trained_cnn, norms, x, ones, *random),
-                                          y))
-        attacked = float(F.cross_entropy(neuron_forward(trained_cnn, norms, x, ones, scale,
-                                                        shift), y))
-    assert attacked > at_random + 0.1 and attacked > clean + 0.1
+        at_start = float(F.cross_entropy(neuron_forward(trained_cnn, layers, x, ones, start), y))
+        attacked = float(F.cross_entropy(neuron_forward(trained_cnn, layers, x, ones, noise), y))
+    assert attacked > at_start + 0.1
 
 
-def test_masks_move_and_exactly_the_neurons_below_the_threshold_are_pruned(trained_cnn,
-                                                                           band_data):
+def test_masks_are_learnt_on_batch_statistics_and_no_buffer_changes(trained_cnn, band_data):
+    # In train mode BatchNorm ignores its running statistics, so corrupting them must not
+    # change a single mask (in eval mode it would change them all); and the returned model
+    # keeps the corrupted statistics exactly.
+    default = run(trained_cnn, band_data)
+    corrupted = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        for name in BNS:
+            corrupted[int(name)].running_var.mul_(50)
+            corrupted[int(name)].running_mean.add_(1)
+    before = snapshot(corrupted)
+    result = run(corrupted, band_data)
+    assert result.details["masks"] == default.details["masks"]
+    for key, value in result.model.named_buffers():
+        assert torch.equal(value, before[key]), key
+
+
+def test_exactly_the_neurons_at_or_below_the_threshold_are_pruned(trained_cnn, band_data):
     before = snapshot(trained_cnn)
     default = run(trained_cnn, band_data)
     masks = {n: torch.tensor(m) for n, m in default.details["masks"].items()}
-    assert list(masks) == BNS
+    assert list(masks) == LAYERS
     assert all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in masks.values())
-    assert any(float(m.min()) < 1 for m in masks.values()), "the masks must move"
+    assert float(masks[HIDDEN].min()) < 1, "the hidden Linear's masks must move too"
 
-    # Same seed, same masks; a threshold of 1 prunes every neuron whose mask went down.
-    everything_moved = run(trained_cnn, band_data, threshold=1.0)
-    for threshold, result in ((0.2, default), (1.0, everything_moved)):
+    more = run(trained_cnn, band_data, threshold=0.9)  # same seed: same masks
+    zero = run(trained_cnn, band_data, threshold=0.0)  # masks clipped to exactly 0 go too
+    for threshold, result in ((0.2, default), (0.9, more), (0.0, zero)):
         assert result.details["masks"] == default.details["masks"]
+        assert result.steps == 25
         state = result.model.state_dict()
         for name, mask in masks.items():
-            low = (mask < threshold).nonzero().flatten().tolist()
+            low = (mask <= threshold).nonzero().flatten().tolist()
             assert result.details["pruned"][name] == low
             expected = before[f"{name}.weight"].clone()
-            expected[low] = 0
+            expected[low] = 0  # a BN's γ_k, or row k of the Linear's weight
             assert torch.equal(state[f"{name}.weight"], expected)
-        for key, value in state.items():  # every other tensor, BN shifts included, untouched
-            if not any(key == f"{n}.weight" for n in BNS):
+        for key, value in state.items():  # everything else, shifts and buffers included
+            if not any(key == f"{n}.weight" for n in LAYERS):
                 assert torch.equal(value, before[key]), key
-    assert everything_moved.details["count"] > default.details["count"] >= 0
-    assert everything_moved.details["count"] > 0
+    assert more.details["count"] > default.details["count"] > zero.details["count"] > 0
+    assert more.details["pruned"][HIDDEN]
 
 
 def test_the_adversarial_term_is_what_drives_masks_down(trained_cnn, band_data):
@@ -82,7 +132,22 @@ def test_the_adversarial_term_is_what_drives_masks_down(trained_cnn, band_data):
     def total_drop(alpha):
         result = run(trained_cnn, band_data, alpha=alpha)
         masks = torch.cat([torch.tensor(m) for m in result.details["masks"].values()])
-        assert float(masks.min()) >= 0 and float(masks.max()) <= 1
         return float((1 - masks).sum())
 
     assert total_drop(0.2) > 5 * total_drop(1.0) + 0.1
+
+
+def test_steps_are_mask_updates_and_follow_the_budget(trained_cnn, band_data):
+    loader = clean_loader(band_data)  # 5 batches: iterations need not be whole passes
+    settings = ANPSettings(iterations=7)
+    result = defend("anp", trained_cnn, loader, settings, progress=False)
+    assert result.steps == settings.planned_steps(len(loader)) == 7
+    resized = settings.at_budget(12, len(loader))
+    assert resized.planned_steps(len(loader)) == 12
+    assert dataclasses.replace(resized, iterations=7) == settings  # nothing else changes
+    with pytest.raises(SettingsError):
+        settings.at_budget(0, len(loader))
+    for bad in (dict(eps=-0.1), dict(steps=0), dict(alpha=1.5), dict(mask_lr=0),
+                dict(iterations=-1)):
+        with pytest.raises(SettingsError):
+            ANPSettings(**bad)

@@ -2,36 +2,47 @@
 the backdoor's; learn a mask under adversarial neuron perturbation and prune the low ones.
 
 Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models", NeurIPS 2021,
-https://arxiv.org/abs/2110.14430.
+https://arxiv.org/abs/2110.14430. Reference implementations: csdongxian/ANP_backdoor
+(`optimize_mask_cifar.py`, `prune_neuron_cifar.py`, `models/anp_batchnorm.py`) and
+SCLBD/BackdoorBench `defense/anp.py`.
 
-Plan (a neuron is one channel of a BatchNorm layer, found by module type):
-  1. Every neuron k gets a mask m_k = 1 on its BN scale and perturbations δ_k (scale) and ξ_k
-     (shift): γ_k → (m_k + δ_k)·γ_k, β_k → (1 + ξ_k)·β_k.
-  2. For `iterations` mini-batches: start δ, ξ uniformly in [-eps, eps]; take `steps` signed
-     gradient-ascent steps of size eps/steps on the CE loss, projected onto [-eps, eps]
-     (inner maximisation); then one SGD step on the masks for
-     alpha·CE(m, no noise) + (1 − alpha)·CE(m + δ, 1 + ξ), and clip the masks to [0, 1].
-  3. Prune: every neuron with m_k < threshold gets γ_k = 0 (its shift stays, as in the
-     reference); every other weight is left exactly as it was.
+A neuron is a channel of an affine BatchNorm layer (the reference's noisy BN layers), or an output
+feature of a hidden Linear layer that no BatchNorm follows (see "Differs"); the output layer is
+never masked. Neuron k has scale weights w_k (the BN's γ_k, or row k of the Linear's weight) and a
+shift b_k (β_k, or the Linear's bias b_k).
 
-Adapted: the masked models are evaluated with torch.func.functional_call over the BN
-parameters, in eval mode (BN running statistics), so the defense never touches buffers; the
-reference runs its noisy BN layers in train mode. The ascent steps are signed (PGD-style).
-The threshold is fixed in advance (paper default), never tuned on ASR.
+Plan:
+  1. Every neuron k gets a mask m_k = 1 and perturbations δ_k (scale) and ξ_k (shift):
+     w_k → (m_k + δ_k)·w_k, b_k → (1 + ξ_k)·b_k.
+  2. For `iterations` mini-batches, the model in train mode (BatchNorm on batch statistics):
+     draw δ, ξ uniformly in [-eps, eps]; take `steps` signed gradient-ascent steps of size
+     eps/steps on the CE loss, not projected back (inner maximisation); then one SGD step on the
+     masks for alpha·CE(m) + (1 − alpha)·CE(m + δ, 1 + ξ), and clip the masks to [0, 1].
+  3. Prune a copy of the original weights: every neuron with m_k ≤ threshold gets w_k = 0 (its
+     shift stays, as in the reference); every other tensor is left exactly as it was.
 
-Settings (defaults, paper / BackdoorBench): eps 0.4, steps 1, alpha 0.2, mask lr 0.2,
-momentum 0.9, iterations 2000, threshold 0.2.
+Differs from the reference: hidden Linear layers without BatchNorm are masked too, because the
+paper's neurons include them and the reference's noisy layers exist for BatchNorm only; batches
+come from the loader pass after pass (the reference draws them with replacement), because the
+loader is the caller's; masks are learnt through functional_call on cloned buffers, because the
+returned model must keep the input's running statistics (the reference prunes a fresh checkpoint).
+
+Settings (defaults, the authors' code; BackdoorBench's config uses a mask lr of 0.01): eps 0.4,
+steps 1, alpha 0.2, mask_lr 0.2, momentum 0.9, iterations 2000, threshold 0.2 (fixed in advance,
+never tuned on ASR).
 
 Example:
     >>> result = defend("anp", model, clean_loader)
-    >>> result.details["pruned"]          # {BN layer: [neuron indices]}
+    >>> result.details["pruned"]          # {layer: [neuron indices]}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,66 +54,125 @@ from tqdm.auto import tqdm
 from ..errors import SettingsError, SpecError
 from ..training import device_of
 from . import DEFENSES
-from ._common import BatchNorm, endless
+from ._common import BatchNorm, endless, inputs_of
 from .base import DefenseResult
+
+Noise = tuple[dict[str, Tensor], dict[str, Tensor]]  # (scale noise δ, shift noise ξ) per layer
 
 
 @dataclass(frozen=True)
 class ANPSettings:
-    eps: float = field(default=0.4, metadata={"help": "bound of the neuron perturbations"})
-    steps: int = field(default=1, metadata={"help": "inner gradient-ascent steps per batch"})
+    eps: float = field(default=0.4, metadata={"help": "size of the initial neuron perturbations"})
+    steps: int = field(default=1, metadata={
+        "help": "signed ascent steps of size eps/steps on the perturbations, per batch"})
     alpha: float = field(default=0.2, metadata={
         "help": "weight of the unperturbed loss; 1 − alpha weighs the perturbed one"})
     mask_lr: float = field(default=0.2, metadata={"help": "SGD learning rate of the masks"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the masks"})
-    iterations: int = field(default=2000, metadata={"help": "mask optimisation mini-batches"})
+    iterations: int = field(default=2000, metadata={
+        "help": "mask updates, one clean mini-batch each (the step budget)"})
     threshold: float = field(default=0.2, metadata={
-        "help": "neurons whose mask ends below this are pruned (fixed, paper default)"})
+        "help": "neurons whose mask ends at or below this are pruned (fixed, paper default)"})
 
     def __post_init__(self) -> None:
         if self.eps < 0 or self.steps < 1 or not 0 <= self.alpha <= 1 or self.iterations < 0:
             raise SettingsError(f"ANP needs eps ≥ 0, steps ≥ 1, 0 ≤ alpha ≤ 1, iterations ≥ 0; "
                                 f"got {self.eps}, {self.steps}, {self.alpha}, {self.iterations}")
+        if self.mask_lr <= 0 or not 0 <= self.momentum < 1:
+            raise SettingsError(f"ANP needs mask_lr > 0 and 0 ≤ momentum < 1; got "
+                                f"{self.mask_lr}, {self.momentum}")
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        """One mask update per iteration, whatever the loader's length."""
+        return self.iterations
+
+    def at_budget(self, steps: int, batches_per_epoch: int) -> ANPSettings:
+        if steps < 1 or batches_per_epoch < 1:
+            raise SettingsError(f"a step budget needs steps ≥ 1 and at least one batch per "
+                                f"epoch; got {steps} steps, {batches_per_epoch} batches")
+        return dataclasses.replace(self, iterations=steps)
 
 
-def batchnorm_neurons(model: nn.Module) -> dict[str, BatchNorm]:
-    norms = {name: m for name, m in model.named_modules()
-             if isinstance(m, BatchNorm) and m.weight is not None and m.bias is not None}
-    if not norms:
-        raise SpecError("ANP perturbs BatchNorm neurons, and this model has no affine BatchNorm")
-    return norms
+def neuron_layers(model: nn.Module, x: Tensor) -> dict[str, nn.Module]:
+    """The layers whose neurons ANP masks, by name, in call order (one eval forward on `x`):
+    every affine BatchNorm, and every Linear that is neither the last one called (the output
+    layer) nor followed by a BatchNorm (which then carries those neurons). Buffers and training
+    flags are left as they were."""
+    calls: list[tuple[str, nn.Module, Any, Any]] = []  # holding the tensors keeps ids unique
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            calls.append((name, module, args[0] if args else None, output))
+        return hook
+
+    handles = [m.register_forward_hook(recorder(name)) for name, m in model.named_modules()
+               if isinstance(m, (BatchNorm, nn.Linear))]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x.to(device_of(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    normalised = {id(inputs) for _, m, inputs, _ in calls if isinstance(m, BatchNorm)}
+    linears = [name for name, m, _, _ in calls if isinstance(m, nn.Linear)]
+    output_layer = linears[-1] if linears else None
+    layers: dict[str, nn.Module] = {}
+    for name, m, _, output in calls:
+        affine_norm = isinstance(m, BatchNorm) and m.weight is not None and m.bias is not None
+        hidden_linear = (isinstance(m, nn.Linear) and name != output_layer
+                         and id(output) not in normalised)
+        if affine_norm or hidden_linear:
+            layers.setdefault(name, m)
+    if not layers:
+        raise SpecError("ANP masks the channels of affine BatchNorm layers and the features of "
+                        "hidden Linear layers, and this model has neither")
+    return layers
 
 
-def neuron_forward(model: nn.Module, norms: dict[str, BatchNorm], x: Tensor,
-                   mask: dict[str, Tensor], scale_noise: dict[str, Tensor] | None = None,
-                   shift_noise: dict[str, Tensor] | None = None) -> Tensor:
-    """The model with each BN's γ scaled by (mask + scale noise) and β by (1 + shift noise)."""
-    params = {}
-    for name, bn in norms.items():
-        scale = mask[name] if scale_noise is None else mask[name] + scale_noise[name]
-        params[f"{name}.weight"] = bn.weight * scale
-        shift = 1 if shift_noise is None else 1 + shift_noise[name]
-        params[f"{name}.bias"] = bn.bias * shift
+def _per_neuron(scale: Tensor | float, weight: Tensor) -> Tensor | float:
+    """`scale` (one value per neuron) shaped to multiply `weight` row by row."""
+    if isinstance(scale, Tensor):
+        return scale.view(-1, *[1] * (weight.dim() - 1))
+    return scale
+
+
+def neuron_forward(model: nn.Module, layers: dict[str, nn.Module], x: Tensor,
+                   mask: dict[str, Tensor], noise: Noise | None = None,
+                   buffers: dict[str, Tensor] | None = None) -> Tensor:
+    """The model with each neuron's scale weights times (mask + δ) and its shift times (1 + ξ).
+    `buffers` replace the model's own (e.g. clones, so a train-mode pass leaves them as they
+    were)."""
+    params: dict[str, Tensor] = dict(buffers or {})
+    for name, layer in layers.items():
+        scale = mask[name] if noise is None else mask[name] + noise[0][name]
+        params[f"{name}.weight"] = layer.weight * _per_neuron(scale, layer.weight)
+        if noise is not None and name in noise[1]:
+            params[f"{name}.bias"] = layer.bias * (1 + noise[1][name])
     return functional_call(model, params, (x,))
 
 
-def perturb_neurons(model: nn.Module, norms: dict[str, BatchNorm], x: Tensor, y: Tensor,
-                    mask: dict[str, Tensor], eps: float, steps: int
-                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(scale noise, shift noise) in [-eps, eps]: a uniform start, then `steps` signed ascent
-    steps of size eps/steps on the loss of the masked model."""
+def perturb_neurons(model: nn.Module, layers: dict[str, nn.Module], x: Tensor, y: Tensor,
+                    mask: dict[str, Tensor], eps: float, steps: int,
+                    buffers: dict[str, Tensor] | None = None) -> Noise:
+    """(scale noise, shift noise): uniform in [-eps, eps], then `steps` signed ascent steps of
+    size eps/steps on the loss of the masked model. Like the reference, the result is not
+    projected back to [-eps, eps], so it can reach 2·eps."""
     fixed = {n: m.detach() for n, m in mask.items()}
-    noise = [{n: torch.empty_like(m).uniform_(-eps, eps).requires_grad_()
-              for n, m in fixed.items()} for _ in range(2)]
-    leaves = [t for d in noise for t in d.values()]
-    for _ in range(steps if eps > 0 else 0):
-        loss = F.cross_entropy(neuron_forward(model, norms, x, fixed, *noise), y)
+    scale = {n: torch.empty_like(m).uniform_(-eps, eps).requires_grad_() for n, m in fixed.items()}
+    shift = {n: torch.empty_like(m).uniform_(-eps, eps).requires_grad_()
+             for n, m in fixed.items() if layers[n].bias is not None}
+    leaves = [*scale.values(), *shift.values()]
+    for _ in range(steps):
+        loss = F.cross_entropy(neuron_forward(model, layers, x, fixed, (scale, shift), buffers), y)
         grads = torch.autograd.grad(loss, leaves)
         with torch.no_grad():
             for t, g in zip(leaves, grads, strict=True):
-                t.add_(g.sign(), alpha=eps / steps).clamp_(-eps, eps)
-    scale, shift = ({n: t.detach() for n, t in d.items()} for d in noise)
-    return scale, shift
+                t.add_(g.sign(), alpha=eps / steps)
+    return ({n: t.detach() for n, t in scale.items()}, {n: t.detach() for n, t in shift.items()})
 
 
 @DEFENSES.register("anp", settings=ANPSettings, needs_labels=True)
@@ -110,28 +180,36 @@ def anp(model: nn.Module, clean: DataLoader, settings: ANPSettings, *, seed: int
         progress: bool, callbacks: dict) -> DefenseResult:
     began = time.perf_counter()
     device, s = device_of(model), settings
-    norms = batchnorm_neurons(model)
-    mask = {n: torch.ones_like(bn.weight, requires_grad=True) for n, bn in norms.items()}
+    layers = neuron_layers(model, inputs_of(next(iter(clean))))
+    mask = {n: torch.ones(layer.weight.shape[0], device=device, requires_grad=True)
+            for n, layer in layers.items()}
     optimizer = torch.optim.SGD(mask.values(), lr=s.mask_lr, momentum=s.momentum)
+    # Train-mode BatchNorm updates running statistics: let it update clones, never the model's.
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
     history: list[float] = []
+    steps = 0
     try:
-        model.eval()
+        model.train()  # as the reference: BatchNorm normalises with the batch's statistics
         for p in flags:
             p.requires_grad_(False)
         batches = islice(endless(clean), s.iterations)
         for x, y, *_ in tqdm(batches, total=s.iterations, desc="anp", disable=not progress,
                              leave=False):
             x, y = x.to(device), y.to(device)
-            # 1. inner maximisation over the neuron perturbations, masks held fixed
-            noise = perturb_neurons(model, norms, x, y, mask, s.eps, s.steps)
+            natural = F.cross_entropy(neuron_forward(model, layers, x, mask, buffers=buffers), y)
+            loss = s.alpha * natural
+            if s.eps > 0:  # with eps = 0 the reference drops the perturbed term altogether
+                # 1. inner maximisation over the neuron perturbations, masks held fixed
+                noise = perturb_neurons(model, layers, x, y, mask, s.eps, s.steps, buffers)
+                perturbed = neuron_forward(model, layers, x, mask, noise, buffers)
+                loss = loss + (1 - s.alpha) * F.cross_entropy(perturbed, y)
             # 2. outer minimisation over the masks
-            natural = F.cross_entropy(neuron_forward(model, norms, x, mask), y)
-            perturbed = F.cross_entropy(neuron_forward(model, norms, x, mask, *noise), y)
-            loss = s.alpha * natural + (1 - s.alpha) * perturbed
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            steps += 1
             with torch.no_grad():
                 for m in mask.values():
                     m.clamp_(0, 1)
@@ -139,16 +217,18 @@ def anp(model: nn.Module, clean: DataLoader, settings: ANPSettings, *, seed: int
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
     seconds = {"masks": time.perf_counter() - began}
 
-    # 3. prune by the fixed threshold
+    # 3. prune by the fixed threshold (≤, as the reference's threshold sweep)
     pruned = {}
     with torch.no_grad():
-        for name, bn in norms.items():
-            low = (mask[name] < s.threshold).nonzero().flatten()
-            bn.weight[low] = 0
+        for name, layer in layers.items():
+            low = (mask[name] <= s.threshold).nonzero().flatten()
+            layer.weight[low] = 0
             pruned[name] = low.tolist()
     details = {"masks": {n: m.detach().cpu().tolist() for n, m in mask.items()},
                "pruned": pruned, "count": sum(len(v) for v in pruned.values()),
                "loss": history}
-    return DefenseResult(model, details, seconds)
+    return DefenseResult(model, details, seconds, steps=steps)
