@@ -29,9 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..data import load_dataset, select_clean_subset
 from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
@@ -305,7 +307,10 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     after = evaluate(model, test, attack)
     row = {"key": cell.key, "cell": asdict(cell), "before": before.as_dict(),
            "after": after.as_dict(), "der": der(before, after), "steps": steps,
-           "seconds": seconds, "settings": asdict(settings) if settings is not None else {}}
+           "seconds": seconds, "settings": asdict(settings) if settings is not None else {},
+           # Floating-point sums, and so results, depend on these: recorded with every row.
+           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "tool_version": __version__}
     if cell.retune is not None:
         retune = RetuneSettings(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in cell.retune.items()})
