@@ -69,6 +69,7 @@ def test_evaluate_rejects_a_checkpoint_that_does_not_match(backdoored_run, tmp_p
 
 
 PURIFY_TINY = ["--rounds", "1", "--epochs", "1", "--profile-points", "3", "--final-ft-epochs", "1",
+               "--retune-images", "200", "--retune-poisoned", "20", "--retune-epochs", "1,2",
                "--clean-fraction", "0.2", "--batch-size", "32", "--profile-test", "50", "--quiet"]
 
 
@@ -78,8 +79,13 @@ def test_purify_writes_model_report_and_plots(backdoored_run, tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["metrics.json", "model.json", "plots", "report.json", "report.md",
                      "weights.safetensors"]
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["before_after.png", "curves.png"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "before_after.png", "curves.png", "retune.png"]
     report = json.loads((out / "report.json").read_text())
+    assert set(report["retune"]) == {"before", "after"}
+    assert report["retune"]["after"]["epochs"] == [1, 2] and report["retune"]["after"]["images"] == 200
+    assert report["environment"]["threads"] >= 1 and report["environment"]["device"] == "cpu"
+    assert "## Does the backdoor come back?" in (out / "report.md").read_text()
     assert len(report["clean_indices"]) == 120 and len(report["stages"]) == 2
     assert report["settings"]["rounds"] == 1 and report["after"]["asr"] is not None
     assert "report.md" in capsys.readouterr().out
@@ -98,7 +104,37 @@ def test_purify_bad_input(backdoored_run, tmp_path, capsys):
     assert main(["purify", str(backdoored_run), "--out", str(tmp_path / "o"),
                  "--clean-fraction", "0", *PURIFY_TINY[:-7]]) == 2
     assert "clean subset" in capsys.readouterr().err
+    # The default re-tuning set (1,000 images) does not fit the 600 tiny training images: the
+    # run stops before any purification, with a hint.
+    assert main(["purify", str(backdoored_run), "--out", str(tmp_path / "o"), "--rounds", "1",
+                 "--epochs", "1", "--quiet"]) == 2
+    assert "needs 1000 images" in capsys.readouterr().err
+    assert main(["purify", str(backdoored_run), "--out", str(tmp_path / "o"), "--retune-floor",
+                 str(backdoored_run), *PURIFY_TINY]) == 2
+    assert "without poison" in capsys.readouterr().err
+    assert main(["purify", str(backdoored_run), "--out", str(tmp_path / "o"), *PURIFY_TINY,
+                 "--retune-epochs", "2,1"]) == 2
+    assert "increasing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_clean_model_is_the_re_tuning_floor(backdoored_run, fmnist_root, tmp_path, capsys):
+    floor = tmp_path / "floor"
+    assert main(["attack", "--attack", "none", "--data-root", str(fmnist_root), "--model", "cnn",
+                 "--out", str(floor), *TINY]) == 0
+    assert "clean model written" in capsys.readouterr().out
+    assert json.loads((floor / "model.json").read_text())["attack"] is None
+    out = tmp_path / "purified"
+    assert main(["purify", str(backdoored_run), "--out", str(out), "--retune-floor", str(floor),
+                 *PURIFY_TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["retune"]) == {"before", "after", "floor"}
+    # One seed for all three: the same images and poison, so the floor is comparable.
+    assert report["retune"]["floor"]["seed"] == report["retune"]["after"]["seed"]
+    out2 = tmp_path / "no-retune"
+    assert main(["purify", str(backdoored_run), "--out", str(out2), "--no-retune",
+                 *PURIFY_TINY]) == 0
+    assert json.loads((out2 / "report.json").read_text())["retune"] == {}
 
 
 def test_purify_a_classifier_with_the_simclr_loss(backdoored_run, tmp_path):

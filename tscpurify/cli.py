@@ -61,7 +61,9 @@ def add_attack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None,
                         help="folder of the data files (cifar10: data_batch_*.bin; folder: "
                              "train/ and test/ with one sub-folder per class)")
-    parser.add_argument("--attack", default="badnets", help="attack name (default: badnets)")
+    parser.add_argument("--attack", default="badnets",
+                        help="attack name, or none for the same model trained without poison "
+                             "(the re-tuning floor) (default: badnets)")
     parser.add_argument("--target", type=int, default=0, help="target class (default: 0)")
     parser.add_argument("--rate", type=float, default=0.1, help="poison rate in (0, 1)")
     parser.add_argument("--all-to-all", action="store_true",
@@ -81,16 +83,22 @@ def run_attack(args: argparse.Namespace) -> int:
 
     attack_args = {"target": args.target, "rate": args.rate, "all_to_all": args.all_to_all,
                    **parse_pairs(args.attack_arg, "--attack-arg")}
+    attack = None if args.attack == "none" else args.attack
+    if attack is None and args.attack_arg:
+        raise SettingsError("--attack none takes no --attack-arg")
     model_args = parse_pairs(args.model_arg, "--model-arg")
     if args.width is not None:
         model_args["width"] = args.width
     metrics = train_backdoored(
-        args.out, data=args.data, data_root=args.data_root, attack=args.attack,
-        attack_args=attack_args, model=args.model, model_args=model_args,
+        args.out, data=args.data, data_root=args.data_root, attack=attack,
+        attack_args=attack_args if attack else None, model=args.model, model_args=model_args,
         train=settings_from_args(TrainSettings, args), seed=args.seed,
         device=resolve_device(args.device), progress=not args.quiet, overwrite=args.overwrite)
-    print(f"backdoored model written to {args.out}: ACC {metrics.acc:.2f}%  "
-          f"ASR {metrics.asr:.2f}%  RA {metrics.ra:.2f}%")
+    if attack is None:
+        print(f"clean model written to {args.out}: ACC {metrics.acc:.2f}%")
+    else:
+        print(f"backdoored model written to {args.out}: ACC {metrics.acc:.2f}%  "
+              f"ASR {metrics.asr:.2f}%  RA {metrics.ra:.2f}%")
     return 0
 
 
@@ -186,6 +194,27 @@ def add_purify_flags(parser: argparse.ArgumentParser) -> None:
                              "classifier. simclr on a classifier contrasts its logits "
                              "(default: auto)")
     add_settings_flags(parser, TSCSettings)
+    add_retune_flags(parser)
+
+
+def add_retune_flags(parser: argparse.ArgumentParser) -> None:
+    from .retune import RetuneSettings
+
+    parser.add_argument("--retune", action=argparse.BooleanOptionalAction, default=True,
+                        help="after purifying a classifier whose attack is recorded, re-tune "
+                             "the suspect and the purified model on a few poisoned samples to "
+                             "see whether the backdoor comes back (default: on)")
+    parser.add_argument("--retune-floor", default=None, metavar="RUN",
+                        help="a run folder of the same model trained without poison "
+                             "(tscpurify attack --attack none), re-tuned the same way: the "
+                             "floor to compare with")
+    add_settings_flags(parser, RetuneSettings, prefix="retune-")
+
+
+def retune_settings(args: argparse.Namespace):
+    from .retune import RetuneSettings
+
+    return settings_from_args(RetuneSettings, args, prefix="retune-") if args.retune else None
 
 
 def purify_settings(args: argparse.Namespace, loss: str = "ce"):
@@ -208,6 +237,12 @@ def print_report_summary(report, out: str) -> None:
     if report.source.get("kind") == "encoder":
         line = f"linear probe {line}"
     print(f"purified model written to {out}: {line}")
+    if report.retune:
+        at = report.retune["after"]["epochs"]
+        print("re-tuned on a few poisoned samples, ASR after epochs "
+              + ", ".join(map(str, at)) + ": "
+              + "; ".join(f"{name} " + " / ".join(f"{a:.1f}%" for a in p["asr"])
+                          for name, p in report.retune.items()))
     print(f"report: {Path(out) / 'report.md'} (plots in {Path(out) / 'plots'})")
 
 
@@ -221,7 +256,8 @@ def run_purify(args: argparse.Namespace) -> int:
                         profile_test=args.profile_test, profile_train=args.profile_train,
                         seed=args.seed,
                         device=resolve_device(args.device), progress=not args.quiet,
-                        resume=args.resume, overwrite=args.overwrite)
+                        resume=args.resume, overwrite=args.overwrite,
+                        retune=retune_settings(args), retune_floor=args.retune_floor)
     print_report_summary(report, args.out)
     return 0
 
@@ -344,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="run a grid of attacks × models × defenses × seeds",
-        description="Run a benchmark grid (a TOML file, or a shipped grid: quick, full). "
+        description="Run a benchmark grid (a TOML file, or a shipped grid: quick, full, fair). "
                     "Finished cells are skipped, so an interrupted run resumes where it stopped; "
                     "backdoored models are cached and shared between defenses. Writes "
                     "results.jsonl, results.md (ACC / ASR / RA / DER) and plots/.")

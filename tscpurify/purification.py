@@ -5,6 +5,11 @@ The clean subset is drawn from the *original* training images (never the poisone
 stratified and seeded, and its indices are recorded. Test data and the attack record are used
 only for evaluation, outside the defense.
 
+When the run folder records its attack and holds a classifier, the report also measures
+whether the backdoor stays gone (`tscpurify.retune`): the suspect and the purified model are
+each re-tuned on a few poisoned samples, and, given a model trained without poison
+(`retune_floor`), so is that floor.
+
 Two curve objectives ("losses"):
 - "ce", for classifiers: cross-entropy on the labelled clean subset;
 - "simclr", the default for encoder run folders (TSC's self-supervised variant): NT-Xent on two
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -32,11 +38,12 @@ from .checkpoint import atomic_folder, save_model, write_json
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
 from .defenses.tsc import PRESETS, TSCSettings, purify
-from .errors import SettingsError
+from .errors import DataError, SettingsError
 from .evaluation import evaluate
 from .report.markdown import render_markdown
-from .report.plots import plot_before_after, plot_profiles
+from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
+from .retune import RetuneSettings, retune_profile, retune_set
 from .runs import is_encoder, load_run, probe_settings
 from .seeding import derive_seed
 from .ssl import ProbeSettings, SimCLRAugment, encoder_metrics, simclr_loss
@@ -127,6 +134,8 @@ def write_report(report: PurifyReport, folder: Path) -> list[str]:
         plots.append("plots/curves.png")
     if plot_before_after(report, folder / "plots" / "before_after.png"):
         plots.append("plots/before_after.png")
+    if plot_retune(report, folder / "plots" / "retune.png"):
+        plots.append("plots/retune.png")
     (folder / "report.md").write_text(render_markdown(report, plots))
     return plots
 
@@ -135,7 +144,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                loss: str = "auto", clean_fraction: float = 0.05,
                profile_test: int = 2000, profile_train: int = 1000, seed: int = 0,
                device: str = "cpu", progress: bool = True, resume: bool = False,
-               overwrite: bool = False) -> PurifyReport:
+               overwrite: bool = False, retune: RetuneSettings | None = RetuneSettings(),
+               retune_floor: str | Path | None = None) -> PurifyReport:
     """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
 
     Args:
@@ -144,10 +154,28 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         loss: 'auto' (simclr for encoders, ce for classifiers), 'ce' or 'simclr'.
         profile_test, profile_train: test images scoring each point along the curves, and (for
             encoders) the labelled training images its linear probe learns from.
+        retune: re-tuning settings for the robustness check of a classifier whose attack is
+            recorded (None: no check); retune_floor: a run folder of the same architecture
+            trained without poison, re-tuned the same way as the floor.
     """
     out = Path(out)
     model, sidecar, attack = load_run(run, device)
     loss = resolve_loss(sidecar, loss, run)
+    floor_model = None
+    if retune_floor is not None:
+        floor_model, floor_sidecar, floor_attack = load_run(retune_floor, device)
+        if floor_attack is not None or is_encoder(floor_sidecar):
+            raise SettingsError(f"the re-tune floor {retune_floor} must be a classifier trained "
+                                f"without poison (tscpurify attack --attack none); its "
+                                f"model.json records {floor_attack.name if floor_attack else 'an encoder'}")
+        if floor_sidecar.get("dataset") != sidecar.get("dataset"):
+            raise SettingsError(f"the re-tune floor {retune_floor} was trained on "
+                                f"{floor_sidecar.get('dataset')}, the model on "
+                                f"{sidecar.get('dataset')}")
+    retuning = retune is not None and attack is not None and not is_encoder(sidecar)
+    if retune_floor is not None and not retuning:
+        raise SettingsError("a re-tune floor needs re-tuning on, a classifier and a recorded "
+                            "attack")
     if settings is None:
         settings = ssl_settings(PRESETS["default"]) if loss == "simclr" else PRESETS["default"]
     dataset = sidecar.get("dataset", {})
@@ -158,6 +186,13 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     else:
         indices = select_clean_subset(train.labels, clean_fraction, derive_seed(seed, "clean"))
     clean = train.subset(indices)
+    if retuning:  # draw the re-tuning set now, so a data set too small fails before any work
+        try:
+            retune_set(train, attack, retune, derive_seed(seed, "retune"))
+        except DataError as err:
+            raise DataError(f"{err}; re-tune with fewer images (RetuneSettings, "
+                            f"--retune-images / --retune-poisoned) or not at all "
+                            f"(--no-retune)") from None
     batch_size = settings.loader_batch_size()
     # No private generator: TSC re-seeds the global RNG at every stage, which is what makes a
     # resumed run shuffle exactly like an uninterrupted one.
@@ -191,6 +226,17 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                                   resume_dir=partial)
         report.before, report.after = full_eval(model), full_eval(purified)
         report.clean_indices = indices.tolist()
+        report.environment = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                              "device": str(device)}
+        if retuning:
+            # One seed for every profile: the same images, poison and shuffles for each model.
+            began = time.perf_counter()
+            retune_seed = derive_seed(seed, "retune")
+            models = {"before": model, "after": purified, "floor": floor_model}
+            report.retune = {name: retune_profile(net, train, test, attack, retune,
+                                                  seed=retune_seed, progress=progress)
+                             for name, net in models.items() if net is not None}
+            report.seconds["retune"] = time.perf_counter() - began
         report.source = {"run": str(run), "arch": sidecar.get("arch"),
                          "kind": sidecar.get("kind", "classifier"), "loss": loss,
                          "attack": (attack.record() if attack else None)}

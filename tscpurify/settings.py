@@ -21,8 +21,21 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+def _tuple_parser(item: type):
+    """A flag type for `tuple[item, ...]` fields, written as comma-separated values."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(item(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {item.__name__} values, got {text!r}") from None
+    parse.__name__ = f"{item.__name__},..."
+    return parse
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One flag per field of `cls`, typed from its annotation, default and help from the field."""
+    """One flag per field of `cls`, typed from its annotation, default and help from the field
+    (a `tuple[T, ...]` field takes comma-separated values)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for field in dataclasses.fields(cls):
@@ -31,7 +44,13 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, prefix: str =
         # argparse %-formats help strings, so a literal "7%" in a field's help would crash --help
         help_text = field.metadata.get("help", "").replace("%", "%%")
         default = field.default
-        if kind is bool:
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            group.add_argument(flag, dest=prefix + field.name, type=_tuple_parser(item),
+                               default=None, metavar=item.__name__.upper() + ",...",
+                               help=f"{help_text} (default: "
+                                    f"{','.join(map(str, default))})")
+        elif kind is bool:
             group.add_argument(flag, dest=prefix + field.name, default=None,
                                action=argparse.BooleanOptionalAction,
                                help=f"{help_text} (default: {default})")

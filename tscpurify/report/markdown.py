@@ -22,6 +22,20 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         if metrics:
             lines.append(f"| {name} | {fmt(metrics.get('acc'))} | {fmt(metrics.get('asr'))} | "
                          f"{fmt(metrics.get('ra'))} |")
+    if report.retune:
+        some = next(iter(report.retune.values()))
+        epochs = some["epochs"]
+        lines += ["", "## Does the backdoor come back?", "",
+                  f"Each model fine-tuned on {some['images']:,} training images of which "
+                  f"{some['poisoned']} carry the trigger and the target label (tscpurify.retune); "
+                  f"ASR % after each epoch. A purified backdoor that returns much faster than "
+                  f"in a model trained without poison was dormant, not removed.", "",
+                  "| model | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+                  "|---" * (len(epochs) + 1) + "|"]
+        labels = {"before": "suspect", "after": "purified", "floor": "trained without poison"}
+        for name, profile in report.retune.items():
+            lines.append(f"| {labels.get(name, name)} | "
+                         + " | ".join(fmt(a) for a in profile["asr"]) + " |")
     if report.stages:
         lines += ["", "## Stages", "", "| round | stage | t | ACC % | ASR % | after fine-tune "
                   "ACC / ASR % | seconds |", "|---|---|---|---|---|---|---|"]

@@ -59,3 +59,31 @@ def plot_before_after(report: PurifyReport, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+RETUNE_LABELS = {"before": "suspect model", "after": "purified", "floor": "trained without poison"}
+
+
+def plot_retune(report: PurifyReport, path: Path) -> bool:
+    """ASR against re-tuning epochs for each re-tuned model (epoch 0: before re-tuning)."""
+    if not report.retune:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    start = {"before": report.before.get("asr"), "after": report.after.get("asr")}
+    for name, profile in report.retune.items():
+        first = start.get(name)
+        epochs = ([0] if first is not None else []) + profile["epochs"]
+        asr = ([first] if first is not None else []) + profile["asr"]
+        ax.plot(epochs, asr, "--" if name == "floor" else "-", marker="o",
+                label=RETUNE_LABELS.get(name, name))
+    some = next(iter(report.retune.values()))
+    ax.set_xlabel(f"re-tuning epochs ({some['images']:,} images, {some['poisoned']} poisoned)")
+    ax.set_ylabel("ASR (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Does the backdoor come back?")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -38,6 +38,11 @@ class PurifyReport:
     source: dict[str, Any] = field(default_factory=dict)
     # Optimizer updates on clean mini-batches (curves and fine-tunes; defenses/budget.py).
     steps: int = 0
+    # Re-tuning profiles (tscpurify.retune): "before" (the suspect model), "after" (the
+    # purified one) and, when a clean model was given, "floor". Evaluation, never the defense's.
+    retune: dict[str, Any] = field(default_factory=dict)
+    # What the numbers depend on besides the settings: thread count, torch version, device.
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
