@@ -102,6 +102,8 @@ epochs = [1, 2]"""
     assert by["ft_ls"]["settings"]["label_smoothing"] == 0.1
     assert by["tsc_identity"]["settings"]["permutation"] == "identity"
     assert by["none"]["after"] == by["none"]["before"] and by["none"]["steps"] == 0
+    assert by["none"]["distance"] == {"raw": 0.0, "aligned": 0.0}
+    assert 0 < by["ft"]["distance"]["aligned"] <= by["ft"]["distance"]["raw"] + 1e-9
     clean = [p for p in (tmp_path / "out" / "models").iterdir() if p.name.startswith("clean-")]
     assert len(clean) == 1 and json.loads((clean[0] / "model.json").read_text())["attack"] is None
     for row in rows:

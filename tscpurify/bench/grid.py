@@ -39,6 +39,7 @@ from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
 from ..errors import SettingsError
 from ..evaluation import Metrics, der, evaluate
+from ..permutation import model_distances
 from ..retune import RetuneSettings, retune_profile
 from ..runs import load_run
 from ..seeding import derive_seed
@@ -286,10 +287,11 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     test = load_dataset(cell.data, "test", cell.data_root)
     before = Metrics(**{k: v for k, v in run_metrics(folder).items() if k in ("acc", "asr", "ra")})
     settings, steps, seconds = None, 0, 0.0
+    suspect = model
+    clean = train.subset(select_clean_subset(train.labels, cell.clean_fraction,
+                                             derive_seed(cell.seed, "clean")))
+    loader = DataLoader(clean.tensor_dataset(), batch_size=cell.batch_size, shuffle=True)
     if cell.base:
-        clean = train.subset(select_clean_subset(train.labels, cell.clean_fraction,
-                                                 derive_seed(cell.seed, "clean")))
-        loader = DataLoader(clean.tensor_dataset(), batch_size=cell.batch_size, shuffle=True)
         settings_cls = DEFENSES.meta[cell.base]["settings"]
         settings = settings_cls(**cell.defense_args)
         # A defense that re-batches (TSC) counts its budget in its own batches.
@@ -305,9 +307,14 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     elif cell.defense == "clean_floor":
         model, _, _ = load_run(clean_folder, device)
     after = evaluate(model, test, attack)
+    # What a defender can see without the attack: how far the result moved from the suspect
+    # model, in raw weights and once its units are aligned to the suspect's (permutation/).
+    ordered = DataLoader(clean.tensor_dataset(), batch_size=cell.batch_size)
+    distance = model_distances(suspect, model, ordered)
     row = {"key": cell.key, "cell": asdict(cell), "before": before.as_dict(),
            "after": after.as_dict(), "der": der(before, after), "steps": steps,
            "seconds": seconds, "settings": asdict(settings) if settings is not None else {},
+           "distance": distance,
            # Floating-point sums, and so results, depend on these: recorded with every row.
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "tool_version": __version__}

@@ -20,6 +20,7 @@ from .apply import (
     verify_spec,
     weight_distance,
 )
+from .distance import model_distances
 from .match import CorrelationStats, correlations, match, solve, unit_features
 from .spec import Axis, PermutationGroup, PermutationSpec
 from .trace import derive_spec
@@ -37,6 +38,7 @@ __all__ = [
     "identity_permutation",
     "invert",
     "match",
+    "model_distances",
     "max_output_change",
     "random_permutation",
     "solve",
