@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tscpurify.checkpoint import atomic_folder, load_model, load_weights, save_model
+from tscpurify.checkpoint import load_model, load_weights, save_model
 from tscpurify.errors import CheckpointError
 from tscpurify.models import create_model
 
@@ -47,14 +47,3 @@ def test_plain_pt_state_dict_is_accepted(tmp_path):
     (tmp_path / "w.pkl").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="unsupported weights format"):
         load_weights(tmp_path / "w.pkl")
-
-
-def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(RuntimeError), atomic_folder(out) as folder:
-        (folder / "half.txt").write_text("x")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_folder(out) as folder:
-        (folder / "done.txt").write_text("x")
-    assert (out / "done.txt").exists() and len(list(tmp_path.iterdir())) == 1

@@ -83,7 +83,8 @@ def test_purify_writes_model_report_and_plots(backdoored_run, tmp_path, capsys):
         "before_after.png", "curves.png", "retune.png"]
     report = json.loads((out / "report.json").read_text())
     assert set(report["retune"]) == {"before", "after"}
-    assert report["retune"]["after"]["epochs"] == [1, 2] and report["retune"]["after"]["images"] == 200
+    assert report["retune"]["after"]["epochs"] == [1, 2]
+    assert report["retune"]["after"]["images"] == 200
     assert report["environment"]["threads"] >= 1 and report["environment"]["device"] == "cpu"
     assert "## Does the backdoor come back?" in (out / "report.md").read_text()
     assert len(report["clean_indices"]) == 120 and len(report["stages"]) == 2
@@ -160,3 +161,45 @@ def test_every_command_prints_its_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["input", "inside_input", "dot"])
+def test_purify_never_writes_over_or_into_its_input(where, backdoored_run, tmp_path, capsys,
+                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = {"input": str(backdoored_run), "inside_input": str(backdoored_run / "purified"),
+           "dot": "."}[where]
+    before = {p.name: p.read_bytes() for p in backdoored_run.iterdir()}
+    assert main(["purify", str(backdoored_run), "--out", out, "--overwrite", *PURIFY_TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert {p.name: p.read_bytes() for p in backdoored_run.iterdir()} == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_over_another_models_stages_is_refused(backdoored_run, fmnist_root, tmp_path,
+                                                      capsys, monkeypatch):
+    other = tmp_path / "other"
+    assert main(["attack", "--data-root", str(fmnist_root), "--model", "cnn", "--out",
+                 str(other), "--attack-arg", "size=4", "--seed", "5", *TINY]) == 0
+    out = tmp_path / "purified"
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")  # after every stage was saved
+
+    import tscpurify.purification as purification
+
+    monkeypatch.setattr(purification, "write_report", crash)
+    assert main(["purify", str(backdoored_run), "--out", str(out), *PURIFY_TINY]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and ".purified.stages" in err and "--resume" in err
+    assert (tmp_path / ".purified.stages").is_dir() and not out.exists()
+    monkeypatch.undo()
+    assert main(["purify", str(other), "--out", str(out), "--resume", *PURIFY_TINY]) == 2
+    err = capsys.readouterr().err
+    assert "weights_sha256" in err and "--resume" in err and not out.exists()
+    # Without --resume the stale stages are not read: a fresh run of the other model.
+    assert main(["purify", str(other), "--out", str(out), *PURIFY_TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"]["run"] == str(other)
+    assert not (tmp_path / ".purified.stages").exists()

@@ -1,4 +1,5 @@
-"""Models on disk: safetensors weights + a JSON sidecar; run folders written atomically.
+"""Models on disk: safetensors weights + a JSON sidecar (run folders are written atomically by
+`outputs.atomic_folder`).
 
 Models come from untrusted sources, so nothing here unpickles: safetensors is plain tensors,
 and a `.pt` file is accepted only through `torch.load(weights_only=True)`.
@@ -6,11 +7,7 @@ and a `.pt` file is accepted only through `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,24 +100,3 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     model = create_model(arch, **sidecar.get("kwargs", {}))
     load_state_into(model, load_weights(folder / WEIGHTS), str(folder / WEIGHTS))
     return model.to(device).eval(), sidecar
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block finishes.
-
-    On any error the temporary folder is removed, so no half-written run is left behind.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

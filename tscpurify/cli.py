@@ -263,24 +263,24 @@ def run_purify(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from .outputs import atomic_folder, check_out
     from .purification import purify_run
     from .runs import train_backdoored
 
-    out = Path(args.out)
+    out = check_out(args.out, args.overwrite)
     device = resolve_device(args.device)
-    attacked = out / "backdoored"
-    if args.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    print("1/2 training a backdoored model (BadNets on Fashion-MNIST, small CNN) ...")
-    metrics = train_backdoored(attacked, attack="badnets", model="cnn",
-                               model_args={"width": 16}, train=TrainSettings(epochs=5),
-                               seed=args.seed, device=device, progress=not args.quiet)
-    print(f"    ACC {metrics.acc:.2f}%  ASR {metrics.asr:.2f}%  RA {metrics.ra:.2f}%")
-    print("2/2 purifying it with TSC on 5% clean training data ...")
-    report = purify_run(attacked, out / "purified", purify_settings(args), seed=args.seed,
-                        device=device, progress=not args.quiet)
+    # Built in a temporary folder: an existing demo folder (--overwrite) is replaced only once
+    # the new one is complete, never emptied first.
+    with atomic_folder(out, args.overwrite) as building:
+        print("1/2 training a backdoored model (BadNets on Fashion-MNIST, small CNN) ...")
+        metrics = train_backdoored(building / "backdoored", attack="badnets", model="cnn",
+                                   model_args={"width": 16}, train=TrainSettings(epochs=5),
+                                   seed=args.seed, device=device, progress=not args.quiet)
+        print(f"    ACC {metrics.acc:.2f}%  ASR {metrics.asr:.2f}%  RA {metrics.ra:.2f}%")
+        print("2/2 purifying it with TSC on 5% clean training data ...")
+        report = purify_run(building / "backdoored", building / "purified",
+                            purify_settings(args), seed=args.seed, device=device,
+                            progress=not args.quiet, source=str(out / "backdoored"))
     print_report_summary(report, str(out / "purified"))
     return 0
 
@@ -406,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except TscpurifyError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder, a vanished file: the user's
+        print(f"error: {err.strerror or err}"
+              + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

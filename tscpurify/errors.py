@@ -23,3 +23,8 @@ class SpecError(TscpurifyError):
 
 class SettingsError(TscpurifyError):
     """A setting is out of range or an unknown name was asked for."""
+
+
+class OutputError(TscpurifyError):
+    """An output folder cannot be written without risking data: it exists, is in use, is a
+    symlink or the current folder, overlaps the input, or its parent is read-only."""

@@ -22,9 +22,12 @@ Two curve objectives ("losses"):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -34,12 +37,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .attacks.base import Attack
-from .checkpoint import atomic_folder, save_model, write_json
+from .checkpoint import WEIGHTS, save_model, write_json
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
 from .defenses.tsc import PRESETS, TSCSettings, purify
-from .errors import DataError, SettingsError
+from .errors import DataError, OutputError, SettingsError, TscpurifyError
 from .evaluation import evaluate
+from .outputs import atomic_folder, check_out
 from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 
 
 LOSSES = ("auto", "ce", "simclr")
+DEFAULT_RETUNE = RetuneSettings()
 # The TSC reference's SimCLR example takes its points at t = 0.25 (spec, "self-supervised
 # variant"); kept as is, not tuned here. The "ssl" preset holds it.
 SSL_T = PRESETS["ssl"].t
@@ -125,6 +130,37 @@ def make_probe_evaluator(train: ImageData, test: ImageData, attack: Attack | Non
     return measure
 
 
+@contextlib.contextmanager
+def keep_stages_on_error(partial: Path) -> Iterator[None]:
+    """On failure, say on the error line where the finished stages are kept (a failed or
+    interrupted run continues from them with --resume)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if partial.exists():
+            log.warning("finished stages are kept in %s; run again with --resume to continue",
+                        partial)
+        raise
+    except (TscpurifyError, OSError) as err:
+        if not partial.exists():
+            raise
+        hint = (f" (finished stages are kept in {partial}; run again with --resume to "
+                f"continue from them)")
+        if isinstance(err, TscpurifyError):
+            raise type(err)(f"{err}{hint}") from None
+        where = f": {err.filename}" if err.filename else ""
+        raise OutputError(f"{err.strerror or err}{where}{hint}") from None
+
+
+def weights_digest(run: Path) -> str:
+    """sha256 of a run folder's weights file: the identity of the model being purified."""
+    digest = hashlib.sha256()
+    with open(run / WEIGHTS, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_report(report: PurifyReport, folder: Path) -> list[str]:
     """report.json, report.md and plots/*.png into `folder`; returns the plot paths."""
     report.to_json(folder / "report.json")
@@ -144,8 +180,9 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                loss: str = "auto", clean_fraction: float = 0.05,
                profile_test: int = 2000, profile_train: int = 1000, seed: int = 0,
                device: str = "cpu", progress: bool = True, resume: bool = False,
-               overwrite: bool = False, retune: RetuneSettings | None = RetuneSettings(),
-               retune_floor: str | Path | None = None) -> PurifyReport:
+               overwrite: bool = False, retune: RetuneSettings | None = DEFAULT_RETUNE,
+               retune_floor: str | Path | None = None,
+               source: str | None = None) -> PurifyReport:
     """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
 
     Args:
@@ -157,8 +194,11 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         retune: re-tuning settings for the robustness check of a classifier whose attack is
             recorded (None: no check); retune_floor: a run folder of the same architecture
             trained without poison, re-tuned the same way as the floor.
+        source: the name recorded for the input run (default: `run` as given), for callers
+            that build in a temporary folder and move the result into place (the demo).
     """
-    out = Path(out)
+    inputs = [run] + ([retune_floor] if retune_floor is not None else [])
+    out = check_out(out, overwrite, inputs)  # before anything is loaded
     model, sidecar, attack = load_run(run, device)
     loss = resolve_loss(sidecar, loss, run)
     floor_model = None
@@ -167,7 +207,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         if floor_attack is not None or is_encoder(floor_sidecar):
             raise SettingsError(f"the re-tune floor {retune_floor} must be a classifier trained "
                                 f"without poison (tscpurify attack --attack none); its "
-                                f"model.json records {floor_attack.name if floor_attack else 'an encoder'}")
+                                f"model.json records "
+                                f"{floor_attack.name if floor_attack else 'an encoder'}")
         if floor_sidecar.get("dataset") != sidecar.get("dataset"):
             raise SettingsError(f"the re-tune floor {retune_floor} was trained on "
                                 f"{floor_sidecar.get('dataset')}, the model on "
@@ -218,12 +259,18 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         full_eval = make_evaluator(test, attack)
 
     partial = out.parent / f".{out.name}.stages"
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
-    with atomic_folder(out, overwrite) as folder:
+    # What the saved stages depend on besides the settings: resuming over stages of another
+    # model, clean subset or numeric environment would mix two runs into one result.
+    identity = {"weights_sha256": weights_digest(Path(run)), "arch": sidecar.get("arch"),
+                "clean_indices_sha256": hashlib.sha256(
+                    indices.numpy().astype("int64").tobytes()).hexdigest(),
+                "loss": loss, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with atomic_folder(out, overwrite, inputs) as folder, keep_stages_on_error(partial):
+        if partial.exists() and not resume:  # under the lock: no other run is using them
+            shutil.rmtree(partial)
         purified, report = purify(model, loader, settings, loss_fn=loss_fn,
                                   evaluate=profile_eval, seed=seed, progress=progress,
-                                  resume_dir=partial)
+                                  resume_dir=partial, resume_identity=identity)
         report.before, report.after = full_eval(model), full_eval(purified)
         report.clean_indices = indices.tolist()
         report.environment = {"threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -237,7 +284,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                                                   seed=retune_seed, progress=progress)
                              for name, net in models.items() if net is not None}
             report.seconds["retune"] = time.perf_counter() - began
-        report.source = {"run": str(run), "arch": sidecar.get("arch"),
+        report.source = {"run": source or str(run), "arch": sidecar.get("arch"),
                          "kind": sidecar.get("kind", "classifier"), "loss": loss,
                          "attack": (attack.record() if attack else None)}
         if is_encoder(sidecar):
@@ -245,7 +292,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         save_model(purified, folder, {**{k: v for k, v in sidecar.items() if k != "format"},
                                       "purified_by": {"defense": "tsc", "loss": loss,
                                                       "settings": asdict(settings),
-                                                      "source": str(run)}})
+                                                      "source": source or str(run)}})
         write_json(folder / "metrics.json", report.after)
         write_report(report, folder)
     shutil.rmtree(partial, ignore_errors=True)

@@ -84,7 +84,7 @@ class RetuneSettings:
                 isinstance(e, int) and not isinstance(e, bool) for e in epochs):
             raise SettingsError(f"retune epochs must be a non-empty tuple of integers, "
                                 f"got {epochs!r}")
-        if epochs[0] < 1 or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        if epochs[0] < 1 or any(b <= a for a, b in zip(epochs, epochs[1:], strict=False)):
             raise SettingsError(f"retune epochs must be positive and strictly increasing, "
                                 f"got {epochs}")
         if self.images < 1 or not 0 <= self.poisoned <= self.images:

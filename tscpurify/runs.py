@@ -28,12 +28,13 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .attacks import attack_from_record, create_attack, poison_dataset
 from .attacks.base import Attack
-from .checkpoint import SIDECAR, atomic_folder, load_model, read_json, save_model, write_json
+from .checkpoint import SIDECAR, load_model, read_json, save_model, write_json
 from .curve import recompute_bn_stats
 from .data import ImageData, load_dataset, select_clean_subset
 from .errors import CheckpointError, DataError, SettingsError
 from .evaluation import Metrics, evaluate
 from .models import MODELS, create_model
+from .outputs import atomic_folder
 from .seeding import derive_seed, seed_everything
 from .ssl import (
     CTRL,
@@ -105,7 +106,8 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
         save_model(net, folder, {
             "arch": MODELS.name_of(model), "kwargs": kwargs, "classes": list(train_data.classes),
             "kind": "classifier", "dataset": {"name": data, "root": data_root},
-            "attack": attack_obj.record() if attack_obj is not None else None, "seed": seed, "train": asdict(train),
+            "attack": attack_obj.record() if attack_obj is not None else None, "seed": seed,
+            "train": asdict(train),
             "poisoned": len(indices), "tool_version": __version__,
         })
         write_json(folder / "metrics.json", {**metrics.as_dict(), "train_seconds": seconds})

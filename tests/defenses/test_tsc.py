@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tscpurify.defenses import defend
 from tscpurify.defenses.tsc import TSCSettings, purify
-from tscpurify.errors import DataError, SettingsError
+from tscpurify.errors import CheckpointError, DataError, SettingsError
 from tscpurify.models import create_model
 
 # batch_size None: the tests' loaders keep their own small batches.
@@ -79,7 +79,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert len(report.stages) == 4
     # Stages made with other settings or another seed are refused, not silently mixed in;
     # the profiles change no weight, so they may differ.
-    with pytest.raises(SettingsError, match=r"other settings \(epochs: 1 there, 2 now\)"):
+    with pytest.raises(SettingsError, match=r"or settings \(epochs: 1 there, 2 now\)"):
         purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path, epochs=2)
     with pytest.raises(SettingsError, match="seed: 3 there, 4 now"):
         purify(model, loader, TINY, seed=4, progress=False, resume_dir=tmp_path)
@@ -96,6 +96,18 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     again, _ = purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path,
                       profile_points=0)
     assert torch.equal(list(again.parameters())[-1], list(reference.parameters())[-1])
+    # An identity (the input's weights digest, say) is always compared: stages saved without
+    # one, or with another, are refused.
+    with pytest.raises(SettingsError, match="weights_sha256: None there, 'abc' now"):
+        purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path,
+               resume_identity={"weights_sha256": "abc"})
+    # Corrupt stage files give one clear error.
+    (tmp_path / "round0_stage1.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="round0_stage1.safetensors .* is corrupt"):
+        purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path)
+    record.write_text("{not json")
+    with pytest.raises(CheckpointError, match="settings.json is corrupt"):
+        purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path)
 
 
 def test_label_free_loader_needs_a_label_free_loss(setup):

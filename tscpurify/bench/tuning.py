@@ -95,8 +95,9 @@ def parse_tuning(section: Any, tune_as: dict[str, str | None], models: dict[str,
             raise SettingsError(f"grid: [tuning.candidates.{row}] names no tunable defense of "
                                 f"this grid")
         if not isinstance(listed, dict) or len(listed) != count:
+            listed_count = len(listed) if isinstance(listed, dict) else listed
             raise SettingsError(f"grid: every tuned defense lists the same number of candidates "
-                                f"({count}); {row} lists {len(listed) if isinstance(listed, dict) else listed!r}")
+                                f"({count}); {row} lists {listed_count!r}")
         if listed.get("default") != {}:
             raise SettingsError(f"grid: {row}'s candidates must include default = {{}} (the "
                                 f"published default is always a candidate)")

@@ -19,8 +19,8 @@ from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..training import TrainSettings, train_classifier
 from . import DEFENSES
-from .budget import epochs_for
 from .base import DefenseResult
+from .budget import epochs_for
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ use the latter (one suspect model is all a defense gets), as BackdoorBench does.
 BackdoorBench trains 100 epochs on 5% of CIFAR-10; we give MCR one TSC stage (30 epochs).
 
 TSC's curve recipe (`mid_init="random"`, `lr=0.1` annealed to 0, as the fair grid's
-`tsc_recipe` candidate sets it): the control point starts at a fresh initialisation instead of the endpoints'
-mean, which carries the backdoor into the curve (docs/tuning.md). With it MCR differs from TSC
-only in its far endpoint: a fine-tuned copy, not a permuted one.
+`tsc_recipe` candidate sets it): the control point starts at a fresh initialisation instead of
+the endpoints' mean, which carries the backdoor into the curve (docs/tuning.md). With it MCR
+differs from TSC only in its far endpoint: a fine-tuned copy, not a permuted one.
 
 Settings (defaults): t 0.4 (in the paper's range 0.3–0.4 and equal to TSC's t), ft_epochs 20 and
 ft_lr 0.01 (our FT budget; BackdoorBench ft_lr 0.01), curve epochs 30, lr 0.02 (the curve

@@ -46,7 +46,7 @@ from ..curve import (
 from ..curve.profile import default_ts
 from ..curve.train import LossFn, distillation_loss
 from ..data.augment import random_crop_flip
-from ..errors import DataError, SettingsError
+from ..errors import CheckpointError, DataError, SettingsError
 from ..permutation import (
     PermutationSpec,
     apply_permutation,
@@ -253,10 +253,12 @@ class _Stages:
 
     def __init__(self, template: nn.Module, clean: DataLoader, settings: TSCSettings,
                  loss_fn: LossFn, evaluate: Evaluate | None, seed: int, progress: bool,
-                 resume_dir: Path | None, spec: PermutationSpec | None) -> None:
+                 resume_dir: Path | None, spec: PermutationSpec | None,
+                 resume_identity: dict[str, Any] | None = None) -> None:
         self.template, self.clean, self.settings = template, clean, settings
         self.loss_fn, self.evaluate, self.seed, self.progress = loss_fn, evaluate, seed, progress
         self.resume_dir = resume_dir
+        self.resume_identity = dict(resume_identity or {})
         self.seconds = {"permutation": 0.0, "curve": 0.0, "batchnorm": 0.0, "finetune": 0.0,
                         "evaluation": 0.0, "profile": 0.0}
         example = example_batch(clean)[:4].to(device_of(template))
@@ -336,7 +338,7 @@ class _Stages:
         dataset = getattr(self.clean, "dataset", None)
         images = len(dataset) if hasattr(dataset, "__len__") else None
         return {**key, "seed": self.seed, "clean_images": images,
-                "batch_size": self.clean.batch_size}
+                "batch_size": self.clean.batch_size, **self.resume_identity}
 
     def check_resume_dir(self) -> None:
         """Refuse stages saved by a run with other settings: resuming them would silently mix
@@ -344,13 +346,23 @@ class _Stages:
         path = self.resume_dir / "settings.json"
         if not path.exists():
             return
-        saved, wanted = json.loads(path.read_text()), self.resume_key()
-        # A key the saved record lacks was not recorded yet when it was made: not compared.
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} is corrupt ({err}); start over without resuming, or "
+                                  f"delete {self.resume_dir}") from None
+        wanted = self.resume_key()
+        # A settings key the saved record lacks was not recorded yet when it was made: not
+        # compared. The identity of the model, data and environment always is.
         changed = sorted(k for k in saved.keys() | wanted.keys()
-                         if k in saved and saved[k] != wanted.get(k))
+                         if (k in saved or k in self.resume_identity)
+                         and saved.get(k) != wanted.get(k))
         if changed:
             raise SettingsError(
-                f"the finished stages in {self.resume_dir} were made with other settings ("
+                f"the finished stages in {self.resume_dir} were made from another model, data "
+                f"or settings ("
                 + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
                             for k in changed)
                 + "); resume with the same settings, or start over without resuming")
@@ -361,7 +373,19 @@ class _Stages:
         weights, record = self._paths(round_, stage)
         if not (weights.exists() and record.exists()):
             return None
-        return load_file(str(weights)), StageRecord(**json.loads(record.read_text()))
+        try:
+            state = load_file(str(weights))
+            finished = StageRecord(**json.loads(record.read_text()))
+        except Exception as err:  # safetensors, JSON and TypeError alike mean a corrupt stage
+            raise CheckpointError(f"the saved stage {weights.name} in {self.resume_dir} is "
+                                  f"corrupt ({type(err).__name__}: {err}); start over without "
+                                  f"resuming") from None
+        expected = self.template.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != v.shape
+                                               for k, v in expected.items()):
+            raise CheckpointError(f"the saved stage {weights.name} in {self.resume_dir} does "
+                                  f"not fit this model; start over without resuming")
+        return state, finished
 
     def save_finished(self, round_: int, stage: int, state: dict, record: StageRecord) -> None:
         if self.resume_dir is None:
@@ -448,7 +472,8 @@ class _Stages:
 def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = None, *,
            loss_fn: LossFn | None = None, evaluate: Evaluate | None = None, seed: int = 0,
            progress: bool = True, resume_dir: str | Path | None = None,
-           spec: PermutationSpec | None = None, **overrides: Any) -> tuple[nn.Module, PurifyReport]:
+           spec: PermutationSpec | None = None, resume_identity: dict[str, Any] | None = None,
+           **overrides: Any) -> tuple[nn.Module, PurifyReport]:
     """Purify `model` with TSC on the clean data in `clean`; the input model is not modified.
 
     Args:
@@ -463,6 +488,9 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
             ASR on test data); only called and recorded, never used for any decision.
         resume_dir: where finished stages are saved; an interrupted run with the same folder
             and seed continues from the last finished stage and ends with the same result.
+        resume_identity: what else the saved stages must match to be resumed (e.g. the input
+            weights' digest, the clean indices, torch version, thread count); any mismatch is
+            refused.
         spec: a hand-written PermutationSpec for models torch.fx cannot trace (default:
             derived from the model); either way it is verified before use.
 
@@ -493,7 +521,7 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
     began = time.perf_counter()
     template = copy.deepcopy(model).eval()
     stages = _Stages(template, clean, settings, loss_fn, evaluate, seed, progress,
-                     Path(resume_dir) if resume_dir else None, spec)
+                     Path(resume_dir) if resume_dir else None, spec, resume_identity)
     final_state, records = stages.run({k: v.detach().clone()
                                        for k, v in template.state_dict().items()})
     purified = stages.model_from(final_state)

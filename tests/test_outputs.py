@@ -1,0 +1,147 @@
+"""Output folders: nothing the user did not ask to replace is lost, and nothing is left behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tscpurify.errors import OutputError
+from tscpurify.outputs import atomic_folder, check_out, is_tscpurify_folder, output_lock
+
+
+def run_folder(path):
+    path.mkdir(parents=True)
+    (path / "model.json").write_text("{}")
+    (path / "weights.safetensors").write_text("old")
+    return path
+
+
+def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "deep" / "er" / "run"
+    with pytest.raises(RuntimeError), atomic_folder(out) as folder:
+        (folder / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == [], "no temporary folder, lock or created parent"
+    with atomic_folder(out) as folder:
+        (folder / "done.txt").write_text("x")
+    assert (out / "done.txt").exists() and sorted(p.name for p in out.parent.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("dot", "current folder"),
+    ("cwd", "current folder or one of its parents"),
+    ("parent", "current folder or one of its parents"),
+    ("symlink", "symbolic link"),
+    ("dangling", "symbolic link"),
+    ("file", "not a folder"),
+    ("exists", "already exists"),
+    ("foreign", "not written by tscpurify"),
+    ("input", "overlaps the input"),
+    ("inside_input", "overlaps the input"),
+    ("around_input", "overlaps the input"),
+])
+def test_outputs_that_could_lose_data_are_refused(case, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    source = run_folder(tmp_path / "source")
+    overwrite, inputs = True, [source]
+    out = {"dot": ".", "cwd": str(tmp_path), "parent": str(tmp_path.parent),
+           "input": str(source), "inside_input": str(source / "sub")}.get(case)
+    if case in ("symlink", "dangling"):
+        out = tmp_path / "link"
+        out.symlink_to(work if case == "symlink" else tmp_path / "nowhere")
+    elif case == "file":
+        out = tmp_path / "a-file"
+        out.write_text("keep me")
+    elif case == "exists":
+        out, overwrite = run_folder(tmp_path / "old"), False
+    elif case == "foreign":
+        out = tmp_path / "photos"
+        out.mkdir()
+        (out / "holiday.jpg").write_text("keep me")
+    if case == "around_input":  # the input lies inside the output
+        out, inputs = tmp_path / "wrap", [run_folder(tmp_path / "wrap" / "src")]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputError, match=message):
+        check_out(out, overwrite, inputs)
+    with pytest.raises(OutputError, match=message), atomic_folder(out, overwrite, inputs):
+        pytest.fail("the block must not run")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before, "nothing created or deleted"
+
+
+def test_a_read_only_parent_is_refused_before_any_work(tmp_path, monkeypatch):
+    # As root the permission bits do not stop writes, so the check is exercised directly.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(OutputError, match="permission denied"):
+        check_out(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_swaps_a_run_folder_only_once_the_new_one_is_complete(tmp_path):
+    out = run_folder(tmp_path / "run")
+    with pytest.raises(RuntimeError), atomic_folder(out, overwrite=True) as folder:
+        (folder / "model.json").write_text("{}")
+        assert (out / "weights.safetensors").read_text() == "old", "still there while working"
+        raise RuntimeError("boom")
+    assert (out / "weights.safetensors").read_text() == "old", "a failed run replaces nothing"
+    with atomic_folder(out, overwrite=True) as folder:
+        (folder / "model.json").write_text("{}")
+        (folder / "weights.safetensors").write_text("new")
+    assert (out / "weights.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert is_tscpurify_folder(out) and not is_tscpurify_folder(tmp_path)
+
+
+def test_a_folder_that_appears_meanwhile_is_never_replaced(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(OutputError, match="appeared while"), atomic_folder(out) as folder:
+        (folder / "model.json").write_text("{}")
+        out.mkdir()
+        (out / "theirs.txt").write_text("keep me")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_second_writer_to_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    with output_lock(out), pytest.raises(OutputError, match="another tscpurify run is writing"), \
+            atomic_folder(out):
+        pytest.fail("the block must not run")
+    assert not (tmp_path / ".run.lock").exists(), "the lock is removed on release"
+    with atomic_folder(out) as folder:
+        (folder / "model.json").write_text("{}")
+    assert out.exists()
+
+
+LOCK_HOLDER = """
+import sys
+from pathlib import Path
+from tscpurify.outputs import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_two_processes_same_out_one_refused_the_others_result_intact(tmp_path, fmnist_root,
+                                                                       capsys):
+    from tscpurify.cli import main
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["attack", "--data-root", str(fmnist_root), "--out", str(out), "--epochs", "1",
+                "--width", "4", "--batch-size", "64", "--quiet"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: another tscpurify run is writing") and "\n" not in err
+        assert not out.exists()
+    finally:
+        holder.communicate("")
+    assert main(argv) == 0  # the lock went with its process
+    assert json.loads((out / "model.json").read_text())["attack"]["name"] == "badnets"
