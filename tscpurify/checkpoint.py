@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -63,19 +64,52 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                           f"(or .pt loaded with weights_only=True)")
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load strictly, with a one-line error naming the first mismatch."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """The tensor shapes a safetensors file declares in its header, read without loading any
+    tensor (None for other formats)."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors' error class moved between releases
+        raise CheckpointError(f"{path} is not a valid safetensors file: {err}") from None
+
+
+def check_shapes(expected: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                 source: str) -> None:
+    """Names and shapes of a checkpoint against a model's state dict, one-line error."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{source} does not match the architecture: missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]}")
-    for key, value in own.items():
-        if value.shape != state[key].shape:
+    for key, value in expected.items():
+        if tuple(value.shape) != tuple(shapes[key]):
             raise CheckpointError(f"{source} does not match the architecture: {key} has shape "
-                                  f"{tuple(state[key].shape)}, the model expects "
+                                  f"{tuple(shapes[key])}, the model expects "
                                   f"{tuple(value.shape)}")
+
+
+def check_values(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every parameter must be a finite floating-point tensor: a NaN model would otherwise
+    evaluate as a plausible-looking 10% accuracy and 100% ASR."""
+    floating = {name for name, _ in model.named_parameters()}
+    floating |= {name for name, b in model.named_buffers() if b.is_floating_point()}
+    for key in floating & set(state):
+        value = state[key]
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: {key} holds {value.dtype} values where the model "
+                                  f"has floating-point weights")
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: {key} holds NaN or infinite values")
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load strictly, with a one-line error naming the first mismatch."""
+    own = model.state_dict()
+    check_shapes(own, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_values(model, state, source)
     model.load_state_dict(state)
 
 
@@ -86,17 +120,45 @@ def save_model(model: nn.Module, folder: Path, sidecar: dict[str, Any]) -> None:
     write_json(folder / SIDECAR, {"format": SIDECAR_FORMAT, **sidecar})
 
 
+# model.json keys and the JSON types they must have (others are records and may be anything).
+SIDECAR_TYPES = {"format": str, "arch": str, "kwargs": dict, "kind": str, "dataset": dict,
+                 "attack": (dict, type(None)), "classes": list, "seed": int}
+
+
+def check_sidecar(sidecar: Any, path: Path) -> None:
+    """The fields tscpurify reads from model.json, with their types; one-line error."""
+    if not isinstance(sidecar, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    if sidecar.get("format") != SIDECAR_FORMAT:
+        raise CheckpointError(f"{path} is not a {SIDECAR_FORMAT} sidecar")
+    for key, kind in SIDECAR_TYPES.items():
+        if key in sidecar and not isinstance(sidecar[key], kind):
+            names = kind.__name__ if isinstance(kind, type) else "object or null"
+            raise CheckpointError(f"{path}: {key!r} must be a JSON {names}, got "
+                                  f"{type(sidecar[key]).__name__}")
+    if sidecar.get("arch") not in MODELS:
+        raise CheckpointError(f"{path} names unknown architecture {sidecar.get('arch')!r}")
+    dataset = sidecar.get("dataset", {})
+    if not isinstance(dataset.get("name", ""), str) or not isinstance(
+            dataset.get("root") or "", str):
+        raise CheckpointError(f"{path}: dataset must be {{\"name\": str, \"root\": str or null}}")
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a saved model from its run folder: architecture from the sidecar, then weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"run folder {folder} does not exist")
     sidecar = read_json(folder / SIDECAR)
-    if sidecar.get("format") != SIDECAR_FORMAT:
-        raise CheckpointError(f"{folder / SIDECAR} is not a {SIDECAR_FORMAT} sidecar")
-    arch = sidecar.get("arch")
-    if arch not in MODELS:
-        raise CheckpointError(f"{folder / SIDECAR} names unknown architecture {arch!r}")
-    model = create_model(arch, **sidecar.get("kwargs", {}))
+    check_sidecar(sidecar, folder / SIDECAR)
+    arch, kwargs = sidecar["arch"], sidecar.get("kwargs", {})
+    # The sidecar alone must not decide an allocation: build the model on the meta device
+    # (no memory) and compare it with the shapes the weights file declares first.
+    with torch.device("meta"):
+        skeleton = create_model(arch, **kwargs)
+    shapes = weight_shapes(folder / WEIGHTS)
+    if shapes is not None:
+        check_shapes(skeleton.state_dict(), shapes, str(folder / WEIGHTS))
+    model = create_model(arch, **kwargs)
     load_state_into(model, load_weights(folder / WEIGHTS), str(folder / WEIGHTS))
     return model.to(device).eval(), sidecar

@@ -40,6 +40,7 @@ from .attacks.base import Attack
 from .checkpoint import WEIGHTS, save_model, write_json
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
+from .data.subset import subset_size
 from .defenses.tsc import PRESETS, TSCSettings, purify
 from .errors import DataError, OutputError, SettingsError, TscpurifyError
 from .evaluation import evaluate
@@ -98,10 +99,7 @@ def unlabelled_subset(n: int, amount: float, seed: int) -> torch.Tensor:
     """Indices of a uniform, seeded sample of n images (`amount` < 1 a fraction, ≥ 1 a count):
     the label-free path draws its clean images without looking at labels, not even to
     stratify them."""
-    count = round(amount * n) if amount < 1 else int(amount)
-    if amount <= 0 or count < 1 or count > n:
-        raise SettingsError(f"clean subset must be a fraction in (0, 1) or a count in "
-                            f"[1, {n}], got {amount}")
+    count = subset_size(n, amount)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
@@ -197,6 +195,9 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         source: the name recorded for the input run (default: `run` as given), for callers
             that build in a temporary folder and move the result into place (the demo).
     """
+    if profile_test < 0 or profile_train < 0:
+        raise SettingsError(f"profile sizes must be ≥ 0, got --profile-test {profile_test}, "
+                            f"--profile-train {profile_train}")
     inputs = [run] + ([retune_floor] if retune_floor is not None else [])
     out = check_out(out, overwrite, inputs)  # before anything is loaded
     model, sidecar, attack = load_run(run, device)

@@ -102,6 +102,10 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
         train_classifier(net, loader, train, progress=progress,
                          desc=f"{attack or 'clean'} → {model}")
         seconds = time.perf_counter() - start
+        if not all(bool(torch.isfinite(v).all()) for v in net.state_dict().values()
+                   if v.is_floating_point()):
+            raise DataError("training diverged: the model's weights are NaN or infinite; "
+                            "lower --lr")
         metrics = evaluate(net, test_data, attack_obj)
         save_model(net, folder, {
             "arch": MODELS.name_of(model), "kwargs": kwargs, "classes": list(train_data.classes),
@@ -316,7 +320,15 @@ def load_run(folder: str | Path, device: str = "cpu"
     """Model, sidecar and (if recorded) the attack of a run folder."""
     model, sidecar = load_model(folder, device)
     record = sidecar.get("attack")
-    return model, sidecar, attack_of(record) if record else None
+    attack = attack_of(record) if record else None
+    classes = sidecar.get("classes") or []
+    count = len(classes) or sidecar.get("kwargs", {}).get("num_classes")
+    if attack is not None and isinstance(count, int) and not attack.all_to_all \
+            and not 0 <= attack.target < count:
+        # Scored against a class the model cannot output, ASR would read 0% for any model.
+        raise CheckpointError(f"{Path(folder) / SIDECAR}: the recorded attack targets class "
+                              f"{attack.target}, but the model has {count} classes")
+    return model, sidecar, attack
 
 
 def evaluate_run(folder: str | Path, device: str = "cpu") -> dict[str, float | None]:

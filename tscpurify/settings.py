@@ -6,9 +6,12 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Any, TypeVar
+
+from .errors import SettingsError
 
 S = TypeVar("S")
 
@@ -19,6 +22,17 @@ def _base_type(annotation: Any) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return args[0]
     return annotation
+
+
+def finite_float(text: str) -> float:
+    """A float flag's type: NaN and infinity are refused (argparse's float takes them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _tuple_parser(item: type):
@@ -55,9 +69,53 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, prefix: str =
                                action=argparse.BooleanOptionalAction,
                                help=f"{help_text} (default: {default})")
         else:
-            group.add_argument(flag, dest=prefix + field.name, type=kind, default=None,
+            group.add_argument(flag, dest=prefix + field.name,
+                               type=finite_float if kind is float else kind, default=None,
                                metavar=kind.__name__.upper(),
                                help=f"{help_text} (default: {default})")
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) is tuple:
+        item = typing.get_args(annotation)[0]
+        return isinstance(value, (tuple, list)) and all(_fits(v, item) for v in value)
+    if annotation is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this check does not know: trusted
+
+
+def validate_settings(settings: Any) -> None:
+    """Refuse a settings dataclass whose values do not fit their annotations (a string where a
+    count belongs, NaN where a rate belongs), naming the field."""
+    replace_settings(settings, **{f.name: getattr(settings, f.name)
+                                  for f in dataclasses.fields(settings)})
+
+
+def replace_settings(settings: S, **changes: Any) -> S:
+    """`dataclasses.replace` that names an unknown field (with the known ones) or a value of the
+    wrong type, as a SettingsError, before the dataclass's own checks compare it with anything."""
+    names = [f.name for f in dataclasses.fields(settings)]  # type: ignore[arg-type]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise SettingsError(f"{type(settings).__name__} has no setting "
+                            f"{', '.join(map(repr, unknown))}; its settings: {', '.join(names)}")
+    hints = typing.get_type_hints(type(settings))
+    for name, value in changes.items():
+        if not _fits(value, hints[name]):
+            expected = getattr(hints[name], "__name__", str(hints[name]))
+            raise SettingsError(f"{type(settings).__name__}.{name} must be "
+                                f"{'a finite ' if expected == 'float' else ''}{expected}, got "
+                                f"{value!r}")
+    return dataclasses.replace(settings, **changes)  # type: ignore[type-var]
 
 
 def settings_from_args(cls: type[S], args: argparse.Namespace, base: S | None = None,

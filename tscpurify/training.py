@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .curve.train import device_of  # one definition, shared by training and curves
 from .data.augment import random_crop_flip
 from .errors import SettingsError
+from .settings import validate_settings
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettin
     and devices). The learning rate follows a cosine from `lr` to 0 over all steps.
     `callbacks(epoch, model)` run after each epoch so the loop stays plain.
     """
+    validate_settings(settings)  # NaN rates and string counts fail here, not as NaN weights
     device = device_of(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)

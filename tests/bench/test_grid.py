@@ -50,8 +50,10 @@ def test_grid_cells_and_errors(tmp_path, fmnist_root):
     for text, message in [
         ("defenses = ['tscc']", "did you mean 'tsc'"),
         ("defences = ['tsc']", "unknown key"),
-        ("defenses = ['ft']\n[defense_args.ft]\nepoch = 3", "ft takes: epochs"),
-        ("defenses = ['ft']\n[defense_args.ft]\nepochs = 'three'", "grid"),
+        ("defenses = ['ft']\n[defense_args.ft]\nepoch = 3",
+         "no setting 'epoch'; its settings: epochs"),
+        ("defenses = ['ft']\n[defense_args.ft]\nepochs = 'three'",
+         "epochs must be int, got 'three'"),
         ("seeds = 0", "seeds must be a list"),
         ("budget_steps = 0", "budget_steps"),
         ("settings = ['tuned']", "need a \\[tuning\\] section"),

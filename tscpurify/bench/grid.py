@@ -43,7 +43,7 @@ from ..permutation import model_distances
 from ..retune import RetuneSettings, retune_profile
 from ..runs import load_run
 from ..seeding import derive_seed
-from ..settings import settings_hash
+from ..settings import replace_settings, settings_hash
 from ..training import TrainSettings
 from .cache import cached_backdoored, run_metrics
 from .tuning import TuningSpec, choose, parse_tuning, write_tuned
@@ -123,10 +123,9 @@ def _check_settings(base: str, args: dict[str, Any], what: str) -> None:
     """Fail on an unknown or invalid setting now, not after a model has trained."""
     cls = DEFENSES.meta[DEFENSES.name_of(base)]["settings"]
     try:
-        cls(**args)
-    except TypeError as err:
-        names = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise SettingsError(f"grid: {what}: {err}; {base} takes: {names}") from None
+        replace_settings(cls(), **args)
+    except SettingsError as err:
+        raise SettingsError(f"grid: {what}: {err}") from None
 
 
 def read_grid(source: str | Path) -> Grid:

@@ -23,6 +23,9 @@ def load_image_folder(root: Path) -> ImageData:
         raise DataError(f"{root} has no class sub-folders")
     images, labels, first_shape, mode = [], [], None, None
     for label, name in enumerate(classes):
+        if not any(p.suffix.lower() in EXTENSIONS for p in (root / name).iterdir()):
+            raise DataError(f"class folder {root / name} holds no images "
+                            f"({', '.join(sorted(EXTENSIONS))}); remove it or add images")
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() not in EXTENSIONS:
                 continue

@@ -13,6 +13,11 @@ from ..errors import DataError
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+# The largest IDX payload read (4 GiB): the header's declared size is checked against it before
+# any data is read, and never more than the declared size is inflated (a gzip bomb stops there).
+MAX_BYTES = 4 << 30
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file: magic (0, 0, dtype, ndim), big-endian dims, then the data."""
     if not path.exists():
@@ -20,20 +25,26 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as err:
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _DTYPES:
+                raise DataError(f"{path} is not an IDX file (bad magic number)")
+            ndim = head[3]
+            dims_raw = handle.read(4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise DataError(f"{path} is truncated inside its header")
+            dims = tuple(int(d) for d in np.frombuffer(dims_raw, ">u4", count=ndim))
+            dtype = np.dtype(_DTYPES[head[2]])
+            expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+            if expected > MAX_BYTES:
+                raise DataError(f"{path} declares {dims} ({expected:,} bytes), more than the "
+                                f"{MAX_BYTES:,} bytes this reader accepts")
+            raw = handle.read(expected + 1)  # one byte more tells trailing data apart
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise DataError(f"cannot read {path}: {err}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    dtype = np.dtype(_DTYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != expected:
-        raise DataError(f"{path} is truncated: header says {dims}, data has "
-                        f"{len(raw) - offset} bytes, expected {expected}")
-    return np.frombuffer(raw, dtype, offset=offset).reshape(dims)
+    if len(raw) != expected:
+        what = "is truncated" if len(raw) < expected else "has data past its declared size"
+        raise DataError(f"{path} {what}: header says {dims}, expected {expected} bytes")
+    return np.frombuffer(raw, dtype).reshape(dims)
 
 
 def load_idx_pair(images_path: Path, labels_path: Path, hint: str = ""

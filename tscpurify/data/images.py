@@ -89,5 +89,13 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
         if root is None:
             raise DataError("folder needs --data-root: a folder with train/ and test/ "
                             "class folders")
-        return load_image_folder(Path(root) / split)
+        other = Path(root) / ("test" if split == "train" else "train")
+        data = load_image_folder(Path(root) / split)
+        if other.is_dir():
+            theirs = sorted(p.name for p in other.iterdir() if p.is_dir())
+            if list(data.classes) != theirs:
+                raise DataError(f"{Path(root) / split} has classes {list(data.classes)} but "
+                                f"{other} has {theirs}; labels are numbered by class folder, "
+                                f"so both splits need the same class folders")
+        return data
     raise DataError(f"unknown data set {name!r}; choices: {', '.join(DATASETS)}")

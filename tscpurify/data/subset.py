@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import SettingsError
+
+
+def subset_size(n: int, amount: float) -> int:
+    """How many of n images `amount` asks for: a fraction in (0, 1), or a whole count in
+    [1, n]. Anything else (NaN, infinity, 1.5, a negative) is refused, never rounded."""
+    finite = (isinstance(amount, (int, float)) and not isinstance(amount, bool)
+              and math.isfinite(amount))
+    fraction = finite and 0 < amount < 1
+    whole = finite and amount >= 1 and float(amount).is_integer()
+    count = round(amount * n) if fraction else int(amount) if whole else 0
+    if not (fraction or whole) or count < 1 or count > n:
+        raise SettingsError(f"clean subset must be a fraction in (0, 1) or a whole count in "
+                            f"[1, {n}], got {amount}")
+    return count
 
 
 def select_clean_subset(labels: torch.Tensor, amount: float, seed: int) -> torch.Tensor:
@@ -14,10 +30,7 @@ def select_clean_subset(labels: torch.Tensor, amount: float, seed: int) -> torch
     rounding), so a 5% subset of a balanced set is exactly balanced.
     """
     n = len(labels)
-    count = round(amount * n) if amount < 1 else int(amount)
-    if amount <= 0 or count < 1 or count > n:
-        raise SettingsError(f"clean subset must be a fraction in (0, 1) or a count in "
-                            f"[1, {n}], got {amount}")
+    count = subset_size(n, amount)
     generator = torch.Generator().manual_seed(seed)
     classes, sizes = labels.unique(return_counts=True)
     exact = sizes.double() * count / n

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DataError, SettingsError
 from ..seeding import seed_everything
+from ..settings import replace_settings, validate_settings
 from . import DEFENSES
 
 
@@ -47,10 +47,11 @@ def defend(name: str, model: nn.Module, clean: DataLoader, settings: Any = None,
     meta = DEFENSES.meta[DEFENSES.name_of(name)]
     settings_cls = meta["settings"]
     settings = settings if settings is not None else settings_cls()
-    try:
-        settings = dataclasses.replace(settings, **overrides)
-    except TypeError as err:
-        raise SettingsError(f"defense {name!r}: {err}") from None
+    if not isinstance(settings, settings_cls):
+        raise SettingsError(f"defense {name!r} takes {settings_cls.__name__}, got "
+                            f"{type(settings).__name__}")
+    settings = replace_settings(settings, **overrides)
+    validate_settings(settings)
     if len(clean.dataset) == 0:  # type: ignore[arg-type]
         raise DataError("the clean data loader is empty")
     if meta.get("needs_labels") and not loader_has_labels(clean):

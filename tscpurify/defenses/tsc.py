@@ -57,9 +57,10 @@ from ..permutation import (
 )
 from ..report.schema import PurifyReport, StageRecord
 from ..seeding import derive_seed, seed_everything
+from ..settings import replace_settings, validate_settings
 from ..training import TrainSettings, device_of, train_classifier
 from . import DEFENSES
-from .base import DefenseResult, loader_has_labels
+from .base import DefenseResult
 from .budget import scale_counts
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,69 @@ def example_batch(loader: DataLoader) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def check_inputs(model: nn.Module, clean: DataLoader, loss_fn: LossFn | None) -> None:
+    """What would otherwise fail deep inside a run, or silently: checked on the first batch.
+
+    Frozen parameters are refused: every parameter lies on TSC's curves, so a frozen one would
+    be moved anyway (or, if skipped, leave the permuted copy inconsistent)."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise SettingsError(f"TSC moves every parameter along its curves, and {len(frozen)} "
+                            f"are frozen (requires_grad=False: {', '.join(frozen[:3])}"
+                            f"{', ...' if len(frozen) > 3 else ''}); unfreeze them to purify")
+    try:
+        batch = next(iter(clean))
+    except StopIteration:
+        raise DataError("the clean data loader gave no batches") from None
+    images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DataError(f"clean batches must start with a float image tensor, got {got}")
+    norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if norms and len(images) < 2:
+        raise DataError("the clean loader gives batches of one image, and the model has "
+                        "BatchNorm layers, which train on batch statistics: use batches of 2 or "
+                        "more")
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        device = device_of(probe)
+        if loss_fn is not None:
+            value = loss_fn(probe, batch)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else \
+                    type(value).__name__
+                raise DataError(f"loss_fn must return a scalar tensor, got {shape}")
+            return
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise DataError("the clean loader yields bare images: pass a label-free loss_fn "
+                            "(e.g. a SimCLR loss) or a loader of (images, labels)")
+        output = probe(images[:2].to(device))
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            what = type(output).__name__ if not isinstance(output, torch.Tensor) else \
+                f"a tensor of shape {tuple(output.shape)}"
+            raise DataError(f"with the default cross-entropy loss the model must return (N, "
+                            f"classes) scores, but it returns {what}; wrap the model, or pass "
+                            f"a loss_fn")
+        labels = batch[1]
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() \
+                or labels.is_complex() or labels.dtype == torch.bool:
+            raise DataError(f"labels must be an integer tensor of class indices, got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= output.shape[1]):
+            raise DataError(f"labels must lie in [0, {output.shape[1] - 1}] (the model's "
+                            f"classes), got values from {int(labels.min())} to "
+                            f"{int(labels.max())}")
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Stop with the stage's name rather than carry NaN weights into the next stage."""
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DataError(f"{where} produced NaN or infinite weights ({bad[0]}, ...): the "
+                        f"training diverged; lower the learning rate")
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, loader: DataLoader, loss_fn: LossFn) -> float:
     """The curve's own objective at a point, on the clean data: the defender's one gauge."""
@@ -301,6 +365,7 @@ class _Stages:
                    progress=self.progress, generator=generator)
         point = curve.point(t)
         self.timed("batchnorm", recompute_bn_stats, point, self.clean)
+        check_finite(point.state_dict(), f"round {round_}, stage {stage}'s curve")
         metrics = self.measure(point)
         # The profile is for people reading the report; its cost is booked apart ("profile").
         profile = [{"t": t, **metrics}] if self.settings.profile_points else []
@@ -442,6 +507,7 @@ class _Stages:
             self.timed("finetune", train_classifier, model, self.clean, ft,
                        progress=self.progress, desc="fine-tune", loss_fn=loss_fn)
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            check_finite(state, f"round {round_}'s fine-tune")
             record = replace(record, finetuned=self.measure(model.eval()))
         return state, record
 
@@ -501,7 +567,8 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         purified, report = tscpurify.purify(model, DataLoader(clean_set, batch_size=256,
                                                               shuffle=True), epochs=20)
     """
-    settings = replace(settings or TSCSettings(), **overrides)
+    settings = replace_settings(settings or TSCSettings(), **overrides)
+    validate_settings(settings)
     if loss_fn is not None and (settings.distill > 0 or settings.final_ft_label_smoothing > 0
                                 or settings.batch_size is not None):
         # Distillation and label smoothing act on class scores; a custom objective (an
@@ -512,11 +579,11 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         log.info("custom loss_fn: the loader's own batches, and a last fine-tune on that loss "
                  "alone (distill 0, no smoothing)")
         settings = replace(settings, distill=0.0, final_ft_label_smoothing=0.0, batch_size=None)
+    if resume_dir is not None and Path(resume_dir).exists() and not Path(resume_dir).is_dir():
+        raise SettingsError(f"resume_dir {resume_dir} is a file, not a folder of stages")
     clean = rebatched(clean, settings.batch_size)
+    check_inputs(model, clean, loss_fn)
     if loss_fn is None:
-        if not loader_has_labels(clean):
-            raise DataError("the clean loader yields bare images: pass a label-free loss_fn "
-                            "(e.g. a SimCLR loss) or a loader of (images, labels)")
         loss_fn = cross_entropy_loss(random_crop_flip)
     began = time.perf_counter()
     template = copy.deepcopy(model).eval()

@@ -5,6 +5,7 @@ Any `nn.Module` works through the Python API; registering one only gives it a CL
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -22,9 +23,18 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model, e.g. create_model('cnn', num_classes=10, width=16)."""
     builder = MODELS.get(name)
     try:
-        return builder(**kwargs)
+        with warnings.catch_warnings():  # torch warns before the check below can say why
+            warnings.simplefilter("ignore", UserWarning)
+            model = builder(**kwargs)
     except TypeError as err:
         raise SettingsError(f"model {name!r} does not accept these arguments: {err}") from None
+    except (ValueError, RuntimeError) as err:  # e.g. width 0: a layer refuses its size
+        raise SettingsError(f"model {name!r} cannot be built with {kwargs}: {err}") from None
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise SettingsError(f"model {name!r} with {kwargs} has empty layers ({empty[0]}, ...): "
+                            f"sizes such as the width must be positive")
+    return model
 
 
 __all__ = ["MODELS", "create_model"]
