@@ -157,9 +157,7 @@ def test_purify_a_classifier_with_the_simclr_loss(backdoored_run, tmp_path):
 @pytest.mark.parametrize("command", ["attack", "encoder", "evaluate", "purify", "demo", "bench"])
 def test_every_command_prints_its_help(command, capsys):
     # argparse %-formats help strings: a "%" in a settings field's help once crashed --help
-    with pytest.raises(SystemExit) as exit_:
-        main([command, "--help"])
-    assert exit_.value.code == 0
+    assert main([command, "--help"]) == 0
     assert "usage:" in capsys.readouterr().out
 
 

@@ -579,6 +579,9 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         log.info("custom loss_fn: the loader's own batches, and a last fine-tune on that loss "
                  "alone (distill 0, no smoothing)")
         settings = replace(settings, distill=0.0, final_ft_label_smoothing=0.0, batch_size=None)
+    dataset = getattr(clean, "dataset", None)
+    if hasattr(dataset, "__len__") and len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("the clean data loader is empty")
     if resume_dir is not None and Path(resume_dir).exists() and not Path(resume_dir).is_dir():
         raise SettingsError(f"resume_dir {resume_dir} is a file, not a folder of stages")
     clean = rebatched(clean, settings.batch_size)
