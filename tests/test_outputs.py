@@ -145,3 +145,44 @@ def test_two_processes_same_out_one_refused_the_others_result_intact(tmp_path, f
         holder.communicate("")
     assert main(argv) == 0  # the lock went with its process
     assert json.loads((out / "model.json").read_text())["attack"]["name"] == "badnets"
+
+
+def test_demo_overwrite_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path,
+                                                                            monkeypatch, capsys):
+    import tscpurify.purification as purification
+    import tscpurify.runs as runs
+    from tscpurify.cli import main
+    from tscpurify.evaluation import Metrics
+    from tscpurify.report.schema import PurifyReport
+
+    old = tmp_path / "demo"
+    for name in ("backdoored", "purified"):
+        run_folder(old / name)
+
+    def fake_attack(out, **kwargs):
+        with atomic_folder(out) as folder:
+            (folder / "model.json").write_text("{}")
+        assert (old / "purified" / "weights.safetensors").read_text() == "old"
+        return Metrics(90.0, 100.0, 0.0)
+
+    def failing_purify(run, out, *args, **kwargs):
+        raise OutputError("disk full")
+
+    monkeypatch.setattr(runs, "train_backdoored", fake_attack)
+    monkeypatch.setattr(purification, "purify_run", failing_purify)
+    assert main(["demo", "--out", str(old), "--overwrite", "--quiet"]) == 2
+    assert (old / "purified" / "weights.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+    def fake_purify(run, out, *args, source=None, **kwargs):
+        with atomic_folder(out) as folder:
+            (folder / "model.json").write_text(json.dumps({"source": source}))
+        return PurifyReport("0", "tsc", {}, 0, before={"acc": 90.0}, after={"acc": 89.0},
+                            source={"run": source})
+
+    monkeypatch.setattr(purification, "purify_run", fake_purify)
+    assert main(["demo", "--out", str(old), "--overwrite", "--quiet"]) == 0
+    assert json.loads((old / "purified" / "model.json").read_text())["source"] == str(
+        old / "backdoored"), "the report names the final folder, not the temporary one"
+    assert not (old / "purified" / "weights.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
