@@ -186,3 +186,46 @@ def test_demo_overwrite_keeps_the_old_folder_until_the_new_one_is_complete(tmp_p
         old / "backdoored"), "the report names the final folder, not the temporary one"
     assert not (old / "purified" / "weights.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_a_terminated_run_leaves_no_temporary_folder_or_lock(tmp_path, fmnist_root):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "tscpurify", "attack", "--data-root", str(fmnist_root),
+            "--out", str(out), "--epochs", "500", "--width", "4", "--batch-size", "64", "--quiet"]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".run.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".run.tmp-*")), "the run should be building its folder"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == [], "no temporary folder, lock or half-written run"
+
+
+def test_a_stale_temporary_folder_from_a_killed_run_is_cleared_by_the_next(tmp_path):
+    out = tmp_path / "run"
+    stale = tmp_path / ".run.tmp-abc123"
+    stale.mkdir()
+    (stale / "weights.safetensors").write_text("half")
+    with atomic_folder(out) as folder:
+        (folder / "model.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_bench_adds_only_to_its_own_folders(tmp_path):
+    from tscpurify.bench.grid import run_grid
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_text("keep")
+    with pytest.raises(OutputError, match="did not write"):
+        run_grid("quick", foreign, progress=False)
+    with pytest.raises(OutputError, match="symbolic link"):
+        (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+        run_grid("quick", tmp_path / "link", progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["a.jpg"]

@@ -26,7 +26,8 @@ from pathlib import Path
 from .errors import OutputError
 
 # Files that mark a folder as tscpurify's own: a run folder's sidecar, a bench or demo folder.
-MARKERS = ("model.json", "results.jsonl", "backdoored/model.json", "purified/model.json")
+MARKERS = ("model.json", "results.jsonl", "tuning.jsonl", "backdoored/model.json",
+           "purified/model.json")
 
 
 def is_tscpurify_folder(path: Path) -> bool:
@@ -38,18 +39,36 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()
-              ) -> Path:
-    """Refuse an output folder that could lose data; returns it as a Path. Raises OutputError."""
-    out = Path(out)
+def _check_place(out: Path) -> Path:
+    """Never a symlink, the current folder or one of its parents; returns the resolved path."""
     if str(out).strip() in ("", "."):
         raise OutputError(f"--out {str(out)!r} is the current folder; give a new folder name")
     if out.is_symlink():
         raise OutputError(f"--out {out} is a symbolic link; give a real folder path")
-    resolved, here = out.resolve(), Path.cwd().resolve()
-    if _inside(here, resolved):
+    resolved = out.resolve()
+    if _inside(Path.cwd().resolve(), resolved):
         raise OutputError(f"--out {out} is the current folder or one of its parents; "
                           f"give a new folder name")
+    return resolved
+
+
+def check_resumable_out(out: str | Path) -> Path:
+    """A folder that a resumable command (bench) adds to: new, empty, or tscpurify's own."""
+    out = Path(out)
+    _check_place(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_tscpurify_folder(out):
+        raise OutputError(f"{out} holds files tscpurify did not write (no results.jsonl or "
+                          f"tuning.jsonl); give a new or empty folder")
+    return out
+
+
+def check_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+              ) -> Path:
+    """Refuse an output folder that could lose data; returns it as a Path. Raises OutputError."""
+    out = Path(out)
+    resolved = _check_place(out)
     for source in inputs:
         source = Path(source).resolve()
         if _inside(resolved, source) or _inside(source, resolved):
@@ -125,6 +144,10 @@ def atomic_folder(out: str | Path, overwrite: bool = False,
     finished = False
     try:
         with output_lock(out):
+            # Under the lock no other run is building `out`: a temporary folder left by a run
+            # that was killed outright (SIGKILL, power loss) is debris, removed now.
+            for stale in out.parent.glob(f".{out.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
             try:
                 yield tmp

@@ -39,6 +39,7 @@ from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
 from ..errors import SettingsError
 from ..evaluation import Metrics, der, evaluate
+from ..outputs import check_resumable_out, output_lock
 from ..permutation import model_distances
 from ..retune import RetuneSettings, retune_profile
 from ..runs import load_run
@@ -327,14 +328,17 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
 
 def _run_cells(cells: list[Cell], results_path: Path, out: Path, device: str,
                progress: bool, desc: str) -> list[dict]:
-    done = read_results(results_path)
-    for cell in tqdm(cells, desc=desc, disable=not progress):
-        if cell.key in done:
-            continue
-        row = run_cell(cell, out, device, progress=False)
-        with results_path.open("a") as handle:  # one line per finished cell: crash-safe
-            handle.write(json.dumps(row) + "\n")
-        done[cell.key] = row
+    # One writer per results file: a second process running the same phase is refused (the
+    # tuning and the benchmark rows write different files, so they may run side by side).
+    with output_lock(results_path):
+        done = read_results(results_path)
+        for cell in tqdm(cells, desc=desc, disable=not progress):
+            if cell.key in done:
+                continue
+            row = run_cell(cell, out, device, progress=False)
+            with results_path.open("a") as handle:  # one line per finished cell: crash-safe
+                handle.write(json.dumps(row) + "\n")
+            done[cell.key] = row
     # Rows carry their own labels: a shared run appears under every row that asked for it.
     return [{**done[c.key], "cell": asdict(c)} for c in cells if c.key in done]
 
@@ -358,7 +362,7 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
     """Run every unfinished cell of `phase` ('tune', 'default', 'tuned' or 'all'); returns the
     benchmark rows of the phases run, in grid order."""
     grid = read_grid(source)
-    out = Path(out)
+    out = check_resumable_out(out)
     out.mkdir(parents=True, exist_ok=True)
     if phase not in PHASES:
         raise SettingsError(f"unknown phase {phase!r}; choices: {', '.join(PHASES)}")
