@@ -303,6 +303,8 @@ API_CASES = [
      "float image tensor"),
     ("bare images", dict(loader=DataLoader(TensorDataset(IMAGES), batch_size=16)), DataError,
      "bare images"),
+    ("NaN images", dict(loader=loader_of(torch.full_like(IMAGES, math.nan), LABELS)), DataError,
+     "NaN or infinite"),
     ("tuple output", dict(model=TupleModel), DataError, "returns tuple"),
     ("non-scalar loss", dict(loss_fn=lambda model, batch: model(batch[0])), DataError,
      "loss_fn must return a scalar"),
@@ -341,3 +343,12 @@ def test_defend_refuses_the_wrong_settings_and_unknown_overrides(tiny_model):
         defend("ft", tiny_model, loader, progress=False, epoch=1)
     with pytest.raises(SettingsError, match="lr must be a finite float"):
         defend("ft", tiny_model, loader, progress=False, lr=math.nan)
+
+
+def test_nan_activations_stop_the_matching_with_one_error(tiny_model):
+    from tscpurify.permutation import derive_spec, match
+
+    spec = derive_spec(tiny_model, IMAGES[:2])
+    bad = [(torch.full_like(IMAGES[:8], math.nan), LABELS[:8])]
+    with pytest.raises(DataError, match="non-finite activations"):
+        match(tiny_model, tiny_model, spec, bad, mode="unalign")

@@ -256,6 +256,8 @@ def check_inputs(model: nn.Module, clean: DataLoader, loss_fn: LossFn | None) ->
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
         raise DataError(f"clean batches must start with a float image tensor, got {got}")
+    if not bool(torch.isfinite(images).all()):
+        raise DataError("the clean images hold NaN or infinite values")
     norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if norms and len(images) < 2:
         raise DataError("the clean loader gives batches of one image, and the model has "

@@ -213,6 +213,9 @@ def solve(corr: torch.Tensor, mode: Mode = "align") -> torch.Tensor:
     """
     if mode not in ("align", "unalign"):
         raise SettingsError(f"mode must be 'align' or 'unalign', got {mode!r}")
+    if not bool(torch.isfinite(corr).all()):
+        raise DataError("the activation correlations hold NaN or infinite values: the clean "
+                        "data or the model's weights produce non-finite activations")
     rows, cols = linear_sum_assignment(corr.detach().cpu().numpy(), maximize=mode == "align")
     return torch.as_tensor(cols, dtype=torch.long)[torch.as_tensor(rows).argsort()]
 
