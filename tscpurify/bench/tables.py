@@ -80,6 +80,7 @@ def summary(rows: list[dict]) -> list[dict[str, Any]]:
              "ra": _mean([r["after"]["ra"] for r in group]),
              "der": mean(r["der"] for r in group),
              "retune_asr": _mean([retune_asr(r, RETUNE_EPOCH) for r in group]),
+             "distance": _mean([r.get("distance", {}).get("aligned") for r in group]),
              "steps": mean(r.get("steps", 0) for r in group),
              "seconds": mean(r.get("seconds", 0.0) for r in group)}
             for name, group in by_defense.items()]
@@ -87,11 +88,12 @@ def summary(rows: list[dict]) -> list[dict[str, Any]]:
 
 def _summary_table(rows: list[dict]) -> str:
     lines = ["", f"| defense | cells | mean ACC drop | mean ASR | mean RA | mean DER | "
-                 f"mean ASR after {RETUNE_EPOCH} re-tune epochs | steps | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+                 f"mean ASR after {RETUNE_EPOCH} re-tune epochs | aligned distance | steps | "
+                 f"seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary(rows):
+        distance = "–" if s["distance"] is None else f"{s['distance']:.3f}"
         lines.append(f"| {s['defense']} | {s['cells']} | {s['acc_drop']:.2f} | {fmt(s['asr'])} | "
-                     f"{fmt(s['ra'])} | {s['der']:.3f} | {fmt(s['retune_asr'])} | "
+                     f"{fmt(s['ra'])} | {s['der']:.3f} | {fmt(s['retune_asr'])} | {distance} | "
                      f"{s['steps']:.0f} | {s['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
