@@ -12,6 +12,10 @@ Plan, for every Conv2d:
   2. Prune the channels with UCLC_k > mean + u·std of the layer's UCLCs (std unbiased, as the
      reference): the BN's γ_k and β_k are zeroed, or, without a BN, the conv's W_k (and bias).
 
+Reference: rkteddy/channel-Lipschitzness-based-pruning and SCLBD/BackdoorBench `defense/clp.py`.
+Differs from the reference: nothing in the rule; conv/BN pairs are found by tracing, not by
+module order, so residual models pair correctly (details below).
+
 Adapted: convs are paired with a BN by symbolic tracing (the BN must be the conv output's only
 reader), not by module order, so a conv feeding a residual sum (PreAct-ResNet's stem and second
 convs, shortcuts) is judged, and pruned, on its own weights: zeroing its BN-side only would leave

@@ -12,6 +12,10 @@ Plan:
      `tolerance` of the unpruned model's; the first channel that breaks the tolerance is kept.
   5. Fine-tune on all the clean data with the pruned channels held at zero.
 
+Reference: kangliucn/Fine-pruning-defense and SCLBD/BackdoorBench `defense/fp.py`.
+Differs from the reference: pruning stops on a held-out part of the defender's clean data, not on
+test accuracy, because a defense must not see data it does not hold (details below).
+
 Adapted: the paper prunes the last conv layer of nets whose conv is followed directly by ReLU.
 Here the pruned layer is the last feature map, as BackdoorBench does for PreAct-ResNet18 (the
 output of the last stage + BN, which the classifier reads): for our CNN that is the last conv

@@ -19,6 +19,10 @@ refuses a bare-image loader for MCR. A self-supervised caller therefore either p
 loader whose labels its loss ignores, or calls `mcr(copy.deepcopy(model), loader, MCRSettings(),
 seed=0, progress=False, callbacks={"loss_fn": ssl_loss})` directly.
 
+Reference: IBM/model-sanitization (the authors' code) and SCLBD/BackdoorBench `defense/mcr.py`.
+Differs from the reference: the far endpoint is the suspect model's own fine-tuned copy (see
+below), because a defense holds one suspect model, not two.
+
 Adapted: the paper's endpoints are two backdoored models, or one and its fine-tuned copy; we
 use the latter (one suspect model is all a defense gets), as BackdoorBench does. Curve budget:
 BackdoorBench trains 100 epochs on 5% of CIFAR-10; we give MCR one TSC stage (30 epochs).

@@ -12,6 +12,10 @@ Plan:
   3. Student (the backdoored model itself): SGD on CE + Σ_i beta_i · AT(student_i, teacher_i),
      AT = mean squared difference of L2-normalised attention maps A(F) = mean_c |F_c|^p.
 
+Reference: bboylyg/NAD and SCLBD/BackdoorBench `defense/nad.py`.
+Differs from the reference: the attention taps are found by resolution stage for any model
+rather than named per architecture, because defenses here know no architecture names.
+
 Adapted: AT is the squared-mean form of NAD's reference code (rather than the paper's L2 norm),
 so the reference's betas keep their scale; the attention is averaged over channels with |F|
 (the same as F² for p = 2) so pre-activation maps are handled. Stages are found generically.

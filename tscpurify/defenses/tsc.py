@@ -2,6 +2,10 @@
 
 Peng, Yang, Zhao, Dong, He, Zhang & He, "Circumventing Backdoor Space via Weight Symmetry",
 ICML 2025, https://arxiv.org/abs/2506.07467. Reference code: github.com/JiePeng104/TSC.
+Differs from the reference: the default's four settings in the README's table (fresh control
+point, curve lr 0.1 over 30 epochs, 5-epoch fine-tunes at 0.01, a label-smoothed last
+fine-tune), because the reference's literal settings left the backdoor in place here; the
+"paper" preset holds the reference's. `permutation` ("random", "identity") is our ablation.
 
 Plan, per round r (θ_0 = the suspect model):
   1. Stage 1, loss amplification: un-align a copy of θ_r against θ_r itself (each hidden unit
