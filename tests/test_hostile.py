@@ -312,6 +312,8 @@ API_CASES = [
     ("one-image batches", dict(loader=loader_of(IMAGES, LABELS, 1), batch_size=None),
      DataError, "batches of one image"),
     ("resume_dir a file", dict(resume_file=True), SettingsError, "is a file"),
+    ("negative curve epochs", dict(epochs=-1), SettingsError, "epochs ≥ 0"),
+    ("negative profile points", dict(profile_points=-3), SettingsError, "profile_points"),
 ]
 
 
@@ -337,6 +339,8 @@ def test_purify_api_refuses_bad_input_before_any_work(name, case, error, message
 
 def test_defend_refuses_the_wrong_settings_and_unknown_overrides(tiny_model):
     loader = loader_of(IMAGES, LABELS)
+    with pytest.raises(DataError, match="batches of 2 or more"):
+        defend("ft", tiny_model, loader_of(IMAGES, LABELS, 1), progress=False, epochs=1)
     with pytest.raises(SettingsError, match="takes NADSettings"):
         defend("nad", tiny_model, loader, FineTuneSettings(), progress=False)
     with pytest.raises(SettingsError, match="has no setting 'epoch'"):

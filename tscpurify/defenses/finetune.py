@@ -4,9 +4,9 @@ Reference: SCLBD/BackdoorBench `defense/ft.py`, SGD on the defender's clean data
 cross-entropy.
 Differs from the reference: the rate follows one cosine from lr to 0 over all steps, whatever
 the reference's configured schedule, so that a step budget resizes the run without changing its
-shape and TSC can be compared with fine-tuning at an equal number of gradient steps. With `label_smoothing` 0.1 and lr 0.03 it is
-TSC's last fine-tune on its own (the bench's `last_ft_alone` row): what TSC's removal owes to
-that fine-tune rather than to its curves.
+shape and TSC can be compared with fine-tuning at an equal number of gradient steps.
+With `label_smoothing` 0.1 and lr 0.03 it is TSC's last fine-tune on its own (the bench's
+`last_ft_alone` row): what TSC's removal owes to that fine-tune rather than to its curves.
 """
 
 from __future__ import annotations

@@ -165,6 +165,9 @@ class TSCSettings:
         if self.permutation not in PERMUTATIONS:
             raise SettingsError(f"permutation must be one of {', '.join(PERMUTATIONS)}, got "
                                 f"{self.permutation!r}")
+        if self.profile_points < 0:
+            raise SettingsError(f"profile_points must be ≥ 0, got {self.profile_points}")
+        self.curve()  # the curve's own checks (epochs ≥ 0, lr > 0, ...) now, not mid-run
 
     def planned_steps(self, batches_per_epoch: int) -> int:
         """Curve steps (two curves a round) plus the fine-tunes, at `batches_per_epoch`
