@@ -356,3 +356,16 @@ def test_nan_activations_stop_the_matching_with_one_error(tiny_model):
     bad = [(torch.full_like(IMAGES[:8], math.nan), LABELS[:8])]
     with pytest.raises(DataError, match="non-finite activations"):
         match(tiny_model, tiny_model, spec, bad, mode="unalign")
+
+
+def test_a_spec_that_permutes_nothing_is_refused_and_coverage_is_reported(tiny_model):
+    from tscpurify import PermutationSpec, SpecError
+
+    loader = loader_of(IMAGES, LABELS)
+    empty = PermutationSpec.from_axes({}, tiny_model.state_dict())
+    with pytest.raises(SpecError, match="permute nothing"):
+        purify(tiny_model, loader, progress=False, rounds=1, epochs=1, final_ft_epochs=0,
+               profile_points=0, spec=empty)
+    _, report = purify(tiny_model, loader, progress=False, rounds=1, epochs=1, final_ft_epochs=0,
+                       ft_epochs=0, profile_points=0, leaf_modules=())
+    assert report.symmetry["groups"] == 5 and report.symmetry["coverage"] > 0.9

@@ -8,7 +8,16 @@ __version__ = "0.1.0"
 
 from .defenses import defend  # noqa: E402
 from .defenses.tsc import PRESETS, TSCSettings, purify  # noqa: E402
-from .permutation import apply_permutation, derive_spec, match  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    DataError,
+    OutputError,
+    SettingsError,
+    SpecError,
+    TscpurifyError,
+)
+from .permutation import PermutationSpec, apply_permutation, derive_spec, match  # noqa: E402
 
-__all__ = ["PRESETS", "TSCSettings", "__version__", "apply_permutation", "defend",
-           "derive_spec", "match", "purify"]
+__all__ = ["PRESETS", "CheckpointError", "DataError", "OutputError", "PermutationSpec",
+           "SettingsError", "SpecError", "TSCSettings", "TscpurifyError", "__version__",
+           "apply_permutation", "defend", "derive_spec", "match", "purify"]

@@ -50,7 +50,7 @@ from ..curve import (
 from ..curve.profile import default_ts
 from ..curve.train import LossFn, distillation_loss
 from ..data.augment import random_crop_flip
-from ..errors import CheckpointError, DataError, SettingsError
+from ..errors import CheckpointError, DataError, SettingsError, SpecError
 from ..permutation import (
     PermutationSpec,
     apply_permutation,
@@ -327,7 +327,8 @@ class _Stages:
     def __init__(self, template: nn.Module, clean: DataLoader, settings: TSCSettings,
                  loss_fn: LossFn, evaluate: Evaluate | None, seed: int, progress: bool,
                  resume_dir: Path | None, spec: PermutationSpec | None,
-                 resume_identity: dict[str, Any] | None = None) -> None:
+                 resume_identity: dict[str, Any] | None = None,
+                 leaf_modules: tuple = ()) -> None:
         self.template, self.clean, self.settings = template, clean, settings
         self.loss_fn, self.evaluate, self.seed, self.progress = loss_fn, evaluate, seed, progress
         self.resume_dir = resume_dir
@@ -335,9 +336,16 @@ class _Stages:
         self.seconds = {"permutation": 0.0, "curve": 0.0, "batchnorm": 0.0, "finetune": 0.0,
                         "evaluation": 0.0, "profile": 0.0}
         example = example_batch(clean)[:4].to(device_of(template))
-        self.spec = spec if spec is not None else derive_spec(template, example)
+        self.spec = (spec if spec is not None
+                     else derive_spec(template, example, leaf_modules=leaf_modules))
         # Derived or hand-written, a spec is trusted only once it provably keeps the function.
         verify_spec(template, self.spec, example, generator=torch.Generator().manual_seed(seed))
+        if not self.spec.groups and settings.permutation != "identity":
+            # Without groups TSC silently becomes its identity ablation: say so instead.
+            raise SpecError(f"the permutation spec of {type(template).__name__} has no groups, "
+                            f"so TSC would permute nothing; pass a spec that permutes its hidden "
+                            f"units, or permutation='identity' to run the recipe without one")
+        self.coverage = self.spec.coverage(template.state_dict())
         if resume_dir is not None:
             self.check_resume_dir()
 
@@ -548,7 +556,7 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
            loss_fn: LossFn | None = None, evaluate: Evaluate | None = None, seed: int = 0,
            progress: bool = True, resume_dir: str | Path | None = None,
            spec: PermutationSpec | None = None, resume_identity: dict[str, Any] | None = None,
-           **overrides: Any) -> tuple[nn.Module, PurifyReport]:
+           leaf_modules: tuple = (), **overrides: Any) -> tuple[nn.Module, PurifyReport]:
     """Purify `model` with TSC on the clean data in `clean`; the input model is not modified.
 
     Args:
@@ -567,7 +575,9 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
             weights' digest, the clean indices, torch version, thread count); any mismatch is
             refused.
         spec: a hand-written PermutationSpec for models torch.fx cannot trace (default:
-            derived from the model); either way it is verified before use.
+            derived from the model); either way it is verified before use, and one with no
+            groups is refused (TSC would permute nothing).
+        leaf_modules: module types or paths the derived spec keeps opaque (`derive_spec`).
 
     Returns:
         (purified model in eval mode, PurifyReport)
@@ -600,7 +610,8 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
     began = time.perf_counter()
     template = copy.deepcopy(model).eval()
     stages = _Stages(template, clean, settings, loss_fn, evaluate, seed, progress,
-                     Path(resume_dir) if resume_dir else None, spec, resume_identity)
+                     Path(resume_dir) if resume_dir else None, spec, resume_identity,
+                     tuple(leaf_modules))
     final_state, records = stages.run({k: v.detach().clone()
                                        for k, v in template.state_dict().items()})
     purified = stages.model_from(final_state)
@@ -608,7 +619,8 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
     report = PurifyReport(
         tool_version=__version__, defense="tsc", settings=asdict(settings), seed=seed,
         before=stages.measure(template), after=stages.measure(purified), stages=records,
-        seconds=stages.seconds, steps=settings.planned_steps(len(clean)))
+        seconds=stages.seconds, steps=settings.planned_steps(len(clean)),
+        symmetry={"groups": len(stages.spec.groups), "coverage": stages.coverage})
     return purified, report
 
 

@@ -17,6 +17,9 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         lines.append(f"Model: `{report.source.get('run', '?')}` "
                      f"({report.source.get('arch', '?')}, attack recorded: "
                      f"{report.source.get('attack', 'none')}).")
+    if report.symmetry:
+        lines.append(f"Permutation symmetry: {report.symmetry['groups']} groups, moving "
+                     f"{100 * report.symmetry['coverage']:.1f}% of the weights.")
     lines += ["", "## Before and after", "", "| | ACC % | ASR % | RA % |", "|---|---|---|---|"]
     for name, metrics in (("before", report.before), ("after", report.after)):
         if metrics:

@@ -43,6 +43,8 @@ class PurifyReport:
     retune: dict[str, Any] = field(default_factory=dict)
     # What the numbers depend on besides the settings: thread count, torch version, device.
     environment: dict[str, Any] = field(default_factory=dict)
+    # The permutation symmetry used: its group count and the share of the weights it moves.
+    symmetry: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
