@@ -288,19 +288,34 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench.grid import finished_rows, read_grid, run_grid
+    from .bench.grid import finished_rows, read_grid, read_results, run_grid
     from .bench.tables import markdown_table, plot_bench, tuning_table
+    from .bench.tuning import summarise
 
-    read_grid(args.grid)  # every key checked before anything trains
+    grid = read_grid(args.grid)  # every key checked before anything trains
     out = Path(args.out or f"runs/bench-{Path(args.grid).stem}")
-    run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet,
-             phase=args.phase)
+    if args.render:
+        if not out.is_dir():
+            raise SettingsError(f"--render needs an existing bench folder; {out} is not one")
+    else:
+        run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet,
+                 phase=args.phase)
     if (out / "tuning.json").exists():
         choice = json.loads((out / "tuning.json").read_text())
         table = (f"Rule: {choice['rule']}.\n\n" + tuning_table(choice["choice"]))
+    elif grid.tuning is not None and (out / "tuning.jsonl").exists():
+        # Unfinished: every candidate that has run so far, nothing chosen yet.
+        lines = summarise(list(read_results(out / "tuning.jsonl").values()), grid.tuning)
+        pending = {name: {"candidate": None, "table": table}
+                   for name, table in lines.items() if any(t["asrs"] for t in table)}
+        table = (f"Tuning unfinished: nothing is chosen until every candidate has run on every "
+                 f"tuning model. Rule: {grid.tuning.rule}.\n\n" + tuning_table(pending))
+    else:
+        table = ""
+    if table:
         (out / "tuning.md").write_text(table)
         print(table)
-        print(f"tuning: {out / 'tuning.md'}, chosen settings: {out / 'tuned.toml'}")
+        print(f"tuning: {out / 'tuning.md'}")
     if args.phase == "tune":
         return 0
     rows = finished_rows(args.grid, out)  # every finished row, earlier phases' included
@@ -402,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--phase", choices=("all", "tune", "default", "tuned"), default="all",
                        help="what to run: the tuning candidates only ('tune'), the published-"
                             "default rows, the tuned rows (tuning first if unfinished), or all")
+    bench.add_argument("--render", action="store_true",
+                       help="run nothing: write the tables and plots of the rows finished so far "
+                            "(e.g. while another process runs the grid)")
     add_common(bench)
     bench.set_defaults(func=run_bench)
     return parser

@@ -148,6 +148,16 @@ hot = {lr = 0.2}"""
     assert len(keys) == len(set(keys))  # a tuned row equal to its default row ran once
     assert len(finished_rows(grid, out)) == 4
     assert (out / "tuned.toml").read_text().startswith("# Chosen on tuning models badnets:100")
+    # --render writes the tables of what has finished and runs nothing.
+    from tscpurify.cli import main
+
+    assert not (out / "results.md").exists()  # the API writes rows; the CLI renders them
+    before = (out / "results.jsonl").read_text()
+    assert main(["bench", str(grid), "--out", str(out), "--render", "--quiet"]) == 0
+    assert (out / "results.jsonl").read_text() == before
+    assert "### tuned settings" in (out / "results.md").read_text()
+    assert "**yes**" in (out / "tuning.md").read_text()
+    assert main(["bench", str(grid), "--out", str(tmp_path / "none"), "--render"]) == 2
 
 
 def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monkeypatch):

@@ -99,7 +99,8 @@ def _summary_table(rows: list[dict]) -> str:
 
 
 def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
-    """Every candidate of every tuned defense on the tuning models, the chosen one in bold."""
+    """Every candidate of every tuned defense on the tuning models, the chosen one marked
+    (candidate None: nothing chosen yet)."""
     lines = ["| defense | candidate | settings | ACC drop per model | ASR per model | mean drop | "
              "mean ASR | chosen |", "|---|---|---|---|---|---|---|---|"]
     for name, picked in choice.items():
