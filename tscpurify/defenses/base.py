@@ -54,11 +54,11 @@ def defend(name: str, model: nn.Module, clean: DataLoader, settings: Any = None,
     validate_settings(settings)
     if len(clean.dataset) == 0:  # type: ignore[arg-type]
         raise DataError("the clean data loader is empty")
-    first = next(iter(clean))
-    images = first[0] if isinstance(first, (tuple, list)) else first
+    # Read from the loader's settings, not from a batch: drawing a batch would advance a
+    # loader's own generator and change the defense's shuffles (and CLP never reads data).
     trains = hasattr(settings, "planned_steps")
     norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if trains and norms and len(images) < 2:
+    if trains and norms and clean.batch_size == 1:
         raise DataError(f"defense {name!r} trains a model with BatchNorm layers, which need "
                         f"batches of 2 or more images; the loader gives batches of one")
     if meta.get("needs_labels") and not loader_has_labels(clean):
