@@ -69,3 +69,23 @@ def test_a_label_free_loss_replaces_cross_entropy_everywhere(trained_cnn, band_d
     assert set(callers) == {"Sequential", "CurveFunction"}  # endpoint fine-tuning and curve
     assert callers.count("CurveFunction") == TINY["epochs"] * len(bare)
     assert any(not torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
+
+
+def test_tsc_s_recipe_starts_the_control_point_at_a_fresh_initialisation(trained_cnn, band_data):
+    from tscpurify.curve import fresh_control_point
+    from tscpurify.seeding import derive_seed
+
+    def control_point(result):  # the curve keys its control point with '-' for '.'
+        return {k.replace("-", "."): v for k, v in result.details["curve"].mid.items()}
+
+    loader = DataLoader(band_data, batch_size=32)
+    # No training at all: the curve's control point is where it was initialised.
+    own = defend("mcr", trained_cnn, loader, progress=False, seed=3, ft_epochs=0, epochs=0)
+    recipe = defend("mcr", trained_cnn, loader, progress=False, seed=3, ft_epochs=0, epochs=0,
+                    mid_init="random")
+    # The paper's init is the endpoints' mean: here the model itself (no fine-tuning epochs).
+    for name, p in trained_cnn.named_parameters():
+        assert torch.allclose(control_point(own)[name], p), name
+    fresh = fresh_control_point(trained_cnn, derive_seed(3, "mcr", "mid"))
+    assert all(torch.equal(control_point(recipe)[k], v) for k, v in fresh.items())
+    assert own.steps == recipe.steps == 0

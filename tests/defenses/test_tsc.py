@@ -222,3 +222,45 @@ def test_an_iterable_clean_set_is_refused_with_a_clear_error(setup):
     for batch_size in (None, 24):
         with pytest.raises(DataError, match="map-style"):
             purify(model, stream, TINY, progress=False, rounds=1, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("how", ["unalign", "random", "identity"])
+def test_the_symmetry_ablation_changes_only_the_permutation(how, setup, monkeypatch):
+    import tscpurify.defenses.tsc as tsc_module
+    from tscpurify.permutation import weight_distance
+
+    built, modes, draws = [], [], []
+
+    class Recording(tsc_module.BezierCurve):
+        def __init__(self, template, start, end, mid=None):
+            super().__init__(template, start, end, mid)
+            built.append((dict(start), dict(end)))
+
+    real_match, real_random = tsc_module.match, tsc_module.random_permutation
+    monkeypatch.setattr(tsc_module, "BezierCurve", Recording)
+    monkeypatch.setattr(tsc_module, "match", lambda *a, mode, **k: modes.append(mode)
+                        or real_match(*a, mode=mode, **k))
+    monkeypatch.setattr(tsc_module, "random_permutation",
+                        lambda *a, **k: draws.append(1) or real_random(*a, **k))
+    model, loader = setup
+    purify(model, loader, TINY, progress=False, rounds=1, permutation=how)
+    (start_1, end_1), (start_2, end_2) = built
+    params = [k for k, _ in model.named_parameters()]
+    far = weight_distance({k: start_1[k] for k in params}, {k: end_1[k] for k in params})
+    if how == "identity":  # no permutation anywhere: stage 1 connects the model to itself
+        assert modes == [] and draws == [] and far == 0.0
+        assert all(torch.equal(start_2[k], start_1[k]) for k in params)
+    else:  # stage 1's far end is a permuted copy; stage 2 always aligns
+        assert modes == (["unalign", "align"] if how == "unalign" else ["align"])
+        assert draws == ([1] if how == "random" else []) and far > 0.1
+    with pytest.raises(SettingsError, match="permutation must be one of"):
+        TSCSettings(permutation="mirror")
+
+
+def test_budget_resizes_curves_and_fine_tunes_together():
+    paper = TSCSettings(epochs=200, lr=0.02, cosine_t_max=100, mid_init="linear", ft_epochs=10,
+                        ft_lr=1e-4, final_ft_epochs=0)
+    resized = paper.at_budget(2460, 12)
+    assert (resized.epochs, resized.ft_epochs, resized.final_ft_epochs) == (34, 2, 0)
+    assert resized.cosine_t_max == 17  # half the curve, as 100 of 200
+    assert TSCSettings().planned_steps(12) == 2460
