@@ -288,24 +288,25 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench.grid import finished_rows, read_grid, read_results, run_grid
+    from .bench.grid import finished_rows, parse_shard, read_all, read_grid, run_grid
     from .bench.tables import markdown_table, plot_bench, tuning_table
     from .bench.tuning import summarise
 
     grid = read_grid(args.grid)  # every key checked before anything trains
+    parse_shard(args.shard)
     out = Path(args.out or f"runs/bench-{Path(args.grid).stem}")
     if args.render:
         if not out.is_dir():
             raise SettingsError(f"--render needs an existing bench folder; {out} is not one")
     else:
         run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet,
-                 phase=args.phase)
+                 phase=args.phase, shard=args.shard)
     if (out / "tuning.json").exists():
         choice = json.loads((out / "tuning.json").read_text())
         table = (f"Rule: {choice['rule']}.\n\n" + tuning_table(choice["choice"]))
-    elif grid.tuning is not None and (out / "tuning.jsonl").exists():
+    elif grid.tuning is not None and read_all(out, "tuning"):
         # Unfinished: every candidate that has run so far, nothing chosen yet.
-        lines = summarise(list(read_results(out / "tuning.jsonl").values()), grid.tuning)
+        lines = summarise(list(read_all(out, "tuning").values()), grid.tuning)
         pending = {name: {"candidate": None, "table": table}
                    for name, table in lines.items() if any(t["asrs"] for t in table)}
         table = (f"Tuning unfinished: nothing is chosen until every candidate has run on every "
@@ -417,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--phase", choices=("all", "tune", "default", "tuned"), default="all",
                        help="what to run: the tuning candidates only ('tune'), the published-"
                             "default rows, the tuned rows (tuning first if unfinished), or all")
+    bench.add_argument("--shard", default=None, metavar="I/N",
+                       help="run every N-th run of the phase only (I from 0), e.g. two "
+                            "processes with 0/2 and 1/2; each writes its own results file and "
+                            "the tables merge them")
     bench.add_argument("--render", action="store_true",
                        help="run nothing: write the tables and plots of the rows finished so far "
                             "(e.g. while another process runs the grid)")

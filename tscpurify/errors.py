@@ -28,3 +28,7 @@ class SettingsError(TscpurifyError):
 class OutputError(TscpurifyError):
     """An output folder cannot be written without risking data: it exists, is in use, is a
     symlink or the current folder, overlaps the input, or its parent is read-only."""
+
+
+class OutputBusyError(OutputError):
+    """Another process holds the output's lock (it is writing the same folder or file)."""

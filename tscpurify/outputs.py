@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputBusyError, OutputError
 
 # Files that mark a folder as tscpurify's own: a run folder's sidecar, a bench or demo folder.
 MARKERS = ("model.json", "results.jsonl", "tuning.jsonl", "backdoored/model.json",
@@ -32,7 +32,10 @@ MARKERS = ("model.json", "results.jsonl", "tuning.jsonl", "backdoored/model.json
 
 def is_tscpurify_folder(path: Path) -> bool:
     """True for a folder tscpurify wrote: a run folder, a demo folder or a bench folder."""
-    return path.is_dir() and any((path / marker).is_file() for marker in MARKERS)
+    if not path.is_dir():
+        return False
+    return (any((path / marker).is_file() for marker in MARKERS)
+            or any(path.glob("results.shard*.jsonl")) or any(path.glob("tuning.shard*.jsonl")))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -102,8 +105,8 @@ def output_lock(out: Path) -> Iterator[None]:
         except OSError as err:
             handle.close()
             if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"another tscpurify run is writing {out} (lock {lock}); "
-                                  f"wait for it or choose another --out") from None
+                raise OutputBusyError(f"another tscpurify run is writing {out} (lock {lock}); "
+                                      f"wait for it or choose another --out") from None
             raise
         # The previous holder may have removed the file between our open and our lock: then
         # this lock guards nothing, so take the lock again on the file that is there now.

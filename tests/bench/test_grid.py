@@ -8,7 +8,7 @@ import pytest
 from tscpurify.bench import grid as grid_module
 from tscpurify.bench.grid import finished_rows, read_grid, run_grid
 from tscpurify.bench.tables import markdown_table, plot_bench, summary
-from tscpurify.errors import SettingsError
+from tscpurify.errors import OutputBusyError, SettingsError
 
 TSC_ARGS = """[defense_args.tsc]
 rounds = 1
@@ -193,3 +193,40 @@ def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monk
     rows = [json.loads(line) for line in
             (tmp_path / "whole" / "results.jsonl").read_text().splitlines()]
     assert all(0 <= r["der"] <= 1 for r in rows)
+
+
+def test_shards_split_a_grid_and_their_rows_merge(tmp_path, fmnist_root, monkeypatch):
+    from tscpurify.bench import cache
+
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",),
+                      defenses=("none", "ft", "tsc"))
+    whole = run_grid(grid, tmp_path / "whole", progress=False)
+    out = tmp_path / "sharded"
+    first = run_grid(grid, out, progress=False, shard="0/2")
+    assert len(first) == 2  # runs 0 and 2 of three
+    second = run_grid(grid, out, progress=False, shard="1/2")
+    assert sorted(p.name for p in out.glob("results*.jsonl")) == [
+        "results.shard0of2.jsonl", "results.shard1of2.jsonl"]
+    assert [r["after"] for r in second] == [r["after"] for r in whole]
+    assert [r["after"] for r in finished_rows(grid, out)] == [r["after"] for r in whole]
+    for bad in ("2/2", "one/two", "1"):
+        with pytest.raises(SettingsError, match="shard"):
+            run_grid(grid, out, progress=False, shard=bad)
+
+    # A shard that finds another process training the model it needs waits for it.
+    calls = []
+
+    def busy_then_done(folder, **kwargs):
+        calls.append(folder)
+        if len(calls) == 1:
+            raise OutputBusyError("another tscpurify run is writing it")
+        (folder / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(cache, "train_backdoored", busy_then_done)
+    monkeypatch.setattr(cache, "WAIT_SECONDS", 0.01)
+    from tscpurify.training import TrainSettings
+
+    folder = cache.cached_backdoored(tmp_path / "cache", attack="badnets", model="cnn", seed=9,
+                                     train=TrainSettings(epochs=1))
+    assert len(calls) == 2 and (folder / "metrics.json").exists()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..errors import OutputBusyError
 from ..runs import train_backdoored
 from ..settings import settings_hash
 from ..training import TrainSettings
+
+WAIT_SECONDS = 5.0
 
 
 def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed: int,
@@ -24,11 +28,15 @@ def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed
     if data_root is not None:  # only when set, so caches made before the option stay valid
         key["data_root"] = str(data_root)
     folder = Path(cache) / f"{attack or 'clean'}-{model}-s{seed}-{settings_hash(key)}"
-    if not (folder / "metrics.json").exists():
-        train_backdoored(folder, data=data, data_root=data_root, attack=attack,
-                         attack_args=attack_args, model=model,
-                         model_args=model_args, train=train, seed=seed, device=device,
-                         progress=progress, overwrite=True)
+    while not (folder / "metrics.json").exists():
+        try:
+            train_backdoored(folder, data=data, data_root=data_root, attack=attack,
+                             attack_args=attack_args, model=model,
+                             model_args=model_args, train=train, seed=seed, device=device,
+                             progress=progress, overwrite=True)
+        except OutputBusyError:
+            # Another shard of the grid is training this very model: use it once it is done.
+            time.sleep(WAIT_SECONDS)
     return folder
 
 

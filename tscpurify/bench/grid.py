@@ -251,6 +251,45 @@ def read_grid(source: str | Path) -> Grid:
     return Grid(cells, tuning, tuning_cells, row_args)
 
 
+def result_files(out: Path, stem: str) -> list[Path]:
+    """`stem`.jsonl and every shard's `stem`.shardIofN.jsonl in `out`."""
+    return sorted(p for p in [out / f"{stem}.jsonl", *out.glob(f"{stem}.shard*.jsonl")]
+                  if p.exists())
+
+
+def read_all(out: Path, stem: str) -> dict[str, dict]:
+    """Finished rows of every writer (shards included), by key."""
+    rows: dict[str, dict] = {}
+    for path in result_files(out, stem):
+        rows.update(read_results(path))
+    return rows
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'I/N' → (I, N) with 0 ≤ I < N; None stays None."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise SettingsError(f"--shard must look like I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise SettingsError(f"--shard I/N needs 0 ≤ I < N, got {text!r}")
+    return index, count
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One line per finished cell, so a crash loses at most the cell in progress; a line a
+    crash cut short is closed first, so the new row does not join it."""
+    with path.open("a+b") as handle:
+        handle.seek(0, 2)
+        if handle.tell():
+            handle.seek(-1, 2)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+        handle.write((json.dumps(row) + "\n").encode())
+
+
 def read_results(path: Path) -> dict[str, dict]:
     """Finished rows by key. A line cut short by a crash is skipped (its cell runs again)."""
     if not path.exists():
@@ -326,30 +365,37 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     return row
 
 
-def _run_cells(cells: list[Cell], results_path: Path, out: Path, device: str,
-               progress: bool, desc: str) -> list[dict]:
-    # One writer per results file: a second process running the same phase is refused (the
-    # tuning and the benchmark rows write different files, so they may run side by side).
-    with output_lock(results_path):
-        done = read_results(results_path)
+def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: bool,
+               desc: str, shard: tuple[int, int] | None = None) -> list[dict]:
+    """Run the unfinished cells (of this shard: every N-th distinct run, so the shards share
+    each cell's rows) and return every finished row of `cells`."""
+    path = out / (f"{stem}.jsonl" if shard is None else f"{stem}.shard{shard[0]}of{shard[1]}.jsonl")
+    keys = list(dict.fromkeys(c.key for c in cells))
+    mine = set(keys if shard is None else keys[shard[0]::shard[1]])
+    # One writer per results file: a second process writing the same file is refused (the
+    # tuning, the benchmark rows and each shard write their own, so they may run side by side).
+    with output_lock(path):
         for cell in tqdm(cells, desc=desc, disable=not progress):
-            if cell.key in done:
+            # Re-read before each run: another shard may have finished this key meanwhile.
+            if cell.key not in mine or cell.key in read_all(out, stem):
                 continue
             row = run_cell(cell, out, device, progress=False)
-            with results_path.open("a") as handle:  # one line per finished cell: crash-safe
-                handle.write(json.dumps(row) + "\n")
-            done[cell.key] = row
+            append_row(path, row)
+    done = read_all(out, stem)
     # Rows carry their own labels: a shared run appears under every row that asked for it.
     return [{**done[c.key], "cell": asdict(c)} for c in cells if c.key in done]
 
 
-def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
-               ) -> dict[str, dict[str, Any]]:
+def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True,
+               shard: tuple[int, int] | None = None) -> dict[str, dict[str, Any]] | None:
     """Run every candidate on the tuning models; write and return the choice (tuned.toml,
-    and tuning.json with the table behind each choice)."""
+    and tuning.json with the table behind each choice). None while other shards' candidates
+    are unfinished."""
     if grid.tuning is None:
         raise SettingsError("this grid has no [tuning] section")
-    rows = _run_cells(grid.tuning_cells, out / "tuning.jsonl", out, device, progress, "tuning")
+    rows = _run_cells(grid.tuning_cells, out, "tuning", device, progress, "tuning", shard)
+    if len(rows) < len(grid.tuning_cells):
+        return None  # only when sharded: the other shards are still running
     choice = choose(rows, grid.tuning)
     write_tuned(out / "tuned.toml", choice, grid.tuning)
     (out / "tuning.json").write_text(json.dumps(
@@ -358,9 +404,11 @@ def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
 
 
 def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
-             progress: bool = True, phase: str = "all") -> list[dict]:
+             progress: bool = True, phase: str = "all", shard: str | None = None) -> list[dict]:
     """Run every unfinished cell of `phase` ('tune', 'default', 'tuned' or 'all'); returns the
-    benchmark rows of the phases run, in grid order."""
+    benchmark rows of the phases run, in grid order. `shard` 'I/N' runs every N-th run only,
+    so N processes (or machines sharing the folder) split a grid; each writes its own file."""
+    part = parse_shard(shard)
     grid = read_grid(source)
     out = check_resumable_out(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,20 +416,24 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
         raise SettingsError(f"unknown phase {phase!r}; choices: {', '.join(PHASES)}")
     cells = grid.cells
     if grid.tuning is not None and phase in ("tune", "tuned", "all"):
-        choice = run_tuning(grid, out, device, progress)
-        cells = [grid.tuned(c, choice) for c in cells]
+        choice = run_tuning(grid, out, device, progress, part)
+        if choice is None and phase != "tune":
+            raise SettingsError("the tuning is unfinished: other shards are still running its "
+                                "candidates; run the tuned rows once they are done")
+        if choice is not None:
+            cells = [grid.tuned(c, choice) for c in cells]
     if phase == "tune":
         return []
     wanted = {"default": ("default",), "tuned": ("tuned",), "all": SETTINGS_ROWS}[phase]
     cells = [c for c in cells if c.setting in wanted]
-    return _run_cells(cells, out / "results.jsonl", out, device, progress, "bench")
+    return _run_cells(cells, out, "results", device, progress, "bench", part)
 
 
 def finished_rows(source: str | Path, out: str | Path) -> list[dict]:
     """Every benchmark row of the grid that has a result in `out`, in grid order: default
     rows, and tuned rows once the tuning has chosen."""
     grid, out = read_grid(source), Path(out)
-    done = read_results(out / "results.jsonl")
+    done = read_all(out, "results")
     cells = [c for c in grid.cells if c.setting != "tuned"]
     if grid.tuning is not None and (out / "tuning.json").exists():
         choice = json.loads((out / "tuning.json").read_text())["choice"]
