@@ -118,6 +118,7 @@ TAMPERED = [
     ("dataset a string", dict(sidecar=set_key("dataset", "fashion-mnist")),
      "'dataset' must be a JSON dict"),
     ("unknown arch", dict(sidecar=set_key("arch", "resnet999")), "unknown architecture"),
+    ("unknown key", dict(sidecar=set_key("kwarg", {"width": 8})), "unknown key(s) 'kwarg'"),
     ("not an object", dict(sidecar=lambda data: [data]), "JSON object"),
     ("no format", dict(sidecar=lambda data: {k: v for k, v in data.items() if k != "format"}),
      "sidecar"),

@@ -120,9 +120,11 @@ def save_model(model: nn.Module, folder: Path, sidecar: dict[str, Any]) -> None:
     write_json(folder / SIDECAR, {"format": SIDECAR_FORMAT, **sidecar})
 
 
-# model.json keys and the JSON types they must have (others are records and may be anything).
+# model.json keys and the JSON types of those tscpurify reads (the rest are records).
 SIDECAR_TYPES = {"format": str, "arch": str, "kwargs": dict, "kind": str, "dataset": dict,
                  "attack": (dict, type(None)), "classes": list, "seed": int}
+SIDECAR_KEYS = {*SIDECAR_TYPES, "train", "poisoned", "tool_version", "ssl", "evaluation",
+                "purified_by"}
 
 
 def check_sidecar(sidecar: Any, path: Path) -> None:
@@ -131,6 +133,10 @@ def check_sidecar(sidecar: Any, path: Path) -> None:
         raise CheckpointError(f"{path} must hold a JSON object")
     if sidecar.get("format") != SIDECAR_FORMAT:
         raise CheckpointError(f"{path} is not a {SIDECAR_FORMAT} sidecar")
+    unknown = sorted(set(sidecar) - SIDECAR_KEYS)
+    if unknown:  # a typo (e.g. "kwarg") would otherwise be ignored and the defaults used
+        raise CheckpointError(f"{path} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(sorted(SIDECAR_KEYS))}")
     for key, kind in SIDECAR_TYPES.items():
         if key in sidecar and not isinstance(sidecar[key], kind):
             names = kind.__name__ if isinstance(kind, type) else "object or null"
