@@ -3,7 +3,7 @@ names), measure clean accuracy, split off held-out clean data, and loop over bat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,20 +74,33 @@ class Output:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Call:
+    """One submodule call seen during a forward pass, with its first input and its output
+    (held, so the tensors' ids stay unique while the calls are compared)."""
+
+    name: str
+    module: nn.Module
+    input: Any
+    output: Any
+
+
 @torch.no_grad()
-def module_outputs(model: nn.Module, x: Tensor) -> list[Output]:
-    """Every submodule call of one eval-mode forward, in order of completion (a container comes
-    after its children). Buffers and training flags are left as they were."""
-    calls: list[Output] = []
+def module_calls(model: nn.Module, x: Tensor,
+                 keep: Callable[[str, nn.Module], bool] = lambda name, module: bool(name)
+                 ) -> list[Call]:
+    """Every call of the kept submodules (default: all but the model itself) in one eval-mode
+    forward, in order of completion (a container comes after its children). Buffers and
+    training flags are left as they were."""
+    calls: list[Call] = []
 
     def recorder(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                calls.append(Output(name, module, tuple(output.shape)))
+            calls.append(Call(name, module, args[0] if args else None, output))
         return hook
 
     handles = [m.register_forward_hook(recorder(name))
-               for name, m in model.named_modules() if name]
+               for name, m in model.named_modules() if keep(name, m)]
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -98,6 +111,12 @@ def module_outputs(model: nn.Module, x: Tensor) -> list[Output]:
         for m, flag in flags.items():
             m.training = flag
     return calls
+
+
+def module_outputs(model: nn.Module, x: Tensor) -> list[Output]:
+    """Every submodule call of one eval-mode forward that returns a tensor, with its shape."""
+    return [Output(c.name, c.module, tuple(c.output.shape)) for c in module_calls(model, x)
+            if isinstance(c.output, Tensor)]
 
 
 def stage_outputs(model: nn.Module, x: Tensor) -> list[Output]:

@@ -42,7 +42,6 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +53,7 @@ from tqdm.auto import tqdm
 from ..errors import SettingsError, SpecError
 from ..training import device_of
 from . import DEFENSES
-from ._common import BatchNorm, endless, inputs_of
+from ._common import BatchNorm, endless, inputs_of, module_calls
 from .base import DefenseResult
 
 Noise = tuple[dict[str, Tensor], dict[str, Tensor]]  # (scale noise δ, shift noise ξ) per layer
@@ -98,35 +97,18 @@ def neuron_layers(model: nn.Module, x: Tensor) -> dict[str, nn.Module]:
     every affine BatchNorm, and every Linear that is neither the last one called (the output
     layer) nor followed by a BatchNorm (which then carries those neurons). Buffers and training
     flags are left as they were."""
-    calls: list[tuple[str, nn.Module, Any, Any]] = []  # holding the tensors keeps ids unique
-
-    def recorder(name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            calls.append((name, module, args[0] if args else None, output))
-        return hook
-
-    handles = [m.register_forward_hook(recorder(name)) for name, m in model.named_modules()
-               if isinstance(m, (BatchNorm, nn.Linear))]
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x.to(device_of(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, flag in flags.items():
-            m.training = flag
-    normalised = {id(inputs) for _, m, inputs, _ in calls if isinstance(m, BatchNorm)}
-    linears = [name for name, m, _, _ in calls if isinstance(m, nn.Linear)]
+    calls = module_calls(model, x, keep=lambda name, m: isinstance(m, (BatchNorm, nn.Linear)))
+    normalised = {id(c.input) for c in calls if isinstance(c.module, BatchNorm)}
+    linears = [c.name for c in calls if isinstance(c.module, nn.Linear)]
     output_layer = linears[-1] if linears else None
     layers: dict[str, nn.Module] = {}
-    for name, m, _, output in calls:
+    for c in calls:
+        m = c.module
         affine_norm = isinstance(m, BatchNorm) and m.weight is not None and m.bias is not None
-        hidden_linear = (isinstance(m, nn.Linear) and name != output_layer
-                         and id(output) not in normalised)
+        hidden_linear = (isinstance(m, nn.Linear) and c.name != output_layer
+                         and id(c.output) not in normalised)
         if affine_norm or hidden_linear:
-            layers.setdefault(name, m)
+            layers.setdefault(c.name, m)
     if not layers:
         raise SpecError("ANP masks the channels of affine BatchNorm layers and the features of "
                         "hidden Linear layers, and this model has neither")
