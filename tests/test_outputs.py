@@ -77,7 +77,11 @@ def test_a_read_only_parent_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(OutputError, match="permission denied"):
         check_out(tmp_path / "new" / "run")
-    assert not (tmp_path / "new").exists()
+    from tscpurify.bench.grid import run_grid
+
+    with pytest.raises(OutputError, match="permission denied"):
+        run_grid("quick", tmp_path / "bench", progress=False)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "bench").exists()
 
 
 def test_overwrite_swaps_a_run_folder_only_once_the_new_one_is_complete(tmp_path):

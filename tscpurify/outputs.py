@@ -64,7 +64,17 @@ def check_resumable_out(out: str | Path) -> Path:
     if out.is_dir() and any(out.iterdir()) and not is_tscpurify_folder(out):
         raise OutputError(f"{out} holds files tscpurify did not write (no results.jsonl or "
                           f"tuning.jsonl); give a new or empty folder")
+    _check_writable(out if out.is_dir() else out.resolve().parent)
     return out
+
+
+def _check_writable(folder: Path) -> None:
+    """The nearest existing folder on the way to `folder` must be writable."""
+    ancestor = folder.resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {ancestor}: permission denied")
 
 
 def check_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()
@@ -85,11 +95,7 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str | P
         if not is_tscpurify_folder(out):
             raise OutputError(f"{out} exists and was not written by tscpurify (no model.json or "
                               f"results.jsonl); --overwrite replaces only tscpurify's folders")
-    ancestor = resolved.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write into {ancestor}: permission denied")
+    _check_writable(resolved.parent)
     return out
 
 
