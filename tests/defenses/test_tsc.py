@@ -264,3 +264,29 @@ def test_budget_resizes_curves_and_fine_tunes_together():
     assert (resized.epochs, resized.ft_epochs, resized.final_ft_epochs) == (34, 2, 0)
     assert resized.cosine_t_max == 17  # half the curve, as 100 of 200
     assert TSCSettings().planned_steps(12) == 2460
+
+
+def test_a_path_aware_last_fine_tune_is_anchored_at_the_aligned_suspect(setup, monkeypatch):
+    import tscpurify.defenses.tsc as tsc_module
+
+    anchors = []
+    real = tsc_module.path_aware_loss
+
+    def recording(loss_fn, anchor, rho):
+        anchors.append((anchor, rho))
+        return real(loss_fn, anchor, rho)
+
+    monkeypatch.setattr(tsc_module, "path_aware_loss", recording)
+    model, loader = setup
+    plain, _ = purify(model, loader, TINY, progress=False, rounds=1)
+    assert anchors == []
+    aware, _ = purify(model, loader, TINY, progress=False, rounds=1, final_ft_path_aware=0.2)
+    ((anchor, rho),) = anchors
+    assert rho == 0.2 and anchor.keys() == model.state_dict().keys()
+    # The anchor is the suspect model itself up to a permutation of its units.
+    norms = sorted(float(v.float().norm()) for v in anchor.values())
+    assert norms == pytest.approx(sorted(float(v.float().norm())
+                                         for v in model.state_dict().values()))
+    assert any(not torch.equal(plain.state_dict()[k], v) for k, v in aware.state_dict().items())
+    with pytest.raises(SettingsError, match="final_ft_path_aware"):
+        TSCSettings(final_ft_path_aware=1.0)

@@ -48,7 +48,7 @@ from ..curve import (
     train_curve,
 )
 from ..curve.profile import default_ts
-from ..curve.train import LossFn, distillation_loss
+from ..curve.train import LossFn, distillation_loss, path_aware_loss
 from ..data.augment import random_crop_flip
 from ..errors import CheckpointError, DataError, SettingsError, SpecError
 from ..permutation import (
@@ -128,6 +128,11 @@ class TSCSettings:
                 "the loader's batches"})
     profile_points: int = field(default=11, metadata={
         "help": "points along each curve at which metrics are recorded (0 = none)"})
+    final_ft_path_aware: float = field(default=0.0, metadata={
+        "help": "rho of a path-aware last fine-tune (curve.path_aware_loss): the loss is taken "
+                "a fraction rho of the way towards the suspect model, aligned to the point, "
+                "which pushes the result away from it, in the spirit of PAM (Min et al., "
+                "NeurIPS 2024). 0 = off; a lever of the deep-purification study"})
     permutation: str = field(default="unalign", metadata={
         "help": "the symmetry ablation: 'unalign' = stage 1 permutes each unit to its least "
                 "correlated sibling (the paper); 'random' = a seeded random permutation in "
@@ -165,6 +170,9 @@ class TSCSettings:
         if self.permutation not in PERMUTATIONS:
             raise SettingsError(f"permutation must be one of {', '.join(PERMUTATIONS)}, got "
                                 f"{self.permutation!r}")
+        if not 0 <= self.final_ft_path_aware < 1:
+            raise SettingsError(f"final_ft_path_aware must lie in [0, 1), got "
+                                f"{self.final_ft_path_aware}")
         if self.profile_points < 0:
             raise SettingsError(f"profile_points must be ≥ 0, got {self.profile_points}")
         self.curve()  # the curve's own checks (epochs ≥ 0, lr > 0, ...) now, not mid-run
@@ -521,8 +529,18 @@ class _Stages:
             elif last and settings.final_ft_label_smoothing > 0:
                 loss_fn = cross_entropy_loss(random_crop_flip,
                                              label_smoothing=settings.final_ft_label_smoothing)
+            if last and settings.final_ft_path_aware > 0:
+                # The suspect model, its units aligned to this point, is the anchor the
+                # fine-tune is pushed away from (curve.path_aware_loss).
+                perm = self.timed("permutation", match, model, self.template, self.spec,
+                                  self.clean, mode="align")
+                anchor = apply_permutation(self.template.state_dict(), self.spec, perm)
+                loss_fn = path_aware_loss(loss_fn, anchor, settings.final_ft_path_aware)
             self.timed("finetune", train_classifier, model, self.clean, ft,
                        progress=self.progress, desc="fine-tune", loss_fn=loss_fn)
+            if last and settings.final_ft_path_aware > 0:
+                # Its batches were normalised at the shifted point: statistics for this one.
+                self.timed("batchnorm", recompute_bn_stats, model, self.clean)
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             check_finite(state, f"round {round_}'s fine-tune")
             record = replace(record, finetuned=self.measure(model.eval()))
