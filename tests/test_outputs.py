@@ -233,3 +233,11 @@ def test_bench_adds_only_to_its_own_folders(tmp_path):
         (tmp_path / "link").symlink_to(tmp_path / "nowhere")
         run_grid("quick", tmp_path / "link", progress=False)
     assert sorted(p.name for p in foreign.iterdir()) == ["a.jpg"]
+
+
+def test_an_empty_folder_may_be_the_output(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with atomic_folder(out) as folder:
+        (folder / "model.json").write_text("{}")
+    assert (out / "model.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

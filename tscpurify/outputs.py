@@ -87,7 +87,7 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str | P
         if _inside(resolved, source) or _inside(source, resolved):
             raise OutputError(f"--out {out} overlaps the input {source}; write the result to "
                               f"another folder")
-    if out.exists() or out.is_symlink():
+    if (out.exists() or out.is_symlink()) and not _empty_folder(out):
         if not out.is_dir():
             raise OutputError(f"--out {out} exists and is not a folder")
         if not overwrite:
@@ -172,8 +172,13 @@ def atomic_folder(out: str | Path, overwrite: bool = False,
                     folder.rmdir()
 
 
+def _empty_folder(path: Path) -> bool:
+    """An empty real folder holds nothing to lose: it may be the output without --overwrite."""
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
+    if not (out.exists() or out.is_symlink()) or _empty_folder(out):
         try:
             os.rename(tmp, out)  # fails rather than replace a folder with contents
         except OSError as err:
