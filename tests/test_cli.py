@@ -201,3 +201,17 @@ def test_resume_over_another_models_stages_is_refused(backdoored_run, fmnist_roo
     report = json.loads((out / "report.json").read_text())
     assert report["source"]["run"] == str(other)
     assert not (tmp_path / ".purified.stages").exists()
+
+
+def test_evaluate_can_re_tune_any_run_folder(backdoored_run, capsys):
+    flags = ["--retune", "--retune-images", "200", "--retune-poisoned", "20",
+             "--retune-epochs", "1,2", "--quiet"]
+    assert main(["evaluate", str(backdoored_run), *flags]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    profile = result["retune"]["model"]
+    assert profile["epochs"] == [1, 2] and len(profile["asr"]) == 2
+    assert main(["evaluate", str(backdoored_run), "--retune-floor", str(backdoored_run)]) == 2
+    assert "needs --retune" in capsys.readouterr().err
+    assert main(["evaluate", str(backdoored_run), *flags, "--retune-floor",
+                 str(backdoored_run)]) == 2
+    assert "without poison" in capsys.readouterr().err

@@ -171,6 +171,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .runs import evaluate_run
 
     metrics = evaluate_run(args.run, resolve_device(args.device))
+    if args.retune:
+        from .runs import retune_run
+
+        metrics["retune"] = retune_run(args.run, retune_settings(args), args.retune_floor,
+                                       seed=args.seed, device=resolve_device(args.device),
+                                       progress=not args.quiet)
+    elif args.retune_floor:
+        raise SettingsError("--retune-floor needs --retune")
     print(json.dumps(metrics))
     return 0
 
@@ -199,13 +207,14 @@ def add_purify_flags(parser: argparse.ArgumentParser) -> None:
     add_retune_flags(parser)
 
 
-def add_retune_flags(parser: argparse.ArgumentParser) -> None:
+def add_retune_flags(parser: argparse.ArgumentParser, default: bool = True,
+                     what: str = "after purifying a classifier whose attack is recorded, re-tune "
+                                 "the suspect and the purified model") -> None:
     from .retune import RetuneSettings
 
-    parser.add_argument("--retune", action=argparse.BooleanOptionalAction, default=True,
-                        help="after purifying a classifier whose attack is recorded, re-tune "
-                             "the suspect and the purified model on a few poisoned samples to "
-                             "see whether the backdoor comes back (default: on)")
+    parser.add_argument("--retune", action=argparse.BooleanOptionalAction, default=default,
+                        help=f"{what} on a few poisoned samples, to see whether the backdoor "
+                             f"comes back (default: {'on' if default else 'off'})")
     parser.add_argument("--retune-floor", default=None, metavar="RUN",
                         help="a run folder of the same model trained without poison "
                              "(tscpurify attack --attack none), re-tuned the same way: the "
@@ -379,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "frozen features (as its model.json records), plus kNN accuracy.")
     evaluate.add_argument("run", help="run folder (from `tscpurify attack`, `encoder` or "
                                       "`purify`)")
+    add_retune_flags(evaluate, default=False,
+                     what="also re-tune the model (a classifier whose attack is recorded)")
     add_common(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 

@@ -49,7 +49,7 @@ from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
 from .retune import RetuneSettings, retune_profile, retune_set
-from .runs import is_encoder, load_run, probe_settings
+from .runs import is_encoder, load_retune_floor, load_run, probe_settings
 from .seeding import derive_seed
 from .ssl import ProbeSettings, SimCLRAugment, encoder_metrics, simclr_loss
 
@@ -202,18 +202,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     out = check_out(out, overwrite, inputs)  # before anything is loaded
     model, sidecar, attack = load_run(run, device)
     loss = resolve_loss(sidecar, loss, run)
-    floor_model = None
-    if retune_floor is not None:
-        floor_model, floor_sidecar, floor_attack = load_run(retune_floor, device)
-        if floor_attack is not None or is_encoder(floor_sidecar):
-            raise SettingsError(f"the re-tune floor {retune_floor} must be a classifier trained "
-                                f"without poison (tscpurify attack --attack none); its "
-                                f"model.json records "
-                                f"{floor_attack.name if floor_attack else 'an encoder'}")
-        if floor_sidecar.get("dataset") != sidecar.get("dataset"):
-            raise SettingsError(f"the re-tune floor {retune_floor} was trained on "
-                                f"{floor_sidecar.get('dataset')}, the model on "
-                                f"{sidecar.get('dataset')}")
+    floor_model = (load_retune_floor(retune_floor, sidecar, device)
+                   if retune_floor is not None else None)
     retuning = retune is not None and attack is not None and not is_encoder(sidecar)
     if retune_floor is not None and not retuning:
         raise SettingsError("a re-tune floor needs re-tuning on, a classifier and a recorded "

@@ -35,6 +35,7 @@ from .errors import CheckpointError, DataError, SettingsError
 from .evaluation import Metrics, evaluate
 from .models import MODELS, create_model
 from .outputs import atomic_folder
+from .retune import RetuneSettings, retune_profile, retune_set
 from .seeding import derive_seed, seed_everything
 from .ssl import (
     CTRL,
@@ -343,3 +344,42 @@ def evaluate_run(folder: str | Path, device: str = "cpu") -> dict[str, float | N
         train_data = load_dataset(dataset["name"], "train", dataset.get("root"))
         return encoder_metrics(model, train_data, test_data, attack, probe_settings(sidecar))
     return evaluate(model, test_data, attack).as_dict()
+
+
+def load_retune_floor(floor: str | Path, sidecar: dict[str, Any], device: str = "cpu"
+                      ) -> torch.nn.Module:
+    """The re-tuning floor: a classifier trained without poison on the data set `sidecar`
+    names (so the floor and the model are re-tuned on the same images)."""
+    model, floor_sidecar, floor_attack = load_run(floor, device)
+    if floor_attack is not None or is_encoder(floor_sidecar):
+        raise SettingsError(f"the re-tune floor {floor} must be a classifier trained without "
+                            f"poison (tscpurify attack --attack none); its model.json records "
+                            f"{floor_attack.name if floor_attack else 'an encoder'}")
+    if floor_sidecar.get("dataset") != sidecar.get("dataset"):
+        raise SettingsError(f"the re-tune floor {floor} was trained on "
+                            f"{floor_sidecar.get('dataset')}, the model on "
+                            f"{sidecar.get('dataset')}")
+    return model
+
+
+def retune_run(folder: str | Path, settings: RetuneSettings, floor: str | Path | None = None,
+               seed: int = 0, device: str = "cpu", progress: bool = False
+               ) -> dict[str, dict[str, Any]]:
+    """Re-tuning profiles (tscpurify.retune) of a classifier run folder whose attack is recorded,
+    and of `floor`, the same architecture trained without poison, on the same images."""
+    model, sidecar, attack = load_run(folder, device)
+    if attack is None or is_encoder(sidecar):
+        raise SettingsError(f"re-tuning needs a classifier whose model.json records its attack; "
+                            f"{folder} has {'an encoder' if is_encoder(sidecar) else 'none'}")
+    dataset = sidecar.get("dataset") or {}
+    if "name" not in dataset:
+        raise DataError(f"{folder} does not say which data set it was trained on")
+    models = {"model": model}
+    if floor is not None:
+        models["floor"] = load_retune_floor(floor, sidecar, device)
+    train = load_dataset(dataset["name"], "train", dataset.get("root"))
+    test = load_dataset(dataset["name"], "test", dataset.get("root"))
+    retune_set(train, attack, settings, derive_seed(seed, "retune"))  # too small: fail now
+    return {name: retune_profile(net, train, test, attack, settings,
+                                 seed=derive_seed(seed, "retune"), progress=progress)
+            for name, net in models.items()}
