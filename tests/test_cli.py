@@ -215,3 +215,10 @@ def test_evaluate_can_re_tune_any_run_folder(backdoored_run, capsys):
     assert main(["evaluate", str(backdoored_run), *flags, "--retune-floor",
                  str(backdoored_run)]) == 2
     assert "without poison" in capsys.readouterr().err
+
+
+def test_attack_help_lists_every_attack_s_arguments(capsys):
+    assert main(["attack", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for listed in ("badnets: size=3", "blended: alpha=0.2", "sig: delta=", "wanet: k=4"):
+        assert listed in text

@@ -71,13 +71,34 @@ def add_attack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-to-all", action="store_true",
                         help="triggered class y goes to y+1 instead of one target")
     parser.add_argument("--attack-arg", action="append", metavar="KEY=VALUE",
-                        help="attack-specific argument, e.g. size=4 or alpha=0.1 (repeatable)")
+                        help="attack-specific argument (repeatable), with its default: "
+                             + attack_arg_help())
     parser.add_argument("--model", default="cnn",
                         help="cnn, mlp, vgg, preactresnet18 or resnet18 (default: cnn)")
     parser.add_argument("--width", type=int, default=None, help="model width (channels)")
     parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                         help="extra model keyword argument, e.g. depth=13 (repeatable)")
     add_settings_flags(parser, TrainSettings)
+
+
+def attack_arg_help() -> str:
+    """Each attack's own arguments with their defaults, from its dataclass (fitted state such
+    as a learned trigger, default None, is not an argument)."""
+    import dataclasses
+
+    from .attacks import ATTACKS
+
+    shared = {"target", "rate", "all_to_all"}  # flags of their own
+    parts = []
+    for name in ATTACKS.names():
+        fields = [f"{f.name}={f.default:g}" if isinstance(f.default, float)
+                  else f"{f.name}={f.default}"
+                  for f in dataclasses.fields(ATTACKS.get(name))
+                  if f.name not in shared and f.default is not None
+                  and f.default is not dataclasses.MISSING
+                  and not f.metadata.get("transient")]
+        parts.append(f"{name}: {', '.join(fields)}")
+    return "; ".join(parts).replace("%", "%%")
 
 
 def run_attack(args: argparse.Namespace) -> int:
