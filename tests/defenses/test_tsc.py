@@ -290,3 +290,17 @@ def test_a_path_aware_last_fine_tune_is_anchored_at_the_aligned_suspect(setup, m
     assert any(not torch.equal(plain.state_dict()[k], v) for k, v in aware.state_dict().items())
     with pytest.raises(SettingsError, match="final_ft_path_aware"):
         TSCSettings(final_ft_path_aware=1.0)
+
+
+def test_each_stage_books_its_permutation_search_and_fine_tune(setup):
+    from tscpurify.report.markdown import render_markdown
+
+    model, loader = setup
+    _, report = purify(model, loader, TINY, progress=False, rounds=1, profile_points=0)
+    stage_one, stage_two = report.stages
+    assert stage_one.seconds["permutation"] > 0 and stage_two.seconds["permutation"] > 0
+    assert stage_two.seconds["finetune"] > 0 and stage_one.seconds["finetune"] == 0
+    total = sum(sum(s.seconds.values()) for s in report.stages)
+    assert total <= sum(v for k, v in report.seconds.items() if k != "total") + 1e-6
+    text = render_markdown(report)
+    assert "## Along the curves" not in text and "\n\n## Time" in text

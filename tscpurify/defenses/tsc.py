@@ -379,10 +379,16 @@ class _Stages:
             metrics.update(self.timed(phase, self.evaluate, model))
         return metrics
 
-    def connect(self, start: dict, end: dict, t: float, round_: int, stage: int
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        """Seconds per phase spent since `before` (a copy of self.seconds)."""
+        return {k: self.seconds[k] - before.get(k, 0.0) for k in self.seconds}
+
+    def connect(self, start: dict, end: dict, t: float, round_: int, stage: int,
+                began: dict[str, float] | None = None
                 ) -> tuple[dict[str, torch.Tensor], StageRecord]:
         """Train a curve from `start` to `end`, take the point at t, re-estimate BatchNorm."""
-        seconds_before = dict(self.seconds)
+        # The stage's seconds count from `began`, so its permutation search is booked too.
+        seconds_before = dict(self.seconds) if began is None else began
         curve = BezierCurve(self._copy_template(), start, end,
                             self.initial_mid(round_, stage, end))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_, stage, "t"))
@@ -400,8 +406,7 @@ class _Stages:
                 self.timed("profile", recompute_bn_stats, other, self.clean)
                 profile.append({"t": value, **self.measure(other, phase="profile")})
         profile.sort(key=lambda row: row["t"])
-        seconds = {k: self.seconds[k] - seconds_before[k] for k in self.seconds}
-        record = StageRecord(round_, stage, t, metrics, profile, seconds)
+        record = StageRecord(round_, stage, t, metrics, profile, self.since(seconds_before))
         state = {k: v.detach().clone() for k, v in point.state_dict().items()}
         return state, record
 
@@ -489,6 +494,7 @@ class _Stages:
 
     # --- the algorithm -----------------------------------------------------------------------
     def stage_one(self, current: dict, round_: int) -> tuple[dict, StageRecord]:
+        began = dict(self.seconds)
         how = self.settings.permutation
         if how == "identity":  # the ablation: the curve's far end is the model itself
             far_copy = current
@@ -501,16 +507,17 @@ class _Stages:
                 perm = self.timed("permutation", match, model, model, self.spec, self.clean,
                                   mode="unalign")
             far_copy = apply_permutation(current, self.spec, perm)
-        return self.connect(current, far_copy, self.settings.t, round_, 1)
+        return self.connect(current, far_copy, self.settings.t, round_, 1, began)
 
     def stage_two(self, current: dict, theta_1: dict, round_: int) -> tuple[dict, StageRecord]:
+        began = dict(self.seconds)
         aligned = current
         if self.settings.permutation != "identity":
             perm = self.timed("permutation", match, self.model_from(theta_1),
                               self.model_from(current), self.spec, self.clean, mode="align")
             aligned = apply_permutation(current, self.spec, perm)
         t2 = self.settings.t if self.settings.t2 is None else self.settings.t2
-        state, record = self.connect(aligned, theta_1, t2, round_, 2)
+        state, record = self.connect(aligned, theta_1, t2, round_, 2, began)
         settings, last = self.settings, round_ == self.settings.rounds - 1
         epochs, lr = ((settings.final_ft_epochs, settings.final_ft_lr) if last
                       else (settings.ft_epochs, settings.ft_lr))
@@ -543,7 +550,8 @@ class _Stages:
                 self.timed("batchnorm", recompute_bn_stats, model, self.clean)
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             check_finite(state, f"round {round_}'s fine-tune")
-            record = replace(record, finetuned=self.measure(model.eval()))
+            record = replace(record, finetuned=self.measure(model.eval()),
+                             seconds=self.since(began))
         return state, record
 
     def run(self, start: dict) -> tuple[dict, list[StageRecord]]:

@@ -48,6 +48,7 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
             lines.append(f"| {s.round} | {s.stage} | {s.t:g} | {fmt(s.metrics.get('acc'))} | "
                          f"{fmt(s.metrics.get('asr'))} | {tuned} | "
                          f"{sum(s.seconds.values()):.0f} |")
+    if any(s.profile for s in report.stages):
         lines += ["", "## Along the curves", "",
                   "ACC / ASR (%) and clean loss at each t; the point taken is in bold.", ""]
         for s in report.stages:
@@ -63,7 +64,7 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
                     lines.append(f"| {key} | " + " | ".join(cells) + " |")
             lines.append("")
     if report.seconds:
-        lines += ["## Time", "", "| phase | seconds |", "|---|---|"]
+        lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in report.seconds.items()]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
