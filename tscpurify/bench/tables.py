@@ -142,11 +142,14 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     fig.savefig(heatmap, dpi=110)
     plt.close(fig)
 
+    # tab20 keeps up to 20 defenses apart; matplotlib's default cycle repeats after 10.
+    palette = plt.get_cmap("tab20").colors
+    color = {name: palette[i % len(palette)] for i, name in enumerate(defenses)}
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in defenses:
         group = [r for r in rows if r["cell"]["defense"] == name and r["after"]["asr"] is not None]
         ax.scatter([r["after"]["asr"] for r in group], [r["after"]["acc"] for r in group],
-                   label=name, s=25)
+                   label=name, s=25, color=color[name])
     ax.set_xlabel("ASR after defense (%)")
     ax.set_ylabel("ACC after defense (%)")
     ax.grid(alpha=0.3)
@@ -169,7 +172,7 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
                      *(mean(r["retune"]["asr"][i] for r in group)
                        for i in range(len(epochs) - 1))]
             style = "--" if name in ("none", "clean_floor") else "-"
-            ax.plot(epochs, curve, style, marker="o", label=name)
+            ax.plot(epochs, curve, style, marker="o", label=name, color=color[name])
         sizes = retuned[0]["retune"]
         ax.set_xlabel(f"re-tune epochs ({sizes['images']:,} images, {sizes['poisoned']} "
                       f"poisoned)")
