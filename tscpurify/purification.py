@@ -48,7 +48,7 @@ from .outputs import atomic_folder, check_out
 from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
-from .retune import RetuneSettings, retune_profile, retune_set
+from .retune import RetuneSettings, retune_profiles, retune_set
 from .runs import is_encoder, load_retune_floor, load_run, probe_settings
 from .seeding import derive_seed
 from .ssl import ProbeSettings, SimCLRAugment, encoder_metrics, simclr_loss
@@ -267,13 +267,10 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         report.environment = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                               "device": str(device)}
         if retuning:
-            # One seed for every profile: the same images, poison and shuffles for each model.
             began = time.perf_counter()
-            retune_seed = derive_seed(seed, "retune")
-            models = {"before": model, "after": purified, "floor": floor_model}
-            report.retune = {name: retune_profile(net, train, test, attack, retune,
-                                                  seed=retune_seed, progress=progress)
-                             for name, net in models.items() if net is not None}
+            report.retune = retune_profiles(
+                {"before": model, "after": purified, "floor": floor_model}, train, test, attack,
+                retune, seed=derive_seed(seed, "retune"), progress=progress)
             report.seconds["retune"] = time.perf_counter() - began
         report.source = {"run": source or str(run), "arch": sidecar.get("arch"),
                          "kind": sidecar.get("kind", "classifier"), "loss": loss,

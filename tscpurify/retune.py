@@ -189,3 +189,13 @@ def retune_profile(model: nn.Module, train: ImageData, test: ImageData, attack: 
             "seconds": time.perf_counter() - began, "seed": seed,
             "settings": settings.as_dict()}
 
+
+
+def retune_profiles(models: dict[str, nn.Module | None], train: ImageData, test: ImageData,
+                    attack: Attack, settings: RetuneSettings = RetuneSettings(), seed: int = 0,
+                    progress: bool = False) -> dict[str, dict[str, Any]]:
+    """`retune_profile` of each named model (None entries skipped), all with one seed: the same
+    images, poison and shuffles, so a purified model and its floor are comparable."""
+    return {name: retune_profile(model, train, test, attack, settings, seed=seed,
+                                 progress=progress)
+            for name, model in models.items() if model is not None}

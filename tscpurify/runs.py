@@ -35,7 +35,7 @@ from .errors import CheckpointError, DataError, SettingsError
 from .evaluation import Metrics, evaluate
 from .models import MODELS, create_model
 from .outputs import atomic_folder
-from .retune import RetuneSettings, retune_profile, retune_set
+from .retune import RetuneSettings, retune_profiles, retune_set
 from .seeding import derive_seed, seed_everything
 from .ssl import (
     CTRL,
@@ -380,6 +380,5 @@ def retune_run(folder: str | Path, settings: RetuneSettings, floor: str | Path |
     train = load_dataset(dataset["name"], "train", dataset.get("root"))
     test = load_dataset(dataset["name"], "test", dataset.get("root"))
     retune_set(train, attack, settings, derive_seed(seed, "retune"))  # too small: fail now
-    return {name: retune_profile(net, train, test, attack, settings,
-                                 seed=derive_seed(seed, "retune"), progress=progress)
-            for name, net in models.items()}
+    return retune_profiles(models, train, test, attack, settings,
+                           seed=derive_seed(seed, "retune"), progress=progress)
