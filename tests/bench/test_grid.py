@@ -160,6 +160,51 @@ hot = {lr = 0.2}"""
     assert main(["bench", str(grid), "--out", str(tmp_path / "none"), "--render"]) == 2
 
 
+def test_deep_tuning_retunes_candidates_against_each_tuning_models_floor(tmp_path, fmnist_root):
+    extra = """settings = ["default", "tuned"]
+[retune]
+images = 200
+poisoned = 20
+epochs = [1, 2]
+[tuning]
+rule = "deep"
+retune_epoch = 2
+models = [{attack = "badnets", seed = 100}]
+[tuning.candidates.ft]
+default = {}
+hot = {lr = 0.2}"""
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), extra=extra,
+                      defenses=("ft",))
+    parsed = read_grid(grid)
+    assert [(c.defense, c.setting) for c in parsed.tuning_cells] == [
+        ("clean_floor", "floor"), ("ft", "default"), ("ft", "hot")]
+    assert all(c.retune is not None for c in parsed.tuning_cells)
+    out = tmp_path / "out"
+    run_grid(grid, out, progress=False, phase="tune")
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert "re-tune" in tuning["rule"]
+    table = tuning["choice"]["ft"]["table"]
+    floor = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()
+             if json.loads(line)["cell"]["defense"] == "clean_floor"][0]
+    assert all(line["floors"] == [floor["retune"]["asr"][1]] for line in table)
+    assert all(len(line["retunes"]) == 1 for line in table)
+    from tscpurify.bench.tables import tuning_table
+
+    assert "floor per model" in tuning_table(tuning["choice"])
+
+
+def test_cells_run_seed_by_seed_each_with_all_its_rows():
+    cells = read_grid("fair").cells
+    order = grid_module.seed_major(cells)
+    assert sorted(order, key=lambda c: c.key) == sorted(cells, key=lambda c: c.key)
+    first = [(c.attack, c.model, c.seed) for c in order[:16]]
+    assert set(first) == {("badnets", "cnn", 0)}
+    assert [c.setting for c in order[:32]] == ["default"] * 16 + ["tuned"] * 16
+    assert {c.attack for c in order[:6 * 32]} == {
+        "badnets", "blended", "wanet", "trojannn", "input_aware", "sig"}
+    assert {c.seed for c in order[:6 * 32]} == {0}
+
+
 def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monkeypatch):
     grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",))
     whole = run_grid(grid, tmp_path / "whole", progress=False)

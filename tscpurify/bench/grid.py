@@ -5,9 +5,10 @@ Plan:
   2. tuning (when the grid has a [tuning] section): run every defense's candidate settings on
      the tuning models, pick one per defense by the written rule (`tuning.choose`), and write
      the choice to `tuned.toml` in the output folder;
-  3. run the benchmark cells, once with each defense's published defaults ("default" rows) and
-     once with the tuned choice ("tuned" rows), every training defense resized to the grid's
-     step budget; a backdoored model is trained once (cached) and shared by every defense;
+  3. run the benchmark cells (seed by seed, `seed_major`), once with each defense's published
+     defaults ("default" rows) and once with the tuned choice ("tuned" rows), every training
+     defense resized to the grid's step budget; a backdoored model is trained once (cached)
+     and shared by every defense;
   4. evaluate each purified model on the test split, and re-tune it on a few poisoned samples
      (`tscpurify.retune`) to see whether the backdoor stays gone; append one JSON line per
      cell (crash-safe, so a resumed run skips exactly the finished cells);
@@ -25,6 +26,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ from ..seeding import derive_seed
 from ..settings import replace_settings, settings_hash
 from ..training import TrainSettings
 from .cache import cached_backdoored, run_metrics
-from .tuning import TuningSpec, choose, parse_tuning, write_tuned
+from .tuning import FLOOR, TuningSpec, choose, parse_tuning, write_tuned
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -206,7 +208,8 @@ def read_grid(source: str | Path) -> Grid:
     tuning = None
     if "tuning" in grid:
         tuning = parse_tuning(grid["tuning"], {n: r[2] for n, r in rows_of.items()}, models,
-                              seeds, check_candidate)
+                              seeds, check_candidate,
+                              retune_dict["epochs"] if retune_dict is not None else None)
     if "tuned" in rows and tuning is None:
         raise SettingsError("grid: tuned rows need a [tuning] section")
 
@@ -238,16 +241,23 @@ def read_grid(source: str | Path) -> Grid:
     if tuning is not None:
         model_cfg = models[tuning.model]
         model_args = {k: v for k, v in model_cfg.items() if k not in ("epochs", "attacks", "seeds")}
+        # The deep rule re-tunes every candidate, and compares with each tuning model's floor.
+        tuning_common = dict(model=tuning.model, model_args=model_args,
+                             train_epochs=model_cfg.get("epochs", 5),
+                             retune=retune_dict if tuning.deep else None, **common)
+        if tuning.deep:
+            tuning_cells += [Cell(attack=attack, seed=seed, defense="clean_floor",
+                                  attack_args=attack_args.get(attack, {}), setting=FLOOR,
+                                  **tuning_common) for attack, seed in tuning.models]
         for name, listed in tuning.candidates.items():
             fixed, overrides = row_args[name]
             for candidate, chosen in listed.items():
                 for attack, seed in tuning.models:
                     tuning_cells.append(Cell(
-                        attack=attack, model=tuning.model, seed=seed, defense=name,
-                        base=rows_of[name][0], attack_args=attack_args.get(attack, {}),
-                        model_args=model_args, train_epochs=model_cfg.get("epochs", 5),
+                        attack=attack, seed=seed, defense=name, base=rows_of[name][0],
+                        attack_args=attack_args.get(attack, {}),
                         defense_args={**fixed, **chosen, **overrides}, setting=candidate,
-                        **common))
+                        **tuning_common))
     return Grid(cells, tuning, tuning_cells, row_args)
 
 
@@ -365,19 +375,37 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     return row
 
 
+def seed_major(cells: list[Cell]) -> list[Cell]:
+    """`cells` in the order they run: seed by seed, each (model, attack) with all its rows, its
+    default rows before its tuned ones. A grid cut short then has every attack at the first
+    seed rather than every seed of the first attack, and each finished cell has all its rows."""
+    models = {m: i for i, m in enumerate(dict.fromkeys(c.model for c in cells))}
+    attacks = {a: i for i, a in enumerate(dict.fromkeys(c.attack for c in cells))}
+    return sorted(cells, key=lambda c: (c.seed, models[c.model], attacks[c.attack]))
+
+
 def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: bool,
-               desc: str, shard: tuple[int, int] | None = None) -> list[dict]:
-    """Run the unfinished cells (of this shard: every N-th distinct run, so the shards share
-    each cell's rows) and return every finished row of `cells`."""
+               desc: str, shard: tuple[int, int] | None = None,
+               order: Callable[[list[Cell]], list[Cell]] = list) -> list[dict]:
+    """Run the unfinished cells in `order` (of this shard: every N-th distinct run, so the
+    shards share each cell's rows) and return every finished row of `cells`, in their order."""
     path = out / (f"{stem}.jsonl" if shard is None else f"{stem}.shard{shard[0]}of{shard[1]}.jsonl")
-    keys = list(dict.fromkeys(c.key for c in cells))
+    running = order(cells)
+    keys = list(dict.fromkeys(c.key for c in running))
     mine = set(keys if shard is None else keys[shard[0]::shard[1]])
     # One writer per results file: a second process writing the same file is refused (the
     # tuning, the benchmark rows and each shard write their own, so they may run side by side).
     with output_lock(path):
-        for cell in tqdm(cells, desc=desc, disable=not progress):
+        finished = read_all(out, stem)
+        # One entry per distinct run still to do, so the bar counts real work (a resumed grid
+        # starts at 0 of what is left, not at 0 of everything).
+        todo: dict[str, Cell] = {}
+        for cell in running:
+            if cell.key in mine and cell.key not in finished:
+                todo.setdefault(cell.key, cell)
+        for cell in tqdm(todo.values(), desc=desc, disable=not progress):
             # Re-read before each run: another shard may have finished this key meanwhile.
-            if cell.key not in mine or cell.key in read_all(out, stem):
+            if cell.key in read_all(out, stem):
                 continue
             row = run_cell(cell, out, device, progress=False)
             append_row(path, row)
@@ -426,7 +454,7 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
         return []
     wanted = {"default": ("default",), "tuned": ("tuned",), "all": SETTINGS_ROWS}[phase]
     cells = [c for c in cells if c.setting in wanted]
-    return _run_cells(cells, out, "results", device, progress, "bench", part)
+    return _run_cells(cells, out, "results", device, progress, "bench", part, seed_major)
 
 
 def finished_rows(source: str | Path, out: str | Path) -> list[dict]:

@@ -12,19 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .tuning import retune_asr  # noqa: E402
+
 RETUNE_EPOCH = 2  # the re-tune column of the summary: ASR after this many epochs
 
 
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
-
-
-def retune_asr(row: dict, epoch: int) -> float | None:
-    """ASR after `epoch` re-tune epochs, or None when the row has no such measurement."""
-    profile = row.get("retune")
-    if not profile or epoch not in profile["epochs"]:
-        return None
-    return profile["asr"][profile["epochs"].index(epoch)]
 
 
 def _retune_cell(row: dict) -> str:
@@ -98,19 +92,28 @@ def _summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_model(values: list[float | None]) -> str:
+    return " / ".join(fmt(v) for v in values)
+
+
 def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
     """Every candidate of every tuned defense on the tuning models, the chosen one marked
-    (candidate None: nothing chosen yet)."""
-    lines = ["| defense | candidate | settings | ACC drop per model | ASR per model | mean drop | "
-             "mean ASR | chosen |", "|---|---|---|---|---|---|---|---|"]
+    (candidate None: nothing chosen yet); under the deep rule with the re-tune ASR per model
+    and the clean floor's."""
+    deep = any("retunes" in line for picked in choice.values() for line in picked["table"])
+    extra = " re-tune ASR per model | floor per model | mean re-tune ASR |" if deep else ""
+    lines = ["| defense | candidate | settings | ACC drop per model | ASR per model |" + extra
+             + " mean drop | mean ASR | chosen |",
+             "|---|---|---|---|---|" + "---|" * (3 if deep else 0) + "---|---|---|"]
     for name, picked in choice.items():
         for line in picked["table"]:
             settings = ", ".join(f"{k}={v}" for k, v in line["overrides"].items()) or "defaults"
             chosen = line["candidate"] == picked["candidate"]
+            retunes = (f" {_per_model(line['retunes'])} | {_per_model(line['floors'])} | "
+                       f"{fmt(line['mean_retune'])} |" if deep else "")
             lines.append(
-                f"| {name} | {line['candidate']} | {settings} | "
-                f"{' / '.join(f'{d:.2f}' for d in line['drops'])} | "
-                f"{' / '.join(f'{a:.2f}' for a in line['asrs'])} | {fmt(line['mean_drop'])} | "
+                f"| {name} | {line['candidate']} | {settings} | {_per_model(line['drops'])} | "
+                f"{_per_model(line['asrs'])} |{retunes} {fmt(line['mean_drop'])} | "
                 f"{fmt(line['mean_asr'])} | {'**yes**' if chosen else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -10,6 +10,15 @@ model at the grid's step budget; then, per defense:
     then to the candidate listed first. If no candidate keeps the drop within max_drop, the one
     with the smallest mean drop.
 
+A grid may instead ask for the deep rule (`rule = "deep"`, docs/deep-purification.md), which
+also re-tunes every candidate (the grid's [retune]) and the clean floor of each tuning model:
+
+    DEEP RULE: among the candidates that, on every tuning model, keep ASR ≤ max_asr, the ASR
+    after `retune_epoch` re-tune epochs ≤ the clean floor's + floor_margin points, and the
+    accuracy drop ≤ max_drop: the lowest mean re-tune ASR; a tie (two decimals) goes to the
+    smaller mean drop, then to the candidate listed first. If none passes, the published
+    default.
+
 ASR enters only here, on the tuning models; the benchmark cells never feed back into a choice.
 The choice is written to `tuned.toml` beside the results, with the table that justified it.
 """
@@ -27,10 +36,18 @@ from ..errors import SettingsError
 RULE = ("lowest mean ASR among candidates whose mean accuracy drop is <= {max_drop} points; "
         "ties (equal mean ASR to two decimals) to the smaller mean drop, then to the candidate "
         "listed first; if none keeps the drop within {max_drop}, the smallest mean drop")
+DEEP_RULE = ("among candidates that on every tuning model keep ASR <= {max_asr}, ASR after "
+             "{retune_epoch} re-tune epochs <= the clean floor's + {floor_margin} points and the "
+             "accuracy drop <= {max_drop}: the lowest mean re-tune ASR; ties (two decimals) to "
+             "the smaller mean drop, then to the candidate listed first; if none passes, the "
+             "published default")
+RULES = ("asr", "deep")
+FLOOR = "floor"  # the setting label of a deep rule's clean-floor runs on the tuning models
 TUNING_ATTACKS = ("badnets", "blended")
 MIN_TUNING_SEED = 100
 MAX_CANDIDATES = 4
-TUNING_KEYS = {"model", "models", "max_drop", "candidates", "count"}
+TUNING_KEYS = {"model", "models", "max_drop", "candidates", "count", "rule", "retune_epoch",
+               "max_asr", "floor_margin"}
 
 
 @dataclass(frozen=True)
@@ -43,18 +60,38 @@ class TuningSpec:
     count: int  # candidates per tuned defense, the same for all
     candidates: dict[str, dict[str, dict[str, Any]]]  # row → candidate → overrides
     tuned_as: dict[str, str]  # row → the tuned row whose choice it takes ("" = not tuned)
+    kind: str = "asr"  # "asr" (the one rule) or "deep" (re-tune ASR against the clean floor)
+    retune_epoch: int = 2  # deep rule only
+    max_asr: float = 2.0
+    floor_margin: float = 10.0
+
+    @property
+    def deep(self) -> bool:
+        return self.kind == "deep"
 
     @property
     def rule(self) -> str:
+        if self.deep:
+            return DEEP_RULE.format(max_asr=self.max_asr, retune_epoch=self.retune_epoch,
+                                    floor_margin=self.floor_margin, max_drop=self.max_drop)
         return RULE.format(max_drop=self.max_drop)
+
+
+def _number(section: dict[str, Any], key: str, default: float) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise SettingsError(f"grid: [tuning] {key} must be a number ≥ 0, got {value!r}")
+    return float(value)
 
 
 def parse_tuning(section: Any, tune_as: dict[str, str | None], models: dict[str, Any],
                  benchmark_seeds: list[int],
-                 check: Callable[[str, dict[str, Any]], None]) -> TuningSpec:
+                 check: Callable[[str, dict[str, Any]], None],
+                 retune_epochs: tuple[int, ...] | None = None) -> TuningSpec:
     """Check the [tuning] section against the grid; `tune_as` maps each row to the row whose
     candidates tune it (itself for a defense, a variant's `tune_as`, None for references),
-    `check(row, overrides)` raises on settings the row's defense does not take."""
+    `check(row, overrides)` raises on settings the row's defense does not take, and
+    `retune_epochs` are the grid's [retune] checkpoints (None: no [retune])."""
     if not isinstance(section, dict):
         raise SettingsError("grid: [tuning] must be a table")
     unknown = sorted(set(section) - TUNING_KEYS)
@@ -80,9 +117,15 @@ def parse_tuning(section: Any, tune_as: dict[str, str | None], models: dict[str,
         pairs.append((attack, seed))
     if not pairs:
         raise SettingsError("grid: [tuning] needs models = [{attack = ..., seed = ...}, ...]")
-    max_drop = section.get("max_drop", 3.0)
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
-        raise SettingsError(f"grid: [tuning] max_drop must be a number ≥ 0, got {max_drop!r}")
+    max_drop = _number(section, "max_drop", 3.0)
+    kind = section.get("rule", "asr")
+    if kind not in RULES:
+        raise SettingsError(f"grid: [tuning] rule must be one of {', '.join(RULES)}, got "
+                            f"{kind!r}")
+    retune_epoch = section.get("retune_epoch", 2)
+    if kind == "deep" and (retune_epochs is None or retune_epoch not in retune_epochs):
+        raise SettingsError(f"grid: the deep rule reads the ASR after {retune_epoch!r} re-tune "
+                            f"epochs: the grid's [retune] epochs must include it")
     candidates = section.get("candidates", {})
     if not isinstance(candidates, dict) or not candidates:
         raise SettingsError("grid: [tuning.candidates.DEFENSE] tables are missing")
@@ -107,13 +150,30 @@ def parse_tuning(section: Any, tune_as: dict[str, str | None], models: dict[str,
             check(row, overrides)
     tuned_as = {row: (target if target in candidates else "")
                 for row, target in tune_as.items() if target is not None}
-    return TuningSpec(model=model, models=tuple(pairs), max_drop=float(max_drop), count=count,
-                      candidates=candidates, tuned_as=tuned_as)
+    return TuningSpec(model=model, models=tuple(pairs), max_drop=max_drop, count=count,
+                      candidates=candidates, tuned_as=tuned_as, kind=kind,
+                      retune_epoch=retune_epoch, max_asr=_number(section, "max_asr", 2.0),
+                      floor_margin=_number(section, "floor_margin", 10.0))
+
+
+def retune_asr(row: dict, epoch: int) -> float | None:
+    """ASR after `epoch` re-tune epochs, or None when the row has no such measurement."""
+    profile = row.get("retune")
+    if not profile or epoch not in profile["epochs"]:
+        return None
+    return profile["asr"][profile["epochs"].index(epoch)]
+
+
+def _model(row: dict) -> str:
+    return f"{row['cell']['attack']}:{row['cell']['seed']}"
 
 
 def summarise(rows: list[dict], spec: TuningSpec) -> dict[str, list[dict[str, Any]]]:
     """Per tuned row, one line per candidate: mean ACC drop and mean ASR over the tuning
-    models that finished (with the per-model numbers)."""
+    models that finished (with the per-model numbers); under the deep rule also the re-tune
+    ASR per model, its mean, and the clean floor's re-tune ASR on the same models."""
+    floors = {_model(r): retune_asr(r, spec.retune_epoch) for r in rows
+              if r["cell"]["defense"] == "clean_floor" and r["cell"]["setting"] == FLOOR}
     table: dict[str, list[dict[str, Any]]] = {}
     for row_name, listed in spec.candidates.items():
         lines = []
@@ -122,24 +182,43 @@ def summarise(rows: list[dict], spec: TuningSpec) -> dict[str, list[dict[str, An
                     if r["cell"]["defense"] == row_name and r["cell"]["setting"] == candidate]
             drops = [r["before"]["acc"] - r["after"]["acc"] for r in runs]
             asrs = [r["after"]["asr"] for r in runs]
-            lines.append({
-                "candidate": candidate, "overrides": listed[candidate],
-                "models": [f"{r['cell']['attack']}:{r['cell']['seed']}" for r in runs],
-                "drops": drops, "asrs": asrs,
-                "mean_drop": mean(drops) if drops else None,
-                "mean_asr": mean(asrs) if asrs else None})
+            line = {"candidate": candidate, "overrides": listed[candidate],
+                    "models": [_model(r) for r in runs], "drops": drops, "asrs": asrs,
+                    "mean_drop": mean(drops) if drops else None,
+                    "mean_asr": mean(asrs) if asrs else None}
+            if spec.deep:
+                retunes = [retune_asr(r, spec.retune_epoch) for r in runs]
+                line.update(retunes=retunes, floors=[floors.get(m) for m in line["models"]],
+                            mean_retune=(mean(retunes) if retunes and None not in retunes
+                                         else None))
+            lines.append(line)
         table[row_name] = lines
     return table
 
 
-def pick(lines: list[dict[str, Any]], max_drop: float) -> str:
-    """The rule (module docstring) over summarised candidates; all must have results."""
-    if any(line["mean_asr"] is None for line in lines):
+def passes_deep(line: dict[str, Any], spec: TuningSpec) -> bool:
+    """Whether a summarised candidate meets every bound of the deep rule on every model."""
+    return all(asr <= spec.max_asr and drop <= spec.max_drop
+               and retune <= floor + spec.floor_margin
+               for asr, drop, retune, floor in zip(line["asrs"], line["drops"],
+                                                   line["retunes"], line["floors"], strict=True))
+
+
+def pick(lines: list[dict[str, Any]], spec: TuningSpec) -> str:
+    """The spec's rule (module docstring) over summarised candidates; all must have results."""
+    if any(line["mean_asr"] is None for line in lines) or spec.deep and any(
+            line["mean_retune"] is None or None in line["floors"] for line in lines):
         raise SettingsError("cannot choose before every candidate has run on the tuning models")
-    eligible = [line for line in lines if line["mean_drop"] <= max_drop]
+    # min() keeps the first of equal keys, which is the listing order.
+    if spec.deep:
+        passing = [line for line in lines if passes_deep(line, spec)]
+        if not passing:
+            return "default"
+        return min(passing, key=lambda line: (round(line["mean_retune"], 2),
+                                              line["mean_drop"]))["candidate"]
+    eligible = [line for line in lines if line["mean_drop"] <= spec.max_drop]
     if not eligible:
         return min(lines, key=lambda line: line["mean_drop"])["candidate"]
-    # min() keeps the first of equal keys, which is the listing order.
     return min(eligible, key=lambda line: (round(line["mean_asr"], 2),
                                            line["mean_drop"]))["candidate"]
 
@@ -153,7 +232,7 @@ def choose(rows: list[dict], spec: TuningSpec) -> dict[str, dict[str, Any]]:
         if not complete:
             raise SettingsError(f"tuning of {row_name} is incomplete: every candidate needs "
                                 f"{expected} tuning models")
-        chosen = pick(lines, spec.max_drop)
+        chosen = pick(lines, spec)
         choice[row_name] = {"candidate": chosen, "overrides": spec.candidates[row_name][chosen],
                             "table": lines}
     return choice
