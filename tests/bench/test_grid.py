@@ -62,7 +62,7 @@ def test_grid_cells_and_errors(tmp_path, fmnist_root):
         (tmp_path / "bad.toml").write_text(text)
         with pytest.raises(SettingsError, match=message):
             read_grid(tmp_path / "bad.toml")
-    for shipped in ("quick", "full", "fair"):
+    for shipped in ("quick", "full", "fair", "deep"):
         assert len(read_grid(shipped).cells) > 0
 
 

@@ -132,7 +132,7 @@ def _check_settings(base: str, args: dict[str, Any], what: str) -> None:
 
 
 def read_grid(source: str | Path) -> Grid:
-    """The grid in a TOML file, or in a shipped grid by name ('quick', 'full', 'fair')."""
+    """The grid in a TOML file, or in a shipped grid by name ('quick', 'full', 'fair', 'deep')."""
     path = Path(source)
     if not path.exists() and (GRIDS / f"{source}.toml").exists():
         path = GRIDS / f"{source}.toml"
