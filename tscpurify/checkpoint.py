@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .models import MODELS, create_model
+from .models.factory import build_from_factory, is_factory_path
 
 SIDECAR_FORMAT = "tscpurify-model/1"
 WEIGHTS = "weights.safetensors"
@@ -142,29 +143,46 @@ def check_sidecar(sidecar: Any, path: Path) -> None:
             names = kind.__name__ if isinstance(kind, type) else "object or null"
             raise CheckpointError(f"{path}: {key!r} must be a JSON {names}, got "
                                   f"{type(sidecar[key]).__name__}")
-    if sidecar.get("arch") not in MODELS:
-        raise CheckpointError(f"{path} names unknown architecture {sidecar.get('arch')!r}")
+    arch = sidecar.get("arch")
+    if not isinstance(arch, str) or arch not in MODELS and not is_factory_path(arch):
+        raise CheckpointError(f"{path} names unknown architecture {arch!r}")
     dataset = sidecar.get("dataset", {})
     if not isinstance(dataset.get("name", ""), str) or not isinstance(
             dataset.get("root") or "", str):
         raise CheckpointError(f"{path}: dataset must be {{\"name\": str, \"root\": str or null}}")
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a saved model from its run folder: architecture from the sidecar, then weights."""
+def build_model(arch: str, kwargs: dict[str, Any], trusted_arch: str | None = None,
+                 source: str = "model.json") -> nn.Module:
+    """A registered model, or the user's own factory ('module:function', models/factory.py)
+    when the user named it: `trusted_arch` must equal `arch`, since importing runs code."""
+    if not is_factory_path(arch):
+        return create_model(arch, **kwargs)
+    if trusted_arch != arch:
+        raise CheckpointError(f"{source} names the importable architecture {arch!r}; code a "
+                              f"file names is never imported on its own: pass --arch {arch} "
+                              f"(trusted_arch= in Python) to build it")
+    return build_from_factory(arch, **kwargs)
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu",
+               trusted_arch: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a saved model from its run folder: architecture from the sidecar, then weights.
+    A sidecar naming an importable factory needs the same name in `trusted_arch`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"run folder {folder} does not exist")
     sidecar = read_json(folder / SIDECAR)
     check_sidecar(sidecar, folder / SIDECAR)
     arch, kwargs = sidecar["arch"], sidecar.get("kwargs", {})
+    source = str(folder / SIDECAR)
     # The sidecar alone must not decide an allocation: build the model on the meta device
     # (no memory) and compare it with the shapes the weights file declares first.
     with torch.device("meta"):
-        skeleton = create_model(arch, **kwargs)
+        skeleton = build_model(arch, kwargs, trusted_arch, source)
     shapes = weight_shapes(folder / WEIGHTS)
     if shapes is not None:
         check_shapes(skeleton.state_dict(), shapes, str(folder / WEIGHTS))
-    model = create_model(arch, **kwargs)
+    model = build_model(arch, kwargs, trusted_arch, source)
     load_state_into(model, load_weights(folder / WEIGHTS), str(folder / WEIGHTS))
     return model.to(device).eval(), sidecar

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,7 +192,7 @@ def format_metrics(metrics: dict, encoder: bool = False) -> str:
 def run_evaluate(args: argparse.Namespace) -> int:
     from .runs import evaluate_run
 
-    metrics = evaluate_run(args.run, resolve_device(args.device))
+    metrics = evaluate_run(args.run, resolve_device(args.device), args.arch)
     if args.retune:
         from .runs import retune_run
 
@@ -280,18 +281,46 @@ def print_report_summary(report, out: str) -> None:
 
 def run_purify(args: argparse.Namespace) -> int:
     from .purification import purify_run, resolve_loss
-    from .runs import run_sidecar
+    from .runs import run_sidecar, write_own_run
 
-    loss = resolve_loss(run_sidecar(args.run), args.loss, args.run)
-    report = purify_run(args.run, args.out, purify_settings(args, loss), loss=loss,
-                        clean_fraction=args.clean_fraction,
-                        profile_test=args.profile_test, profile_train=args.profile_train,
-                        seed=args.seed,
-                        device=resolve_device(args.device), progress=not args.quiet,
-                        resume=args.resume, overwrite=args.overwrite,
-                        retune=retune_settings(args), retune_floor=args.retune_floor)
-    print_report_summary(report, args.out)
-    return 0
+    own = {"--data": args.data, "--data-root": args.data_root, "--model-arg": args.model_arg}
+    if args.weights is None:
+        if args.run is None:
+            raise SettingsError("give the suspect model: a run folder, or --weights FILE --arch "
+                                "ARCH --data NAME for a model trained elsewhere")
+        given = [flag for flag, value in own.items() if value]
+        if given:
+            raise SettingsError(f"{', '.join(given)} describe a --weights file; a run folder "
+                                f"records its own")
+    elif args.run is not None:
+        raise SettingsError(f"give a run folder ({args.run}) or --weights, not both")
+    elif not args.arch or not args.data:
+        raise SettingsError("--weights needs --arch (a registered model or your "
+                            "module:function) and --data (the data set it was trained on)")
+
+    def purify_folder(run: str | Path, **more: Any) -> int:
+        loss = resolve_loss(run_sidecar(run), args.loss, run)
+        report = purify_run(run, args.out, purify_settings(args, loss), loss=loss,
+                            clean_fraction=args.clean_fraction,
+                            profile_test=args.profile_test, profile_train=args.profile_train,
+                            seed=args.seed,
+                            device=resolve_device(args.device), progress=not args.quiet,
+                            resume=args.resume, overwrite=args.overwrite,
+                            retune=retune_settings(args), retune_floor=args.retune_floor,
+                            trusted_arch=args.arch, **more)
+        print_report_summary(report, args.out)
+        return 0
+
+    if args.weights is None:
+        return purify_folder(args.run)
+    # A model trained elsewhere: a temporary run folder around its weights (linked, not
+    # copied, where the disk allows), purified like any other; the user's files stay inputs.
+    with tempfile.TemporaryDirectory(prefix="tscpurify-own-") as temporary:
+        run = write_own_run(temporary, args.weights, args.arch,
+                            model_args=parse_pairs(args.model_arg, "--model-arg"),
+                            data=args.data, data_root=args.data_root)
+        return purify_folder(run, source=str(args.weights), more_inputs=[
+            args.weights, *([args.data_root] if args.data_root else [])])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -409,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "frozen features (as its model.json records), plus kNN accuracy.")
     evaluate.add_argument("run", help="run folder (from `tscpurify attack`, `encoder` or "
                                       "`purify`)")
+    evaluate.add_argument("--arch", default=None, metavar="MODULE:FUNCTION",
+                          help="trust and import the architecture the run's model.json names, "
+                               "for a model purified with --arch MODULE:FUNCTION")
     add_retune_flags(evaluate, default=False,
                      what="also re-tune the model (a classifier whose attack is recorded)")
     add_common(evaluate)
@@ -420,8 +452,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "split; writes the purified run folder with report.json, report.md and "
                     "plots/. An encoder run folder is purified without labels (SimCLR loss on "
                     "the clean images alone) and judged before and after by a linear probe.")
-    purify.add_argument("run", help="run folder of the suspect model")
+    purify.add_argument("run", nargs="?", default=None,
+                        help="run folder of the suspect model (or --weights, below)")
     purify.add_argument("--out", required=True, help="purified run folder to create")
+    own = purify.add_argument_group(
+        "a model trained elsewhere (instead of a run folder; docs/run-folder.md)")
+    own.add_argument("--weights", default=None, metavar="FILE",
+                     help="its weights: .safetensors (or .pt, loaded with weights_only=True)")
+    own.add_argument("--arch", default=None, metavar="NAME|MODULE:FUNCTION",
+                     help="a registered model (e.g. preactresnet18) or your own factory, e.g. "
+                          "mymodels:make_net, imported from the current folder or PYTHONPATH "
+                          "and called with the --model-arg values; also needed for a run "
+                          "folder whose model.json names such a factory")
+    own.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                     help="keyword argument of the architecture (repeatable)")
+    own.add_argument("--data", default=None,
+                     help="the data set it was trained on: fashion-mnist, cifar10 or folder")
+    own.add_argument("--data-root", default=None,
+                     help="folder of its files (cifar10: data_batch_*.bin; folder: train/ and "
+                          "test/ with one sub-folder per class)")
     purify.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last finished stage")
     purify.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -441,11 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="run a grid of attacks × models × defenses × seeds",
-        description="Run a benchmark grid (a TOML file, or a shipped grid: quick, full, fair, deep). "
-                    "Finished cells are skipped, so an interrupted run resumes where it stopped; "
+        description="Run a benchmark grid (a TOML file, or a shipped grid: quick, full, fair, "
+                    "deep). Finished cells are skipped, so an interrupted run resumes where it "
+                    "stopped; "
                     "backdoored models are cached and shared between defenses. Writes "
                     "results.jsonl, results.md (ACC / ASR / RA / DER) and plots/.")
-    bench.add_argument("grid", help="grid TOML file, or 'quick' / 'full'")
+    bench.add_argument("grid", help="grid TOML file, or a shipped grid's name")
     bench.add_argument("--out", default=None, help="output folder (default: runs/bench-GRID)")
     bench.add_argument("--phase", choices=("all", "tune", "default", "tuned"), default="all",
                        help="what to run: the tuning candidates only ('tune'), the published-"

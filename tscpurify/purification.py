@@ -27,7 +27,7 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -180,7 +180,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                device: str = "cpu", progress: bool = True, resume: bool = False,
                overwrite: bool = False, retune: RetuneSettings | None = DEFAULT_RETUNE,
                retune_floor: str | Path | None = None,
-               source: str | None = None) -> PurifyReport:
+               source: str | None = None, trusted_arch: str | None = None,
+               more_inputs: Sequence[str | Path] = ()) -> PurifyReport:
     """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
 
     Args:
@@ -194,13 +195,17 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
             trained without poison, re-tuned the same way as the floor.
         source: the name recorded for the input run (default: `run` as given), for callers
             that build in a temporary folder and move the result into place (the demo).
+        trusted_arch: the user's own architecture 'module:function' that the run's model.json
+            names (imported only when given here: `checkpoint.build_model`).
+        more_inputs: files or folders besides `run` that `out` must not overlap (the user's
+            own weights file and data, when `run` is a temporary folder made from them).
     """
     if profile_test < 0 or profile_train < 0:
         raise SettingsError(f"profile sizes must be ≥ 0, got --profile-test {profile_test}, "
                             f"--profile-train {profile_train}")
-    inputs = [run] + ([retune_floor] if retune_floor is not None else [])
+    inputs = [run, *more_inputs] + ([retune_floor] if retune_floor is not None else [])
     out = check_out(out, overwrite, inputs)  # before anything is loaded
-    model, sidecar, attack = load_run(run, device)
+    model, sidecar, attack = load_run(run, device, trusted_arch)
     loss = resolve_loss(sidecar, loss, run)
     floor_model = (load_retune_floor(retune_floor, sidecar, device)
                    if retune_floor is not None else None)

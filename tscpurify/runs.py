@@ -16,24 +16,37 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from . import __version__
 from .attacks import attack_from_record, create_attack, poison_dataset
 from .attacks.base import Attack
-from .checkpoint import SIDECAR, load_model, read_json, save_model, write_json
+from .checkpoint import (
+    SIDECAR,
+    SIDECAR_FORMAT,
+    WEIGHTS,
+    load_model,
+    load_weights,
+    read_json,
+    save_model,
+    write_json,
+)
 from .curve import recompute_bn_stats
 from .data import ImageData, load_dataset, select_clean_subset
 from .errors import CheckpointError, DataError, SettingsError
 from .evaluation import Metrics, evaluate
 from .models import MODELS, create_model
+from .models.factory import is_factory_path
 from .outputs import atomic_folder
 from .retune import RetuneSettings, retune_profiles, retune_set
 from .seeding import derive_seed, seed_everything
@@ -316,10 +329,11 @@ def probe_settings(sidecar: dict[str, Any]) -> ProbeSettings:
         raise SettingsError(f"the sidecar's evaluation.probe is not valid: {err}") from None
 
 
-def load_run(folder: str | Path, device: str = "cpu"
+def load_run(folder: str | Path, device: str = "cpu", trusted_arch: str | None = None
              ) -> tuple[torch.nn.Module, dict, Attack | None]:
-    """Model, sidecar and (if recorded) the attack of a run folder."""
-    model, sidecar = load_model(folder, device)
+    """Model, sidecar and (if recorded) the attack of a run folder (`trusted_arch`: the user's
+    own importable architecture, see `checkpoint.build_model`)."""
+    model, sidecar = load_model(folder, device, trusted_arch)
     record = sidecar.get("attack")
     attack = attack_of(record) if record else None
     classes = sidecar.get("classes") or []
@@ -332,10 +346,11 @@ def load_run(folder: str | Path, device: str = "cpu"
     return model, sidecar, attack
 
 
-def evaluate_run(folder: str | Path, device: str = "cpu") -> dict[str, float | None]:
+def evaluate_run(folder: str | Path, device: str = "cpu", trusted_arch: str | None = None
+                 ) -> dict[str, float | None]:
     """Recompute a run folder's metrics on its data set's test split: ACC/ASR/RA of a
     classifier, or linear-probe ACC/ASR/RA and kNN accuracy of an encoder."""
-    model, sidecar, attack = load_run(folder, device)
+    model, sidecar, attack = load_run(folder, device, trusted_arch)
     dataset = sidecar.get("dataset") or {}
     if "name" not in dataset:
         raise DataError(f"{folder} does not say which data set it was trained on")
@@ -382,3 +397,36 @@ def retune_run(folder: str | Path, settings: RetuneSettings, floor: str | Path |
     retune_set(train, attack, settings, derive_seed(seed, "retune"))  # too small: fail now
     return retune_profiles(models, train, test, attack, settings,
                            seed=derive_seed(seed, "retune"), progress=progress)
+
+
+def write_own_run(folder: str | Path, weights: str | Path, arch: str, *,
+                  model_args: dict[str, Any] | None = None, data: str = "fashion-mnist",
+                  data_root: str | None = None) -> Path:
+    """Make `folder` (which must exist, empty) a run folder for a classifier trained outside
+    tscpurify: its weights (`.safetensors` linked or copied, `.pt` converted; never unpickled)
+    and a model.json naming its architecture, its data set and no attack, so it is evaluated
+    on accuracy alone. `arch` is a registered model, sized to the data set as `attack` sizes
+    it, or the user's own factory 'module:function', called with `model_args` only.
+
+    Nothing is checked against the weights here: `load_run` on the result does that (shapes
+    first, on the meta device, then finite values), with the user's `arch` trusted."""
+    folder, weights = Path(folder), Path(weights)
+    extra = dict(model_args or {})
+    if is_factory_path(arch):
+        kwargs = extra
+    else:
+        MODELS.get(arch)  # an unknown name fails here, with the registered ones listed
+        kwargs = model_kwargs(arch, load_dataset(data, "test", data_root), extra)
+    target = folder / WEIGHTS
+    if weights.suffix == ".safetensors" and weights.is_file():
+        try:
+            os.link(weights, target)  # no copy of a large file when it is on the same disk
+        except OSError:
+            shutil.copyfile(weights, target)
+    else:
+        save_file({k: v.contiguous() for k, v in load_weights(weights).items()}, str(target))
+    write_json(folder / SIDECAR, {"format": SIDECAR_FORMAT, "arch": arch, "kwargs": kwargs,
+                                  "kind": "classifier",
+                                  "dataset": {"name": data, "root": data_root},
+                                  "attack": None, "tool_version": __version__})
+    return folder
