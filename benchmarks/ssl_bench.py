@@ -43,6 +43,7 @@ from tscpurify.data import ImageData, load_dataset, select_clean_subset
 from tscpurify.defenses import defend
 from tscpurify.defenses.mcr import MCRSettings, mcr
 from tscpurify.defenses.tsc import PRESETS, TSCSettings, purify
+from tscpurify.defenses.tsc_clip import frozen_text_loss, purify_clip
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer
 from tscpurify.purification import image_loader, unlabelled_subset
@@ -58,7 +59,6 @@ from tscpurify.ssl import (
     train_clip,
 )
 from tscpurify.ssl.captions import CaptionedImages, all_captions
-from tscpurify.ssl.clip import frozen_text_loss, purify_clip
 from tscpurify.ssl.poisoned_pairs import poison_pairs
 from tscpurify.ssl.zero_shot import zero_shot_metrics
 

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .defenses import defend  # noqa: E402
 from .defenses.tsc import PRESETS, TSCSettings, purify  # noqa: E402
+from .defenses.tsc_clip import purify_clip  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     DataError,
@@ -20,4 +21,4 @@ from .permutation import PermutationSpec, apply_permutation, derive_spec, match 
 
 __all__ = ["PRESETS", "CheckpointError", "DataError", "OutputError", "PermutationSpec",
            "SettingsError", "SpecError", "TSCSettings", "TscpurifyError", "__version__",
-           "apply_permutation", "defend", "derive_spec", "match", "purify"]
+           "apply_permutation", "defend", "derive_spec", "match", "purify", "purify_clip"]

@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader
 
 from tscpurify import TSCSettings
 from tscpurify.data import ImageData
+from tscpurify.defenses.tsc_clip import CLIPView, frozen_text_loss, purify_clip
 from tscpurify.errors import DataError, SettingsError
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer, logit_multiplier
 from tscpurify.ssl.captions import CaptionedImages, all_captions
-from tscpurify.ssl.clip import CLIPView, frozen_text_loss, purify_clip
 from tscpurify.ssl.losses import clip_loss
 from tscpurify.ssl.zero_shot import zero_shot_metrics
 

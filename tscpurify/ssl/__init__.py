@@ -11,7 +11,7 @@ Purifying a SimCLR encoder without labels:
 
 from .augment import SimCLRAugment
 from .badencoder import BadEncoderSettings, badencoder, badencoder_loss
-from .clip import CLIPSettings, purify_clip, train_clip  # noqa: F401
+from .clip import CLIPSettings, train_clip  # noqa: F401
 from .ctrl import CTRL
 from .losses import bare_images, clip_loss, nt_xent, simclr_loss
 from .probes import (
