@@ -4,12 +4,10 @@ Connectivity, Peng et al., ICML 2025).
     purified, report = tscpurify.purify(model, clean_loader)
 """
 
-__version__ = "0.1.0"
-
-from .defenses import defend  # noqa: E402
-from .defenses.tsc import PRESETS, TSCSettings, purify  # noqa: E402
-from .defenses.tsc_clip import purify_clip  # noqa: E402
-from .errors import (  # noqa: E402
+from .defenses import defend
+from .defenses.tsc import PRESETS, TSCSettings, purify
+from .defenses.tsc_clip import purify_clip
+from .errors import (
     CheckpointError,
     DataError,
     OutputError,
@@ -17,7 +15,8 @@ from .errors import (  # noqa: E402
     SpecError,
     TscpurifyError,
 )
-from .permutation import PermutationSpec, apply_permutation, derive_spec, match  # noqa: E402
+from .permutation import PermutationSpec, apply_permutation, derive_spec, match
+from .version import __version__
 
 __all__ = ["PRESETS", "CheckpointError", "DataError", "OutputError", "PermutationSpec",
            "SettingsError", "SpecError", "TSCSettings", "TscpurifyError", "__version__",

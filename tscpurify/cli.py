@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .errors import SettingsError, TscpurifyError
 from .settings import add_settings_flags, settings_from_args
 from .training import TrainSettings
+from .version import __version__
 
 log = logging.getLogger("tscpurify")
 

@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from . import __version__
 from .attacks import attack_from_record, create_attack, poison_dataset
 from .attacks.base import Attack
 from .checkpoint import (
@@ -61,6 +60,7 @@ from .ssl import (
     pretrain_simclr,
 )
 from .training import TrainSettings, train_classifier
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import SettingsError
-from ..registry import Registry
+
+# Importing the modules registers them (in .registered).
+from . import badnets, blended, input_aware, label_consistent, sig, trojannn, wanet  # noqa: F401
 from .base import Attack, poison_dataset
-
-ATTACKS: Registry = Registry("attack")
-
-# Importing the modules registers them.
-from . import badnets, blended, input_aware, label_consistent, sig, trojannn, wanet  # noqa: E402,F401
+from .registered import ATTACKS
 
 
 def create_attack(name: str, **kwargs: Any) -> Attack:

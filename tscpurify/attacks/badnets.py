@@ -17,8 +17,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import SettingsError
-from . import ATTACKS
 from .base import Attack
+from .registered import ATTACKS
 
 PATTERNS = ("checkerboard", "white")
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")

@@ -21,8 +21,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError, SettingsError
-from . import ATTACKS
 from .base import Attack
+from .registered import ATTACKS
 
 
 @ATTACKS.register("blended")

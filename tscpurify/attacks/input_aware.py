@@ -62,8 +62,8 @@ from torch.nn import functional as F
 
 from ..data.images import ImageData
 from ..errors import SettingsError
-from . import ATTACKS
 from .base import Attack, draw_besides, frozen, to_pixels, to_uint8, transient
+from .registered import ATTACKS
 from .surrogate import surrogate_cnn
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from torch.nn import functional as F
 
 from ..data.images import ImageData
 from ..errors import SettingsError
-from . import ATTACKS
 from .badnets import POSITIONS, BadNets
 from .base import to_pixels, to_uint8, transient
+from .registered import ATTACKS
 from .surrogate import train_surrogate
 
 

@@ -31,8 +31,8 @@ from typing import ClassVar
 import torch
 
 from ..errors import SettingsError
-from . import ATTACKS
 from .base import Attack
+from .registered import ATTACKS
 
 
 @ATTACKS.register("sig")

@@ -37,9 +37,9 @@ from torch.nn import functional as F
 
 from ..data.images import ImageData
 from ..errors import SettingsError
-from . import ATTACKS
 from .badnets import check_corner_fits, corner_box
 from .base import Attack, frozen, to_pixels, transient
+from .registered import ATTACKS
 from .surrogate import train_surrogate
 
 Patch = tuple[tuple[tuple[float, ...], ...], ...]

@@ -34,8 +34,8 @@ from torch.nn import functional as F
 
 from ..data.images import ImageData
 from ..errors import SettingsError
-from . import ATTACKS
 from .base import Attack, draw_besides, to_pixels, to_uint8
+from .registered import ATTACKS
 
 
 @ATTACKS.register("wanet")

@@ -35,7 +35,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..data import load_dataset, select_clean_subset
 from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
@@ -48,6 +47,7 @@ from ..runs import load_run
 from ..seeding import derive_seed
 from ..settings import replace_settings, settings_hash
 from ..training import TrainSettings
+from ..version import __version__
 from .cache import cached_backdoored, run_metrics
 from .tuning import FLOOR, TuningSpec, choose, parse_tuning, write_tuned
 

@@ -4,12 +4,9 @@ A defense sees the (possibly backdoored) model and a loader of clean data, nothi
 never the attack, the trigger, poisoned samples or ASR.
 """
 
-from ..registry import Registry
-
-DEFENSES: Registry = Registry("defense")
-
-# Importing the modules registers their defenses.
-from . import anp, clp, fine_pruning, finetune, fst, ft_sam, ibau, mcr, nad, sau, tsc  # noqa: E402,F401
-from .base import DefenseResult, defend  # noqa: E402
+# Importing the modules registers their defenses (in .registered).
+from . import anp, clp, fine_pruning, finetune, fst, ft_sam, ibau, mcr, nad, sau, tsc  # noqa: F401
+from .base import DefenseResult, defend
+from .registered import DEFENSES
 
 __all__ = ["DEFENSES", "DefenseResult", "defend"]

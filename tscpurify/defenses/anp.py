@@ -52,9 +52,9 @@ from tqdm.auto import tqdm
 
 from ..errors import SettingsError, SpecError
 from ..training import device_of
-from . import DEFENSES
 from ._common import BatchNorm, endless, inputs_of, module_calls
 from .base import DefenseResult
+from .registered import DEFENSES
 
 Noise = tuple[dict[str, Tensor], dict[str, Tensor]]  # (scale noise δ, shift noise ξ) per layer
 

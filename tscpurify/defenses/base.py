@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..errors import DataError, SettingsError
 from ..seeding import seed_everything
 from ..settings import replace_settings, validate_settings
-from . import DEFENSES
+from .registered import DEFENSES
 
 
 @dataclass

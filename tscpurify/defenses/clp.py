@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..errors import SettingsError
-from . import DEFENSES
 from ._common import BatchNorm, conv_bn_pairs
 from .base import DefenseResult
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

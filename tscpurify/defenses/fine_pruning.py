@@ -52,10 +52,10 @@ from tqdm.auto import tqdm
 
 from ..errors import SettingsError, SpecError
 from ..training import TrainSettings, device_of, train_classifier
-from . import DEFENSES
 from ._common import Output, accuracy, inputs_of, module_outputs, split_loader
 from .base import DefenseResult
 from .budget import epochs_for
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from ..curve import cross_entropy_loss
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..training import TrainSettings, train_classifier
-from . import DEFENSES
 from .base import DefenseResult
 from .budget import epochs_for
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,10 @@ from tqdm.auto import tqdm
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError, SpecError
 from ..training import device_of
-from . import DEFENSES
 from ._common import inputs_of
 from .base import DefenseResult
 from .budget import epochs_for
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

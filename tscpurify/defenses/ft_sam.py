@@ -46,9 +46,10 @@ from tqdm.auto import tqdm
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..training import device_of
-from . import DEFENSES, budget
+from . import budget
 from ._common import BatchNorm
 from .base import DefenseResult
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

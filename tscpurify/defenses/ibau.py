@@ -47,8 +47,9 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, SettingsError
 from ..training import device_of
-from . import DEFENSES, budget
+from . import budget
 from .base import DefenseResult
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,9 @@ from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..seeding import derive_seed
 from ..training import TrainSettings, train_classifier
-from . import DEFENSES
 from .base import DefenseResult
 from .budget import scale_counts
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..training import TrainSettings, device_of, train_classifier
-from . import DEFENSES
 from ._common import inputs_of, stage_outputs
 from .base import DefenseResult
 from .budget import scale_counts
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ from tqdm.auto import tqdm
 
 from ..errors import SettingsError
 from ..training import device_of
-from . import DEFENSES
 from .base import DefenseResult
 from .budget import epochs_for
+from .registered import DEFENSES
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .. import __version__
 from ..curve import (
     BezierCurve,
     CurveSettings,
@@ -63,9 +62,10 @@ from ..report.schema import PurifyReport, StageRecord
 from ..seeding import derive_seed, seed_everything
 from ..settings import replace_settings, validate_settings
 from ..training import TrainSettings, device_of, train_classifier
-from . import DEFENSES
+from ..version import __version__
 from .base import DefenseResult
 from .budget import scale_counts
+from .registered import DEFENSES
 
 log = logging.getLogger(__name__)
 Evaluate = Callable[[nn.Module], dict[str, float]]

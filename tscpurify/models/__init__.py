@@ -11,12 +11,10 @@ from typing import Any
 from torch import nn
 
 from ..errors import SettingsError
-from ..registry import Registry
 
-MODELS: Registry = Registry("model")
-
-# Importing the modules registers their entrypoints.
-from . import clip, cnn, encoder, mlp, preact_resnet, resnet, vgg  # noqa: E402,F401
+# Importing the modules registers their entrypoints (in .registered).
+from . import clip, cnn, encoder, mlp, preact_resnet, resnet, vgg  # noqa: F401
+from .registered import MODELS
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

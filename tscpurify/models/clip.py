@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import DataError, SettingsError
-from . import MODELS
 from .encoder import CNNTrunk, ResNetTrunk
+from .registered import MODELS
 
 PAD, UNKNOWN, END = "<pad>", "<unk>", "<end>"
 SPECIALS = (PAD, UNKNOWN, END)

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SettingsError
-from . import MODELS
 from .cnn import conv_bn_relu
 from .normalize import default_normalize
+from .registered import MODELS
 from .resnet import ResNet18
 
 TRUNKS = ("cnn", "resnet18")

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from . import MODELS
 from .normalize import default_normalize
+from .registered import MODELS
 
 
 @MODELS.register("mlp")

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import MODELS
 from .normalize import default_normalize
+from .registered import MODELS
 
 
 class BasicBlock(nn.Module):

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from . import MODELS
 from .cnn import conv_bn_relu
 from .normalize import default_normalize
+from .registered import MODELS
 
 # Channels per conv as multiples of `width` / 64; 'M' is 2×2 max-pooling.
 CONFIGS: dict[int, list[int | str]] = {

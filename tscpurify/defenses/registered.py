@@ -1,0 +1,6 @@
+"""The defense registry, in a module of its own: every defense module registers itself here,
+and nothing depends on the order of statements in the package's `__init__`."""
+
+from ..registry import Registry
+
+DEFENSES: Registry = Registry("defense")
