@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from .attacks import attack_from_record, create_attack, poison_dataset
 from .attacks.base import Attack
+from .attacks.ctrl import CTRL
 from .checkpoint import (
     SIDECAR,
     SIDECAR_FORMAT,
@@ -50,7 +51,6 @@ from .outputs import atomic_folder
 from .retune import RetuneSettings, retune_profiles, retune_set
 from .seeding import derive_seed, seed_everything
 from .ssl import (
-    CTRL,
     BadEncoderSettings,
     ProbeSettings,
     SimCLRSettings,
@@ -292,18 +292,6 @@ def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: st
     return result
 
 
-def attack_of(record: dict[str, Any]) -> Attack:
-    """Rebuild a recorded attack. CTRL is not in the `ATTACKS` registry (it poisons pre-training
-    images and lives in `tscpurify.ssl`), so its record is rebuilt here."""
-    if isinstance(record, dict) and record.get("name") == CTRL.name:
-        fields = {k: v for k, v in record.items() if k != "name"}
-        try:
-            return CTRL(**fields)
-        except TypeError as err:
-            raise SettingsError(f"bad ctrl record: {err}") from None
-    return attack_from_record(record)
-
-
 def is_encoder(sidecar: dict[str, Any]) -> bool:
     """Whether a sidecar describes an encoder (older sidecars without "kind" are classifiers)."""
     return sidecar.get("kind") == "encoder"
@@ -335,7 +323,7 @@ def load_run(folder: str | Path, device: str = "cpu", trusted_arch: str | None =
     own importable architecture, see `checkpoint.build_model`)."""
     model, sidecar = load_model(folder, device, trusted_arch)
     record = sidecar.get("attack")
-    attack = attack_of(record) if record else None
+    attack = attack_from_record(record) if record else None
     classes = sidecar.get("classes") or []
     count = len(classes) or sidecar.get("kwargs", {}).get("num_classes")
     if attack is not None and isinstance(count, int) and not attack.all_to_all \

@@ -12,12 +12,11 @@ import torch
 from scipy.fft import dctn
 from torch import nn
 
-from tscpurify.attacks import poison_dataset
+from tscpurify.attacks import attack_from_record, poison_dataset
+from tscpurify.attacks.ctrl import CHROMA_TO_RGB, CTRL, block_dct
 from tscpurify.data import ImageData
 from tscpurify.errors import SettingsError
-from tscpurify.runs import attack_of
-from tscpurify.ssl import CTRL, probe_metrics
-from tscpurify.ssl.ctrl import CHROMA_TO_RGB, block_dct
+from tscpurify.ssl import probe_metrics
 
 from .conftest import band_data
 
@@ -111,7 +110,7 @@ def test_poisons_exactly_rate_of_the_data_all_from_the_target_class():
 
 def test_the_record_rebuilds_the_same_trigger():
     attack = CTRL(target=2, magnitude=80.0, window=14, positions=(3, 10))
-    rebuilt = attack_of(json.loads(json.dumps(attack.record())))
+    rebuilt = attack_from_record(json.loads(json.dumps(attack.record())))
     x = mid_grey(2)
     assert rebuilt == attack and torch.equal(rebuilt.trigger(x), attack.trigger(x))
     assert attack.record()["name"] == "ctrl"

@@ -8,7 +8,16 @@ from typing import Any
 from ..errors import SettingsError
 
 # Importing the modules registers them (in .registered).
-from . import badnets, blended, input_aware, label_consistent, sig, trojannn, wanet  # noqa: F401
+from . import (  # noqa: F401
+    badnets,
+    blended,
+    ctrl,
+    input_aware,
+    label_consistent,
+    sig,
+    trojannn,
+    wanet,
+)
 from .base import Attack, poison_dataset
 from .registered import ATTACKS
 

@@ -12,7 +12,6 @@ Purifying a SimCLR encoder without labels:
 from .augment import SimCLRAugment
 from .badencoder import BadEncoderSettings, badencoder, badencoder_loss
 from .clip import CLIPSettings, train_clip  # noqa: F401
-from .ctrl import CTRL
 from .losses import bare_images, clip_loss, nt_xent, simclr_loss
 from .probes import (
     ProbeClassifier,
@@ -28,7 +27,6 @@ from .probes import (
 from .simclr import SimCLRSettings, pretrain_simclr
 
 __all__ = [
-    "CTRL",
     "BadEncoderSettings",
     "ProbeClassifier",
     "ProbeSettings",

@@ -34,6 +34,9 @@ Args: target=0, rate=0.01 (share of the whole pre-training set), magnitude=100.0
 orthonormal DCT), window=None (the whole image), positions=None ((w/2 − 1, w − 1)). Shapes:
 (N, C, H, W) pixels in [0, 1], C = 1 or 3, H and W multiples of the window.
 
+Registered as "ctrl", so a run folder's record rebuilds it like any attack; on a supervised
+classifier it is a clean-label poisoning of the target class.
+
 Example:
     attack = CTRL(target=0)
     poisoned, indices = poison_dataset(pretrain_data, attack, seed=0)   # 1%, target class only
@@ -48,8 +51,9 @@ from typing import ClassVar
 
 import torch
 
-from ..attacks.base import Attack, frozen
 from ..errors import SettingsError
+from .base import Attack, frozen
+from .registered import ATTACKS
 
 # BT.601 full-range YCbCr → RGB (as in JPEG): the columns that multiply Cb and Cr. A change δ of
 # (Cb, Cr) changes the RGB pixels by CHROMA_TO_RGB @ δ, whatever the pixel.
@@ -78,6 +82,7 @@ def block_dct(x: torch.Tensor, window: int) -> torch.Tensor:
     return coefficients.reshape(x.shape)
 
 
+@ATTACKS.register("ctrl")
 @dataclass(frozen=True)
 class CTRL(Attack):
     """Args: magnitude: added to each chosen coefficient (0–255 scale, orthonormal DCT);
