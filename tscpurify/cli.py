@@ -211,9 +211,11 @@ def add_purify_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", "--variant", default="default", choices=sorted(PRESETS),
                         help="named TSC settings; single flags below override it "
                              "(default: default)")
-    parser.add_argument("--clean-fraction", type=float, default=0.05,
+    from .data import CLEAN_FRACTION
+
+    parser.add_argument("--clean-fraction", type=float, default=CLEAN_FRACTION,
                         help="clean data: a fraction (<1) or count (≥1) of the training split, "
-                             "class-stratified and seeded (default: 0.05)")
+                             f"class-stratified and seeded (default: {CLEAN_FRACTION})")
     parser.add_argument("--profile-test", type=int, default=2000,
                         help="test images used for the metrics along each curve (default: 2000)")
     parser.add_argument("--profile-train", type=int, default=1000,
@@ -335,7 +337,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with atomic_folder(out, args.overwrite) as building:
         print("1/2 training a backdoored model (BadNets on Fashion-MNIST, small CNN) ...")
         metrics = train_backdoored(building / "backdoored", attack="badnets", model="cnn",
-                                   model_args={"width": 16}, train=TrainSettings(epochs=5),
+                                   model_args={"width": 16}, train=TrainSettings(),
                                    seed=args.seed, device=device, progress=not args.quiet)
         print(f"    ACC {metrics.acc:.2f}%  ASR {metrics.asr:.2f}%  RA {metrics.ra:.2f}%")
         print("2/2 purifying it with TSC on 5% clean training data ...")

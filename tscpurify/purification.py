@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from .attacks.base import Attack
 from .checkpoint import WEIGHTS, save_model, write_json
 from .curve.train import LossFn
-from .data import ImageData, load_dataset, select_clean_subset
+from .data import CLEAN_FRACTION, ImageData, load_dataset, select_clean_subset
 from .data.subset import subset_size
 from .defenses.tsc import PRESETS, TSCSettings, purify
 from .errors import DataError, OutputError, SettingsError, TscpurifyError
@@ -175,7 +175,7 @@ def write_report(report: PurifyReport, folder: Path) -> list[str]:
 
 
 def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = None, *,
-               loss: str = "auto", clean_fraction: float = 0.05,
+               loss: str = "auto", clean_fraction: float = CLEAN_FRACTION,
                profile_test: int = 2000, profile_train: int = 1000, seed: int = 0,
                device: str = "cpu", progress: bool = True, resume: bool = False,
                overwrite: bool = False, retune: RetuneSettings | None = DEFAULT_RETUNE,

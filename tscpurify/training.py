@@ -21,7 +21,7 @@ from .settings import validate_settings
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = field(default=6, metadata={"help": "passes over the training set"})
+    epochs: int = field(default=5, metadata={"help": "passes over the training set"})
     lr: float = field(default=0.05, metadata={"help": "initial SGD learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})

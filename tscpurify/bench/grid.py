@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import load_dataset, select_clean_subset
+from ..data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
 from ..errors import SettingsError
@@ -62,6 +62,7 @@ TOP_KEYS = {"seeds", "attacks", "defenses", "budget_steps", "settings", "data", 
             "attack_args", "defense_args", "variants", "retune", "tuning"}
 SETTINGS_ROWS = ("default", "tuned")
 PHASES = ("all", "tune", "default", "tuned")
+TRAIN_EPOCHS = TrainSettings().epochs  # a grid model's training epochs unless it says
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,11 @@ class Cell:
     base: str = ""  # the registered defense that runs ("" for reference rows)
     attack_args: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
-    train_epochs: int = 5
+    train_epochs: int = TRAIN_EPOCHS
     defense_args: dict[str, Any] = field(default_factory=dict)
     data: str = "fashion-mnist"
     data_root: str | None = None
-    clean_fraction: float = 0.05
+    clean_fraction: float = CLEAN_FRACTION
     batch_size: int = 256
     budget_steps: int | None = None
     retune: dict[str, Any] | None = None  # RetuneSettings as a dict; None = no re-tune column
@@ -216,7 +217,7 @@ def read_grid(source: str | Path) -> Grid:
     attack_args = _require(grid.get("attack_args", {}), dict, "[attack_args]")
     common = dict(data=_require(data.get("name", "fashion-mnist"), str, "data.name"),
                   data_root=data.get("root"),
-                  clean_fraction=_require(data.get("clean_fraction", 0.05), (int, float),
+                  clean_fraction=_require(data.get("clean_fraction", CLEAN_FRACTION), (int, float),
                                           "data.clean_fraction"),
                   batch_size=_require(data.get("batch_size", 256), int, "data.batch_size"),
                   budget_steps=budget)
@@ -234,7 +235,8 @@ def read_grid(source: str | Path) -> Grid:
                         cells.append(Cell(
                             attack=attack, model=model, seed=seed, defense=name, base=base,
                             attack_args=attack_args.get(attack, {}),
-                            model_args=model_args, train_epochs=model_cfg.get("epochs", 5),
+                            model_args=model_args,
+                            train_epochs=model_cfg.get("epochs", TRAIN_EPOCHS),
                             defense_args={**fixed, **overrides}, retune=retune_dict,
                             setting=setting, **common))
     tuning_cells = []
@@ -243,7 +245,7 @@ def read_grid(source: str | Path) -> Grid:
         model_args = {k: v for k, v in model_cfg.items() if k not in ("epochs", "attacks", "seeds")}
         # The deep rule re-tunes every candidate, and compares with each tuning model's floor.
         tuning_common = dict(model=tuning.model, model_args=model_args,
-                             train_epochs=model_cfg.get("epochs", 5),
+                             train_epochs=model_cfg.get("epochs", TRAIN_EPOCHS),
                              retune=retune_dict if tuning.deep else None, **common)
         if tuning.deep:
             tuning_cells += [Cell(attack=attack, seed=seed, defense="clean_floor",

@@ -1,6 +1,6 @@
 """Data sets as in-memory uint8 tensors, read without network or pickle."""
 
 from .images import ImageData, load_dataset
-from .subset import select_clean_subset
+from .subset import CLEAN_FRACTION, select_clean_subset
 
-__all__ = ["ImageData", "load_dataset", "select_clean_subset"]
+__all__ = ["CLEAN_FRACTION", "ImageData", "load_dataset", "select_clean_subset"]
