@@ -35,3 +35,4 @@ def test_backdoor_training_epochs_come_from_train_settings():
 
     assert Cell.__dataclass_fields__["train_epochs"].default == TRAIN_EPOCHS \
         == TrainSettings().epochs
+
