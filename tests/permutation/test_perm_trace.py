@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -150,6 +153,18 @@ class _Net(nn.Module):
 def test_channel_mixing_ops_are_refused_naming_op_and_module(op, name):
     with pytest.raises(SpecError, match=rf"{name} at 'layer2\.0'.*leaf_modules"):
         derive_spec(_Net(_Mixer(op)), torch.rand(2, 1, 4, 4))
+
+
+def test_the_error_names_the_source_line_and_its_hint_works_as_written():
+    model = _Net(_Mixer("cat"))
+    with pytest.raises(SpecError) as caught:
+        derive_spec(model, torch.rand(2, 1, 4, 4))
+    message = str(caught.value)
+    assert "(test_perm_trace.py:" in message and "torch.cat([a, b], dim=1)" in message
+    hint = re.search(r"pass (leaf_modules=\(.*?,\))", message).group(1)
+    leaf_modules = ast.literal_eval(hint.split("=", 1)[1])
+    spec = derive_spec(model, torch.rand(2, 1, 4, 4), leaf_modules=leaf_modules)
+    assert spec.groups  # the rest of the model still permutes
 
 
 def test_data_dependent_control_flow_is_refused_naming_the_module():

@@ -15,7 +15,9 @@ Ops without a rule raise SpecError unless none of their inputs carries hidden un
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +78,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
         self.failed_in: str | None = None
+        self.record_stack_traces = True  # so an error can name the user's source line
 
     def is_user_leaf(self, m: nn.Module, path: str) -> bool:
         return isinstance(m, self.leaf_types) or path in self.leaf_paths
@@ -96,6 +99,24 @@ class _Tracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         node.meta[_SCOPE] = self.scope.module_path  # fx's own record of the enclosing module
         return node
+
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+def source_line(n: fx.Node) -> str:
+    """' (file.py:42: the code)' for the user's line that made node `n`, '' when fx kept none:
+    the innermost recorded frame outside torch and this tracer."""
+    lines = (n.stack_trace or "").splitlines()
+    found = ""
+    for i, line in enumerate(lines):
+        frame = re.match(r'\s*File "([^"]+)", line (\d+), in ', line)
+        if frame is None or frame.group(1).startswith(_TORCH_DIR) or frame.group(1) == __file__:
+            continue  # fx's frames and our tracer's, not the model's
+        following = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        code = "" if following.startswith("File ") else following
+        found = f" ({Path(frame.group(1)).name}:{frame.group(2)}{': ' + code if code else ''})"
+    return found
 
 
 class Propagator(fx.Interpreter):
@@ -177,7 +198,8 @@ class Propagator(fx.Interpreter):
             where = n.meta.get(_SCOPE) or "<top level>"
             hint = (f"pass leaf_modules=({where!r},) to keep the enclosing module opaque, or "
                     f"{_SPEC_HINT}" if where != "<top level>" else f"pass {_SPEC_HINT}")
-        return SpecError(f"cannot derive a permutation spec: {what} at {where!r} {why}; {hint}")
+        return SpecError(f"cannot derive a permutation spec: {what} at {where!r}{source_line(n)} "
+                         f"{why}; {hint}")
 
     def spec(self) -> PermutationSpec:
         uf = self.uf
