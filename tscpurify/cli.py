@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import SettingsError, TscpurifyError
-from .settings import add_settings_flags, settings_from_args
+from .settings import add_settings_flags, overrides_from_args, settings_from_args
 from .training import TrainSettings
 from .version import __version__
 
@@ -252,16 +252,12 @@ def retune_settings(args: argparse.Namespace):
     return settings_from_args(RetuneSettings, args, prefix="retune-") if args.retune else None
 
 
-def purify_settings(args: argparse.Namespace, loss: str = "ce"):
-    """The preset, made the SSL one for the SimCLR loss (see `ssl_settings`), then single
-    flags."""
-    from .defenses.tsc import PRESETS, TSCSettings
-    from .purification import ssl_settings
+def tsc_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TSC settings the user set by flag; `purification.resolve_settings` puts them on
+    the --preset (the SSL one for the SimCLR loss), as it does for `purify_run(overrides=)`."""
+    from .defenses.tsc import TSCSettings
 
-    base = PRESETS[args.preset]
-    if loss == "simclr":
-        base = ssl_settings(base)
-    return settings_from_args(TSCSettings, args, base)
+    return overrides_from_args(TSCSettings, args)
 
 
 def print_report_summary(report, out: str) -> None:
@@ -302,7 +298,8 @@ def run_purify(args: argparse.Namespace) -> int:
 
     def purify_folder(run: str | Path, **more: Any) -> int:
         loss = resolve_loss(run_sidecar(run), args.loss, run)
-        report = purify_run(run, args.out, purify_settings(args, loss), loss=loss,
+        report = purify_run(run, args.out, preset=args.preset, overrides=tsc_overrides(args),
+                            loss=loss,
                             clean_fraction=args.clean_fraction,
                             profile_test=args.profile_test, profile_train=args.profile_train,
                             seed=args.seed,
@@ -342,7 +339,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"    ACC {metrics.acc:.2f}%  ASR {metrics.asr:.2f}%  RA {metrics.ra:.2f}%")
         print("2/2 purifying it with TSC on 5% clean training data ...")
         report = purify_run(building / "backdoored", building / "purified",
-                            purify_settings(args), seed=args.seed, device=device,
+                            preset=args.preset, overrides=tsc_overrides(args),
+                            seed=args.seed, device=device,
                             progress=not args.quiet, source=str(out / "backdoored"))
     print_report_summary(report, str(out / "purified"))
     return 0

@@ -27,8 +27,8 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from .report.schema import PurifyReport
 from .retune import RetuneSettings, retune_profiles, retune_set
 from .runs import is_encoder, load_retune_floor, load_run, probe_settings
 from .seeding import derive_seed
+from .settings import replace_settings
 from .ssl import ProbeSettings, SimCLRAugment, encoder_metrics, simclr_loss
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,20 @@ def ssl_settings(base: TSCSettings) -> TSCSettings:
     encoders were measured with), any other `base` moved to the SSL point t = 0.25 in both
     stages (unless it sets its own t2)."""
     return PRESETS["ssl"] if base == PRESETS["default"] else replace(base, t=SSL_T)
+
+
+def resolve_settings(loss: str, settings: TSCSettings | None = None, preset: str = "default",
+                     overrides: Mapping[str, Any] | None = None) -> TSCSettings:
+    """A purification's TSC settings, composed in this one place for the CLI, `purify_run` and
+    the demo: an explicit `settings` as given, else the named preset (for the SimCLR loss made
+    the SSL one, `ssl_settings`), then single-field `overrides` (checked by name and type).
+    So `tscpurify purify ENC --epochs 10` and `purify_run(ENC, out, overrides={"epochs": 10})`
+    run the same settings."""
+    if settings is None:
+        if preset not in PRESETS:
+            raise SettingsError(f"unknown preset {preset!r}; choices: {', '.join(PRESETS)}")
+        settings = ssl_settings(PRESETS[preset]) if loss == "simclr" else PRESETS[preset]
+    return replace_settings(settings, **dict(overrides or {}))
 
 
 def resolve_loss(sidecar: dict[str, Any], requested: str, run: str | Path = "the run") -> str:
@@ -175,6 +190,7 @@ def write_report(report: PurifyReport, folder: Path) -> list[str]:
 
 
 def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = None, *,
+               preset: str = "default", overrides: Mapping[str, Any] | None = None,
                loss: str = "auto", clean_fraction: float = CLEAN_FRACTION,
                profile_test: int = 2000, profile_train: int = 1000, seed: int = 0,
                device: str = "cpu", progress: bool = True, resume: bool = False,
@@ -185,8 +201,9 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
 
     Args:
-        settings: TSC settings (default: the default preset; the "ssl" preset for the SimCLR
-            loss).
+        settings, preset, overrides: an explicit TSCSettings, else the named preset (for the
+            SimCLR loss the SSL one), then single-field overrides (`resolve_settings`, the same
+            composition as the CLI's --preset and flags).
         loss: 'auto' (simclr for encoders, ce for classifiers), 'ce' or 'simclr'.
         profile_test, profile_train: test images scoring each point along the curves, and (for
             encoders) the labelled training images its linear probe learns from.
@@ -213,8 +230,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     if retune_floor is not None and not retuning:
         raise SettingsError("a re-tune floor needs re-tuning on, a classifier and a recorded "
                             "attack")
-    if settings is None:
-        settings = ssl_settings(PRESETS["default"]) if loss == "simclr" else PRESETS["default"]
+    settings = resolve_settings(loss, settings, preset, overrides)
     dataset = sidecar.get("dataset", {})
     train = load_dataset(dataset.get("name", "fashion-mnist"), "train", dataset.get("root"))
     test = load_dataset(dataset.get("name", "fashion-mnist"), "test", dataset.get("root"))
@@ -284,7 +300,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
             report.source["evaluation"] = sidecar.get("evaluation")
         save_model(purified, folder, {**{k: v for k, v in sidecar.items() if k != "format"},
                                       "purified_by": {"defense": "tsc", "loss": loss,
-                                                      "settings": asdict(settings),
+                                                      "settings": report.settings,
                                                       "source": source or str(run)}})
         write_json(folder / "metrics.json", report.after)
         write_report(report, folder)

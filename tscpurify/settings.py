@@ -122,12 +122,14 @@ def settings_from_args(cls: type[S], args: argparse.Namespace, base: S | None = 
                        prefix: str = "") -> S:
     """Build `cls` from parsed flags; flags left unset keep the value in `base` (or the default)."""
     base = base if base is not None else cls()
-    changes = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        value = getattr(args, prefix + field.name, None)
-        if value is not None:
-            changes[field.name] = value
-    return dataclasses.replace(base, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(base, **overrides_from_args(cls, args, prefix))  # type: ignore[type-var]
+
+
+def overrides_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The fields of `cls` the user set by flag (generated flags default to None = unset)."""
+    return {field.name: getattr(args, prefix + field.name)
+            for field in dataclasses.fields(cls)
+            if getattr(args, prefix + field.name, None) is not None}
 
 
 def to_dict(settings: Any) -> dict[str, Any]:
