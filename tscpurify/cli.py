@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import SettingsError, TscpurifyError
-from .settings import add_settings_flags, overrides_from_args, settings_from_args
+from .settings import add_settings_flags, finite_float, overrides_from_args, settings_from_args
 from .training import TrainSettings
 from .version import __version__
 
@@ -353,13 +353,22 @@ def run_bench(args: argparse.Namespace) -> int:
 
     grid = read_grid(args.grid)  # every key checked before anything trains
     parse_shard(args.shard)
+    ray = None
+    if args.executor == "ray":
+        from .bench.executors import RayOptions, import_ray
+
+        import_ray()  # missing: one error line naming the extra, before any work
+        ray = RayOptions(address=args.address, cpus_per_cell=args.cpus_per_cell or 1.0,
+                         gpus_per_cell=args.gpus_per_cell or 0.0)
+    elif any(v is not None for v in (args.address, args.cpus_per_cell, args.gpus_per_cell)):
+        raise SettingsError("--address, --cpus-per-cell and --gpus-per-cell need --executor ray")
     out = Path(args.out or f"runs/bench-{Path(args.grid).stem}")
     if args.render:
         if not out.is_dir():
             raise SettingsError(f"--render needs an existing bench folder; {out} is not one")
     else:
         run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet,
-                 phase=args.phase, shard=args.shard)
+                 phase=args.phase, shard=args.shard, ray=ray)
     if (out / "tuning.json").exists():
         choice = json.loads((out / "tuning.json").read_text())
         table = (f"Rule: {choice['rule']}.\n\n" + tuning_table(choice["choice"]))
@@ -504,6 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run every N-th run of the phase only (I from 0), e.g. two "
                             "processes with 0/2 and 1/2; each writes its own results file and "
                             "the tables merge them")
+    bench.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                       help="where the runs execute: one after another in this process, or as "
+                            "Ray tasks (pip install 'tscpurify[ray]'); the rows are the same "
+                            "(default: serial)")
+    bench.add_argument("--address", default=None,
+                       help="ray: a running cluster to join, e.g. auto or ray://HOST:10001 "
+                            "(default: start a local one on this machine)")
+    bench.add_argument("--cpus-per-cell", type=finite_float, default=None, metavar="N",
+                       help="ray: CPUs reserved for each run, and its torch threads (default: 1)")
+    bench.add_argument("--gpus-per-cell", type=finite_float, default=None, metavar="G",
+                       help="ray: GPUs reserved for each run; with --device cuda (default: 0)")
     bench.add_argument("--render", action="store_true",
                        help="run nothing: write the tables and plots of the rows finished so far "
                             "(e.g. while another process runs the grid)")

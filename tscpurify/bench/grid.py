@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from ..defenses import DEFENSES, defend
@@ -49,6 +48,7 @@ from ..settings import replace_settings, settings_hash
 from ..training import TrainSettings
 from ..version import __version__
 from .cache import cached_backdoored, run_metrics
+from .executors import RayOptions, run_ray, run_serial
 from .tuning import FLOOR, TuningSpec, choose, parse_tuning, write_tuned
 
 if sys.version_info >= (3, 11):
@@ -319,16 +319,39 @@ def read_results(path: Path) -> dict[str, dict]:
     return rows
 
 
+def _model_options(cell: Cell, device: str, progress: bool) -> dict[str, Any]:
+    return dict(model=cell.model, seed=cell.seed, train=TrainSettings(epochs=cell.train_epochs),
+                model_args=cell.model_args, data=cell.data, data_root=cell.data_root,
+                device=device, progress=progress)
+
+
+def backdoored_model(cell: Cell, out: Path, device: str, progress: bool = False) -> Path:
+    """The cell's backdoored model (trained once, cached in `out`/models)."""
+    return cached_backdoored(out / "models", attack=cell.attack, attack_args=cell.attack_args,
+                             **_model_options(cell, device, progress))
+
+
+def clean_model(cell: Cell, out: Path, device: str, progress: bool = False) -> Path:
+    """The same architecture and seed trained without poison: the re-tune floor."""
+    return cached_backdoored(out / "models", attack=None, **_model_options(cell, device, progress))
+
+
+def models_needed(cell: Cell) -> list[tuple[str, str]]:
+    """(which, key) of the cached models the cell reads, "backdoored" and, for the clean_floor
+    row, "clean": what a parallel executor trains once before the cells that share it."""
+    shared = {k: v for k, v in asdict(cell).items()
+              if k in ("model", "seed", "train_epochs", "model_args", "data", "data_root")}
+    needed = [("backdoored", settings_hash({**shared, "attack": cell.attack,
+                                            "attack_args": cell.attack_args}))]
+    if cell.defense == "clean_floor":
+        needed.append(("clean", settings_hash(shared)))
+    return needed
+
+
 def _models(cell: Cell, out: Path, device: str, progress: bool) -> tuple[Path, Path | None]:
     """The cell's backdoored model and, for the re-tune floor, its clean twin."""
-    options = dict(model=cell.model, seed=cell.seed, train=TrainSettings(epochs=cell.train_epochs),
-                   model_args=cell.model_args, data=cell.data, data_root=cell.data_root,
-                   device=device, progress=progress)
-    backdoored = cached_backdoored(out / "models", attack=cell.attack,
-                                   attack_args=cell.attack_args, **options)
-    clean = (cached_backdoored(out / "models", attack=None, **options)
-             if cell.defense == "clean_floor" else None)
-    return backdoored, clean
+    clean = clean_model(cell, out, device, progress) if cell.defense == "clean_floor" else None
+    return backdoored_model(cell, out, device, progress), clean
 
 
 def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
@@ -388,9 +411,11 @@ def seed_major(cells: list[Cell]) -> list[Cell]:
 
 def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: bool,
                desc: str, shard: tuple[int, int] | None = None,
-               order: Callable[[list[Cell]], list[Cell]] = list) -> list[dict]:
+               order: Callable[[list[Cell]], list[Cell]] = list,
+               ray: RayOptions | None = None) -> list[dict]:
     """Run the unfinished cells in `order` (of this shard: every N-th distinct run, so the
-    shards share each cell's rows) and return every finished row of `cells`, in their order."""
+    shards share each cell's rows) on this process, or on Ray when `ray` is given
+    (executors.py); return every finished row of `cells`, in their order."""
     path = out / (f"{stem}.jsonl" if shard is None else f"{stem}.shard{shard[0]}of{shard[1]}.jsonl")
     running = order(cells)
     keys = list(dict.fromkeys(c.key for c in running))
@@ -405,27 +430,31 @@ def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: b
         for cell in running:
             if cell.key in mine and cell.key not in finished:
                 todo.setdefault(cell.key, cell)
-        for cell in tqdm(todo.values(), desc=desc, disable=not progress):
+        if ray is None:
             # Re-read before each run: another shard may have finished this key meanwhile.
-            if cell.key in read_all(out, stem):
-                continue
-            row = run_cell(cell, out, device, progress=False)
-            append_row(path, row)
+            run_serial(todo.values(), lambda cell: run_cell(cell, out, device, progress=False),
+                       lambda key: key in read_all(out, stem),
+                       lambda row: append_row(path, row), progress, desc)
+        else:
+            run_ray(todo.values(), out, device, lambda row: append_row(path, row), ray,
+                    progress, desc, models_needed)
     done = read_all(out, stem)
     # Rows carry their own labels: a shared run appears under every row that asked for it.
     return [{**done[c.key], "cell": asdict(c)} for c in cells if c.key in done]
 
 
 def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True,
-               shard: tuple[int, int] | None = None) -> dict[str, dict[str, Any]] | None:
+               shard: tuple[int, int] | None = None, ray: RayOptions | None = None
+               ) -> dict[str, dict[str, Any]] | None:
     """Run every candidate on the tuning models; write and return the choice (tuned.toml,
     and tuning.json with the table behind each choice). None while other shards' candidates
     are unfinished."""
     if grid.tuning is None:
         raise SettingsError("this grid has no [tuning] section")
-    rows = _run_cells(grid.tuning_cells, out, "tuning", device, progress, "tuning", shard)
+    rows = _run_cells(grid.tuning_cells, out, "tuning", device, progress, "tuning", shard,
+                      ray=ray)
     if len(rows) < len(grid.tuning_cells):
-        return None  # only when sharded: the other shards are still running
+        return None  # sharded (other shards still running), or runs failed on Ray
     choice = choose(rows, grid.tuning)
     write_tuned(out / "tuned.toml", choice, grid.tuning)
     (out / "tuning.json").write_text(json.dumps(
@@ -434,10 +463,12 @@ def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
 
 
 def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
-             progress: bool = True, phase: str = "all", shard: str | None = None) -> list[dict]:
+             progress: bool = True, phase: str = "all", shard: str | None = None,
+             ray: RayOptions | None = None) -> list[dict]:
     """Run every unfinished cell of `phase` ('tune', 'default', 'tuned' or 'all'); returns the
     benchmark rows of the phases run, in grid order. `shard` 'I/N' runs every N-th run only,
-    so N processes (or machines sharing the folder) split a grid; each writes its own file."""
+    so N processes (or machines sharing the folder) split a grid; each writes its own file.
+    `ray` runs the cells as tasks on a Ray cluster instead of in this process (executors.py)."""
     part = parse_shard(shard)
     grid = read_grid(source)
     out = check_resumable_out(out)
@@ -446,17 +477,18 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
         raise SettingsError(f"unknown phase {phase!r}; choices: {', '.join(PHASES)}")
     cells = grid.cells
     if grid.tuning is not None and phase in ("tune", "tuned", "all"):
-        choice = run_tuning(grid, out, device, progress, part)
+        choice = run_tuning(grid, out, device, progress, part, ray)
         if choice is None and phase != "tune":
-            raise SettingsError("the tuning is unfinished: other shards are still running its "
-                                "candidates; run the tuned rows once they are done")
+            raise SettingsError("the tuning is unfinished (other shards are still running its "
+                                "candidates, or some failed: see failed.jsonl); run the tuned "
+                                "rows once every candidate has a row")
         if choice is not None:
             cells = [grid.tuned(c, choice) for c in cells]
     if phase == "tune":
         return []
     wanted = {"default": ("default",), "tuned": ("tuned",), "all": SETTINGS_ROWS}[phase]
     cells = [c for c in cells if c.setting in wanted]
-    return _run_cells(cells, out, "results", device, progress, "bench", part, seed_major)
+    return _run_cells(cells, out, "results", device, progress, "bench", part, seed_major, ray)
 
 
 def finished_rows(source: str | Path, out: str | Path) -> list[dict]:
