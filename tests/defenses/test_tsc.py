@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tscpurify.defenses import defend
-from tscpurify.defenses.tsc import TSCSettings, purify
+from tscpurify.defenses.tsc import TSCSettings, finished_stage, purify
 from tscpurify.errors import CheckpointError, DataError, SettingsError
 from tscpurify.models import create_model
 
@@ -73,6 +73,10 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
                evaluate=crash_in_round_two)
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert "round0_stage2.json" in saved and "round1_stage2.json" not in saved
+    # The public view of the stage store: what round 0 finished, nothing of round 1 yet.
+    state, record = finished_stage(tmp_path, 0, 2)
+    assert state.keys() == model.state_dict().keys() and (record.round, record.stage) == (0, 2)
+    assert finished_stage(tmp_path, 1, 2) is None
     resumed, report = purify(model, loader, TINY, seed=3, progress=False, resume_dir=tmp_path)
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key

@@ -423,8 +423,7 @@ class _Stages:
 
     # --- resume -----------------------------------------------------------------------------
     def _paths(self, round_: int, stage: int) -> tuple[Path, Path]:
-        stem = self.resume_dir / f"round{round_}_stage{stage}"
-        return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+        return stage_files(self.resume_dir, round_, stage)
 
     def resume_key(self) -> dict[str, Any]:
         """What the saved stages depend on: every setting but the profiles, the seed, and the
@@ -465,16 +464,14 @@ class _Stages:
     def load_finished(self, round_: int, stage: int) -> tuple[dict, StageRecord] | None:
         if self.resume_dir is None:
             return None
-        weights, record = self._paths(round_, stage)
-        if not (weights.exists() and record.exists()):
-            return None
         try:
-            state = load_file(str(weights))
-            finished = StageRecord(**json.loads(record.read_text()))
-        except Exception as err:  # safetensors, JSON and TypeError alike mean a corrupt stage
-            raise CheckpointError(f"the saved stage {weights.name} in {self.resume_dir} is "
-                                  f"corrupt ({type(err).__name__}: {err}); start over without "
-                                  f"resuming") from None
+            loaded = finished_stage(self.resume_dir, round_, stage)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; start over without resuming") from None
+        if loaded is None:
+            return None
+        state, finished = loaded
+        weights, _ = self._paths(round_, stage)
         expected = self.template.state_dict()
         if set(state) != set(expected) or any(state[k].shape != v.shape
                                                for k, v in expected.items()):
@@ -648,6 +645,28 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         seconds=stages.seconds, steps=settings.planned_steps(len(clean)),
         symmetry={"groups": len(stages.spec.groups), "coverage": stages.coverage})
     return purified, report
+
+
+def stage_files(resume_dir: str | Path, round_index: int, stage: int) -> tuple[Path, Path]:
+    """Where `purify(..., resume_dir=)` keeps a finished stage: its weights and its record."""
+    stem = Path(resume_dir) / f"round{round_index}_stage{stage}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def finished_stage(resume_dir: str | Path, round_index: int, stage: int
+                   ) -> tuple[dict[str, torch.Tensor], StageRecord] | None:
+    """The weights and record of a stage that a `purify(..., resume_dir=)` run finished (rounds
+    and stages count from 0 and 1), or None if it has not: stage 1's point on its curve, or
+    stage 2's, fine-tuned when a fine-tune follows it. For studies of TSC's inner steps (e.g.
+    experiments/final_finetune.py) without reading the stage files' names."""
+    weights, record = stage_files(resume_dir, round_index, stage)
+    if not (weights.exists() and record.exists()):
+        return None
+    try:
+        return load_file(str(weights)), StageRecord(**json.loads(record.read_text()))
+    except Exception as err:  # safetensors, JSON and TypeError alike mean a corrupt stage
+        raise CheckpointError(f"the saved stage {weights.name} in {resume_dir} is corrupt "
+                              f"({type(err).__name__}: {err})") from None
 
 
 @DEFENSES.register("tsc", settings=TSCSettings, needs_labels=False)

@@ -1,7 +1,7 @@
 """TSC against the backdoored model and plain fine-tuning, on Fashion-MNIST with 5% clean data.
 
-    python benchmarks/purify.py                      # the full table (about an hour on 2 CPUs)
-    python benchmarks/purify.py --cells badnets:cnn:0 --preset default
+    python experiments/purify.py                      # the full table (about an hour on 2 CPUs)
+    python experiments/purify.py --cells badnets:cnn:0 --preset default
 
 Cells are attack:model:seed. Fine-tuning (FT) gets the same number of gradient steps as TSC's
 curve training. The overhead ratio is TSC's time without the optional profiles and

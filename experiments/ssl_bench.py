@@ -2,8 +2,8 @@
 can run on an encoder: MCR with its curve (and endpoint fine-tuning) on the self-supervised
 loss, data-free CLP, and no defense.
 
-    python benchmarks/ssl_bench.py                             # 3 settings × 3 seeds (hours)
-    python benchmarks/ssl_bench.py --cells badencoder:0 --defenses tsc clp
+    python experiments/ssl_bench.py                             # 3 settings × 3 seeds (hours)
+    python experiments/ssl_bench.py --cells badencoder:0 --defenses tsc clp
 
 Cells are setting:seed with setting one of
   badencoder  SimCLR (cnn trunk, width 16) fine-tuned by BadEncoder (BadNets patch);

@@ -5,8 +5,8 @@ models (one pass, 2 forwards per batch), to solve the assignments, and one SGD e
 (forward + backward) over the same images. TSC runs matching twice per round next to hundreds of
 curve epochs, so matching/epoch below 1 means matching is never the bottleneck.
 
-    python benchmarks/permutation.py                 # 3,000 random 1×28×28 images
-    python benchmarks/permutation.py --real          # Fashion-MNIST training images
+    python experiments/permutation.py                 # 3,000 random 1×28×28 images
+    python experiments/permutation.py --real          # Fashion-MNIST training images
 """
 
 from __future__ import annotations

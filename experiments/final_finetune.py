@@ -1,7 +1,7 @@
 """Variants of TSC's last fine-tune on one backdoored run folder, all from the same curves.
 
     tscpurify attack --model cnn --width 16 --epochs 5 --seed 101 --out runs/tune101-badnets
-    python benchmarks/final_finetune.py runs/tune101-badnets
+    python experiments/final_finetune.py runs/tune101-badnets
 
 Runs the preset's rounds once with no fine-tune after the last round (the finished stages are
 kept in --resume, so a second call costs only the fine-tunes), then fine-tunes copies of that
@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from tscpurify.curve import (
@@ -29,13 +28,14 @@ from tscpurify.curve import (
     path_aware_loss,
     recompute_bn_stats,
 )
-from tscpurify.data import load_dataset, select_clean_subset
+from tscpurify.data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from tscpurify.data.augment import random_crop_flip
 from tscpurify.defenses import defend
-from tscpurify.defenses.tsc import PRESETS, purify
+from tscpurify.defenses.tsc import PRESETS, finished_stage, purify
 from tscpurify.permutation import apply_permutation, derive_spec, match
 from tscpurify.purification import make_evaluator
 from tscpurify.runs import load_run
+from tscpurify.seeding import derive_seed
 from tscpurify.training import TrainSettings, train_classifier
 
 # name → (epochs, lr, distillation weight, temperature); weight 0 is the plain fine-tune.
@@ -217,8 +217,11 @@ def path_aware_finetune(purified, suspect, loader, epochs, lr, weight, rho):
 
 def stage_point(model, stages: Path, round_index: int, stage: int) -> torch.nn.Module:
     """A copy of `model` holding the point a finished stage saved in `stages`."""
+    finished = finished_stage(stages, round_index, stage)
+    if finished is None:
+        raise SystemExit(f"error: {stages} holds no finished round {round_index} stage {stage}")
     point = copy.deepcopy(model)
-    point.load_state_dict(load_file(str(stages / f"round{round_index}_stage{stage}.safetensors")))
+    point.load_state_dict(finished[0])
     return point
 
 
@@ -227,7 +230,12 @@ def main() -> None:
     parser.add_argument("run", help="backdoored run folder")
     parser.add_argument("overrides", nargs="?", default="{}", help="TSCSettings fields as JSON")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    parser.add_argument("--resume", help="folder for the finished stages (default: RUN/tsc-stages)")
+    parser.add_argument("--resume", help="folder for the finished stages (default: RUN-tsc-stages, "
+                                         "beside the run folder, which is never written)")
+    parser.add_argument("--legacy-clean-subset", action="store_true",
+                        help="draw the 3,000 clean images with seed 0 as this script did before "
+                             "it moved to experiments/ (reproduces docs/tuning.md's numbers); "
+                             "by default they are drawn as `tscpurify purify` draws them")
     parser.add_argument("--batch-size", type=int,
                         help="batch size of the curves and of every fine-tune (default: the "
                              "preset's batch_size, 256)")
@@ -243,7 +251,9 @@ def main() -> None:
     args = parser.parse_args()
     model, _, attack = load_run(args.run)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    clean = train.subset(select_clean_subset(train.labels, 3000, 0))
+    clean = train.subset(select_clean_subset(train.labels, 3000, 0) if args.legacy_clean_subset
+                         else select_clean_subset(train.labels, CLEAN_FRACTION,
+                                                  derive_seed(0, "clean")))
     settings = replace(PRESETS[args.preset], profile_points=0, final_ft_epochs=0,
                        **json.loads(args.overrides))
     settings = replace(settings, batch_size=args.batch_size or settings.loader_batch_size())
@@ -251,7 +261,7 @@ def main() -> None:
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]
     measure = make_evaluator(test.subset(sample), attack)
     began = time.perf_counter()
-    stages = Path(args.resume or f"{args.run}/tsc-stages")
+    stages = Path(args.resume or f"{str(args.run).rstrip('/')}-tsc-stages")
     curves_only, _ = purify(model, loader, settings, progress=False, resume_dir=stages)
     print(f"{settings.rounds} rounds without the last fine-tune: "
           f"{time.perf_counter() - began:.0f} s")

@@ -1,7 +1,7 @@
 """Profiles of TSC variants along their curves, on one backdoored run folder.
 
     tscpurify attack --model cnn --width 16 --epochs 5 --seed 100 --out runs/tune-badnets
-    python benchmarks/variants.py runs/tune-badnets \
+    python experiments/variants.py runs/tune-badnets \
         '{"rounds": 1, "epochs": 20, "cosine_t_max": null}'
 
 Prints ACC / ASR / clean loss at t = 0, 0.1, ..., 1 for every stage of every round (ACC and
@@ -22,6 +22,7 @@ from tscpurify.data import load_dataset, select_clean_subset
 from tscpurify.defenses.tsc import PRESETS, purify
 from tscpurify.purification import make_evaluator
 from tscpurify.runs import load_run
+from tscpurify.seeding import derive_seed
 
 
 def main() -> None:
@@ -30,11 +31,16 @@ def main() -> None:
     parser.add_argument("overrides", nargs="?", default="{}", help="TSCSettings fields as JSON")
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     parser.add_argument("--clean", type=float, default=3000, help="clean images (count)")
+    parser.add_argument("--legacy-clean-subset", action="store_true",
+                        help="draw them with seed 0 as this script did before it moved to "
+                             "experiments/ (reproduces docs/tuning.md); by default they are "
+                             "drawn as `tscpurify purify` draws them")
     args = parser.parse_args()
     overrides = json.loads(args.overrides)
     model, _, attack = load_run(args.run)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    clean = train.subset(select_clean_subset(train.labels, args.clean, 0))
+    seed = 0 if args.legacy_clean_subset else derive_seed(0, "clean")
+    clean = train.subset(select_clean_subset(train.labels, args.clean, seed))
     loader = DataLoader(clean.tensor_dataset(), batch_size=256, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]
     measure = make_evaluator(test.subset(sample), attack)

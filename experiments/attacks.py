@@ -1,9 +1,9 @@
 """ACC / ASR / RA / training time of the attacks on Fashion-MNIST.
 
-    python benchmarks/attacks.py [--epochs-cnn 5] [--epochs-preact 3] [--cached-only]
+    python experiments/attacks.py [--epochs-cnn 5] [--epochs-preact 3] [--cached-only]
 
 Prints a Markdown table; models are cached (by settings hash) and shared with
-benchmarks/purify.py.
+experiments/purify.py.
 """
 
 from __future__ import annotations
