@@ -9,12 +9,11 @@ import sys
 import pytest
 import torch
 
-from tscpurify.bench import grid as grid_module
 from tscpurify.bench.executors import FAILED, RayOptions
 from tscpurify.bench.grid import run_grid
 from tscpurify.cli import main
 
-from .test_grid import write_grid
+from .test_grid import interrupt_after_first_run, write_grid
 
 ray = pytest.importorskip("ray")
 NICENESS = "RAY_worker_niceness"  # Ray's own spelling of the setting
@@ -64,20 +63,8 @@ def test_ray_rows_equal_serial_rows_and_resume_across_executors(
     assert len(list((tmp_path / "ray" / "models").iterdir())) == 3
 
     # Killed after one run (serial), resumed on Ray: the rest finishes, the first is not redone.
-    real_run_cell, calls = grid_module.run_cell, {"n": 0}
-
-    def crash_on_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_run_cell(*args, **kwargs)
-
-    monkeypatch.setattr(grid_module, "run_cell", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_grid(grid, tmp_path / "resumed", progress=False)
+    interrupt_after_first_run(monkeypatch, grid, tmp_path / "resumed")
     first = (tmp_path / "resumed" / "results.jsonl").read_text().splitlines()
-    assert len(first) == 1
-    monkeypatch.setattr(grid_module, "run_cell", real_run_cell)
     resumed = run_grid(grid, tmp_path / "resumed", progress=False, ray=RayOptions())
     lines = (tmp_path / "resumed" / "results.jsonl").read_text().splitlines()
     assert lines[0] == first[0] and len(lines) == 4

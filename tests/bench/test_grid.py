@@ -205,10 +205,8 @@ def test_cells_run_seed_by_seed_each_with_all_its_rows():
     assert {c.seed for c in order[:6 * 32]} == {0}
 
 
-def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monkeypatch):
-    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",))
-    whole = run_grid(grid, tmp_path / "whole", progress=False)
-
+def interrupt_after_first_run(monkeypatch, grid, out):
+    """Run `grid` into `out` and stop it (Ctrl-C) as the second run starts."""
     real_run_cell, calls = grid_module.run_cell, {"n": 0}
 
     def crash_on_second(*args, **kwargs):
@@ -217,14 +215,20 @@ def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monk
             raise KeyboardInterrupt
         return real_run_cell(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "run_cell", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_grid(grid, tmp_path / "resumed", progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(grid_module, "run_cell", crash_on_second)
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(grid, out, progress=False)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monkeypatch):
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",))
+    whole = run_grid(grid, tmp_path / "whole", progress=False)
+    interrupt_after_first_run(monkeypatch, grid, tmp_path / "resumed")
     results = tmp_path / "resumed" / "results.jsonl"
-    assert len(results.read_text().splitlines()) == 1
     with results.open("a") as handle:  # a line cut short by a crash is run again, not fatal
         handle.write('{"key": "abc", "cell"')
-    monkeypatch.setattr(grid_module, "run_cell", real_run_cell)
     resumed = run_grid(grid, tmp_path / "resumed", progress=False)
 
     def untimed(rows):  # seconds differ between runs; everything else must not
