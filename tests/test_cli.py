@@ -222,3 +222,19 @@ def test_attack_help_lists_every_attack_s_arguments(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for listed in ("badnets: size=3", "blended: alpha=0.2", "sig: delta=", "wanet: k=4"):
         assert listed in text
+
+
+def test_warnings_are_one_line(backdoored_run, monkeypatch, capsys):
+    import warnings
+
+    import tscpurify.runs
+
+    real = tscpurify.runs.evaluate_run
+
+    def warn_then_evaluate(*args, **kwargs):
+        warnings.warn("the spec moves only 3% of the weights", UserWarning, stacklevel=2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tscpurify.runs, "evaluate_run", warn_then_evaluate)
+    assert main(["evaluate", str(backdoored_run)]) == 0
+    assert capsys.readouterr().err == "warning: the spec moves only 3% of the weights\n"

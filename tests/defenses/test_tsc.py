@@ -308,3 +308,23 @@ def test_each_stage_books_its_permutation_search_and_fine_tune(setup):
     assert total <= sum(v for k, v in report.seconds.items() if k != "total") + 1e-6
     text = render_markdown(report)
     assert "## Along the curves" not in text and "\n\n## Time" in text
+
+
+class _OpaqueStem(torch.nn.Module):
+    """Most of the weights, kept opaque: their units cannot be permuted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = torch.nn.Linear(12 * 12, 256)  # the band images of tests/defenses
+
+    def forward(self, x):
+        return self.big(x.flatten(1)).relu()
+
+
+def test_a_spec_that_moves_few_weights_is_warned_about(loader):
+    model = torch.nn.Sequential(_OpaqueStem(), torch.nn.Linear(256, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 10))
+    settings = TSCSettings(rounds=1, epochs=0, ft_epochs=0, final_ft_epochs=0, profile_points=0)
+    with pytest.warns(UserWarning, match=r"moves only \d+% of its weights"):
+        _, report = purify(model, loader, settings, progress=False, leaf_modules=(_OpaqueStem,))
+    assert report.symmetry["coverage"] < 0.5

@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -70,6 +71,7 @@ from .registered import DEFENSES
 log = logging.getLogger(__name__)
 Evaluate = Callable[[nn.Module], dict[str, float]]
 PERMUTATIONS = ("unalign", "random", "identity")
+LOW_COVERAGE = 0.5  # below this share of weights permuted, purify warns
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,12 @@ class _Stages:
                             f"so TSC would permute nothing; pass a spec that permutes its hidden "
                             f"units, or permutation='identity' to run the recipe without one")
         self.coverage = self.spec.coverage(template.state_dict())
+        if self.coverage < LOW_COVERAGE and settings.permutation != "identity":
+            warnings.warn(f"the permutation spec of {type(template).__name__} moves only "
+                          f"{100 * self.coverage:.0f}% of its weights (the rest stay where they "
+                          f"are, e.g. inside leaf_modules or after ops it cannot follow): TSC's "
+                          f"far end lies close to the model, which weakens the purification",
+                          UserWarning, stacklevel=4)
         if resume_dir is not None:
             self.check_resume_dir()
 
