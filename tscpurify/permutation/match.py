@@ -198,6 +198,15 @@ def correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
     out = {}
     for group in spec.groups.values():
         corr = sum(stats[path].correlation() for path in group.probes)
+        units = corr.shape[0]
+        if corr.dim() == 2 and units == corr.shape[1] and units > group.size \
+                and units % group.size == 0:
+            # The group moves runs of `run` probe units (GroupNorm's groups, kept in order):
+            # pairing run g of A with run h of B pairs their units one to one, so its score
+            # is the sum of those units' correlations.
+            run = units // group.size
+            corr = corr.reshape(group.size, run, group.size, run).diagonal(
+                dim1=1, dim2=3).sum(-1)
         if corr.shape != (group.size, group.size):
             raise SpecError(f"group {group.name!r} has size {group.size} but its probes give "
                             f"{tuple(corr.shape)} correlations")

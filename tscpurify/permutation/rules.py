@@ -127,10 +127,11 @@ def _channel_norm(p: Propagator, n: fx.Node, result: Any) -> Axes:
 
 
 def _group_norm(p: Propagator, n: fx.Node, result: Any) -> Axes:
-    module = p.fetch_attr(n.target)
-    if module.num_groups not in (1, module.num_channels) and 1 in p.axes_of(n.args[0]):
-        raise p.unsupported(n, f"has {module.num_groups} groups: only permutations within a "
-                               f"group keep it exact, which a spec cannot express")
+    # Statistics per group of consecutive channels: permuting whole groups (each kept in its
+    # order) keeps the function, so with 1 < groups < channels the channels move in groups.
+    module, src = p.fetch_attr(n.target), p.axes_of(n.args[0])
+    if 1 < module.num_groups < module.num_channels and 1 in src:
+        p.uf.coarsen(src[1][0], module.num_channels // module.num_groups)
     return _norm_params(p, n, ("weight", "bias"), {1: 0})
 
 

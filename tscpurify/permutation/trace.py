@@ -15,6 +15,7 @@ Ops without a rule raise SpecError unless none of their inputs carries hidden un
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +48,8 @@ class _UnionFind:
         self.units: dict[Atom, int] = {}
         self.block: dict[Atom, int] = {}
         self.fixed: set[Atom] = set()
+        # Per set root: how many of its units move as one (GroupNorm's channels per group).
+        self.factor: dict[Atom, int] = {}
 
     def add(self, atom: Atom, size: int, block: int = 1) -> Atom:
         if atom not in self.parent:
@@ -68,7 +71,31 @@ class _UnionFind:
                 raise SpecError(f"cannot derive a permutation spec: {a} and {b} must move "
                                 f"together but hold {self.units[ra]} and {self.units[rb]} units")
             self.parent[rb] = ra
+            self.factor[ra] = math.lcm(self.factor.pop(ra, 1), self.factor.pop(rb, 1))
+            self._check_factor(ra)
         return ra
+
+    def coarsen(self, atom: Atom, factor: int) -> None:
+        """Make the set of `atom` move in runs of `factor` consecutive units (its units become
+        blocks): GroupNorm keeps its function only when whole groups move, unchanged inside.
+        Two such demands on one set (groups of 4 and of 8 channels) keep both: the lcm."""
+        root = self.find(atom)
+        self.factor[root] = math.lcm(self.factor.get(root, 1), factor)
+        self._check_factor(root)
+
+    def _check_factor(self, root: Atom) -> None:
+        if self.units[root] % self.factor.get(root, 1):
+            raise SpecError(f"cannot derive a permutation spec: {root[0]!r} dim {root[1]} has "
+                            f"{self.units[root]} units, which groups of "
+                            f"{self.factor[root]} do not divide; {_HINT}")
+
+    def group_units(self, root: Atom) -> int:
+        """The units the set's permutation moves (whole groups, when coarsened)."""
+        return self.units[root] // self.factor.get(root, 1)
+
+    def axis_block(self, atom: Atom) -> int:
+        """Entries per moved unit along `atom`'s axis."""
+        return self.block[atom] * self.factor.get(self.find(atom), 1)
 
 
 class _Tracer(fx.Tracer):
@@ -207,13 +234,14 @@ class Propagator(fx.Interpreter):
         probes: dict[Atom, list[str]] = {}
         for path, atom in self.producers:
             root = uf.find(atom)
-            if root not in fixed and uf.units[root] > 1 and path not in probes.get(root, []):
+            if root not in fixed and uf.group_units(root) > 1 \
+                    and path not in probes.get(root, []):
                 probes.setdefault(root, []).append(path)
         params: dict[Atom, list[Axis]] = {root: [] for root in probes}
         for atom in uf.parent:
             if (root := uf.find(atom)) in params:
-                params[root].append(Axis(atom[0], atom[1], uf.block[atom]))
-        return PermutationSpec({p[0]: PermutationGroup(p[0], uf.units[r], tuple(params[r]),
+                params[root].append(Axis(atom[0], atom[1], uf.axis_block(atom)))
+        return PermutationSpec({p[0]: PermutationGroup(p[0], uf.group_units(r), tuple(params[r]),
                                                        tuple(p)) for r, p in probes.items()})
 
 
