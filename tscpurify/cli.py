@@ -347,6 +347,14 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def failed_runs(out: Path) -> int:
+    """Lines of a bench folder's failed.jsonl (runs the Ray executor gave up on)."""
+    from .bench.executors import FAILED
+
+    path = out / FAILED
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from .bench.grid import finished_rows, parse_shard, read_all, read_grid, run_grid
     from .bench.tables import markdown_table, plot_bench, tuning_table
@@ -354,6 +362,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     grid = read_grid(args.grid)  # every key checked before anything trains
     parse_shard(args.shard)
+    status = 0
     ray = None
     if args.executor == "ray":
         from .bench.executors import RayOptions, import_ray
@@ -368,8 +377,15 @@ def run_bench(args: argparse.Namespace) -> int:
         if not out.is_dir():
             raise SettingsError(f"--render needs an existing bench folder; {out} is not one")
     else:
+        failed_before = failed_runs(out)
         run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet,
                  phase=args.phase, shard=args.shard, ray=ray)
+        failed = failed_runs(out) - failed_before
+        if failed:
+            print(f"warning: {failed} run(s) failed twice; their errors are in "
+                  f"{out / 'failed.jsonl'}, and running the grid again retries them",
+                  file=sys.stderr)
+            status = 1
     if (out / "tuning.json").exists():
         choice = json.loads((out / "tuning.json").read_text())
         table = (f"Rule: {choice['rule']}.\n\n" + tuning_table(choice["choice"]))
@@ -387,7 +403,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(table)
         print(f"tuning: {out / 'tuning.md'}")
     if args.phase == "tune":
-        return 0
+        return status
     rows = finished_rows(args.grid, out)  # every finished row, earlier phases' included
     table = markdown_table(rows)
     plots = plot_bench(rows, out / "plots")
@@ -395,7 +411,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"![{p.name}](plots/{p.name})" for p in plots) + "\n")
     print(table)
     print(f"results: {out / 'results.jsonl'}, table: {out / 'results.md'}, plots: {out / 'plots'}")
-    return 0
+    return status
 
 
 def _terminate(signum: int, frame: object) -> None:

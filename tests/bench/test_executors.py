@@ -71,13 +71,18 @@ def test_ray_rows_equal_serial_rows_and_resume_across_executors(
     assert comparable(resumed) == comparable(serial)
 
 
-def test_a_failing_run_is_recorded_and_the_grid_goes_on(local_ray, tmp_path, fmnist_root):
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(local_ray, tmp_path, fmnist_root,
+                                                        capsys):
     grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), defenses=("ft",),
                       extra="[models.mlp]\nhidden = -3\nepochs = 1")
     rows = run_grid(grid, tmp_path / "out", progress=False, ray=RayOptions())
     assert [r["cell"]["model"] for r in rows] == ["cnn"]  # the good cell finished
     failed = [json.loads(line) for line in (tmp_path / "out" / FAILED).read_text().splitlines()]
     assert [f["cell"]["model"] for f in failed] == ["mlp"] and "Error" in failed[0]["error"]
+    # From the CLI, a run that failed again says so and the exit code is 1.
+    assert main(["bench", str(grid), "--out", str(tmp_path / "out"), "--executor", "ray",
+                 "--quiet"]) == 1
+    assert "1 run(s) failed twice" in capsys.readouterr().err
 
 
 def test_without_ray_the_executor_is_one_error_line(tmp_path, fmnist_root, monkeypatch, capsys):

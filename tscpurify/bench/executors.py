@@ -9,6 +9,8 @@ Both keep the same contract, so a grid's rows do not depend on where they ran:
   its row.
 
 Ray only:
+- tasks write only into the grid's model cache (`OUT/models`), and read the data set: on a
+  cluster, OUT and the data root must be on a file system every node sees;
 - each backdoored (or clean) model that the runs share is one task, trained once into the
   grid's model cache; the runs that read it are tasks that take its result as an argument, so
   Ray starts them after it and no two tasks race on the cache folder;
