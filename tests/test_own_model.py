@@ -40,6 +40,24 @@ def make_net(width=4, classes=10):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes))
 
 
+class Twin(nn.Module):
+    """Two branches concatenated over channels: an op the symmetry tracer cannot follow."""
+
+    def __init__(self, cin, half):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(cin, half, 3, padding=1), nn.Conv2d(cin, half, 3, padding=1)
+
+    def forward(self, x):
+        import torch
+
+        return torch.cat([self.a(x), self.b(x)], 1).relu()
+
+
+def make_twin_net(width=4, classes=10):
+    return nn.Sequential(Block(1, width), Twin(width, width), Block(2 * width, width),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+
 NOT_A_MODEL = 3
 
 
@@ -162,3 +180,19 @@ def test_python_api_purifies_the_same_model(user_project, fmnist_root):
     settings = TSCSettings(rounds=1, epochs=1, ft_epochs=0, final_ft_epochs=1, profile_points=0)
     purified, report = purify(model, loader, settings, progress=False)
     assert isinstance(purified, nn.Module) and report.symmetry["groups"] > 0
+
+
+def test_a_spec_error_hint_works_from_the_cli(user_project, fmnist_root, capsys):
+    torch.manual_seed(0)
+    save_file(build_from_factory("usernet:make_twin_net").state_dict(),
+              str(user_project / "twin.safetensors"))
+    argv = ["purify", "--weights", str(user_project / "twin.safetensors"),
+            "--arch", "usernet:make_twin_net", "--data", "fashion-mnist",
+            "--data-root", str(fmnist_root), *PURIFY_TINY]
+    assert main([*argv, "--out", str(user_project / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "op 'cat' at '1'" in err and "leaf_modules=('1',)" in err and "--leaf-module" in err
+    assert main([*argv, "--out", str(user_project / "a"), "--leaf-module", "1"]) == 0
+    assert main([*argv, "--out", str(user_project / "b"), "--leaf-module", "Twin"]) == 0
+    assert main([*argv, "--out", str(user_project / "c"), "--leaf-module", "Nope"]) == 2
+    assert "neither a module path nor a module class" in capsys.readouterr().err

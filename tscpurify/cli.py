@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import SettingsError, TscpurifyError
+from .errors import SettingsError, SpecError, TscpurifyError
 from .settings import add_settings_flags, finite_float, overrides_from_args, settings_from_args
 from .training import TrainSettings
 from .version import __version__
@@ -307,7 +307,8 @@ def run_purify(args: argparse.Namespace) -> int:
                             device=resolve_device(args.device), progress=not args.quiet,
                             resume=args.resume, overwrite=args.overwrite,
                             retune=retune_settings(args), retune_floor=args.retune_floor,
-                            trusted_arch=args.arch, **more)
+                            trusted_arch=args.arch, leaf_modules=args.leaf_module or (),
+                            **more)
         print_report_summary(report, args.out)
         return 0
 
@@ -492,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "folder whose model.json names such a factory")
     own.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                      help="keyword argument of the architecture (repeatable)")
+    purify.add_argument("--leaf-module", action="append", metavar="PATH|CLASS",
+                        help="a module the symmetry tracer keeps opaque (never permuted), by "
+                             "path (features.3) or class name (DenseBlock), as a SpecError's "
+                             "leaf_modules hint asks (repeatable)")
     own.add_argument("--data", default=None,
                      help="the data set it was trained on: fashion-mnist, cifar10 or folder")
     own.add_argument("--data-root", default=None,
@@ -574,7 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed_everything(args.seed)
         return args.func(args)
     except TscpurifyError as err:
-        print(f"error: {err}", file=sys.stderr)
+        hint = (" (on the command line: --leaf-module PATH or --leaf-module CLASS)"
+                if isinstance(err, SpecError) and "leaf_modules=" in str(err) else "")
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a read-only folder, a vanished file: the user's
         print(f"error: {err.strerror or err}"

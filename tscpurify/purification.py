@@ -85,6 +85,24 @@ def resolve_settings(loss: str, settings: TSCSettings | None = None, preset: str
     return replace_settings(settings, **dict(overrides or {}))
 
 
+def resolve_leaf_modules(model: nn.Module, names: Sequence[str]) -> tuple[type | str, ...]:
+    """Module paths (e.g. "features.3") as they are, and class names (e.g. "GroupNorm",
+    "DenseBlock") as the classes of the model's modules so named: what the CLI's
+    --leaf-module takes, in the form `derive_spec` wants."""
+    paths = {name for name, _ in model.named_modules()}
+    classes = {type(m).__name__: type(m) for m in model.modules()}
+    resolved: list[type | str] = []
+    for name in names:
+        if name in paths:
+            resolved.append(name)
+        elif name in classes:
+            resolved.append(classes[name])
+        else:
+            raise SettingsError(f"--leaf-module {name!r} is neither a module path nor a module "
+                                f"class of the model")
+    return tuple(resolved)
+
+
 def resolve_loss(sidecar: dict[str, Any], requested: str, run: str | Path = "the run") -> str:
     """'ce' or 'simclr' for a run folder: 'auto' follows the sidecar's kind."""
     if requested not in LOSSES:
@@ -197,7 +215,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                overwrite: bool = False, retune: RetuneSettings | None = DEFAULT_RETUNE,
                retune_floor: str | Path | None = None,
                source: str | None = None, trusted_arch: str | None = None,
-               more_inputs: Sequence[str | Path] = ()) -> PurifyReport:
+               more_inputs: Sequence[str | Path] = (),
+               leaf_modules: Sequence[str] = ()) -> PurifyReport:
     """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
 
     Args:
@@ -216,6 +235,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
             names (imported only when given here: `checkpoint.build_model`).
         more_inputs: files or folders besides `run` that `out` must not overlap (the user's
             own weights file and data, when `run` is a temporary folder made from them).
+        leaf_modules: module paths or class names the symmetry tracer keeps opaque
+            (`resolve_leaf_modules`), as a SpecError's hint may ask.
     """
     if profile_test < 0 or profile_train < 0:
         raise SettingsError(f"profile sizes must be ≥ 0, got --profile-test {profile_test}, "
@@ -223,6 +244,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     inputs = [run, *more_inputs] + ([retune_floor] if retune_floor is not None else [])
     out = check_out(out, overwrite, inputs)  # before anything is loaded
     model, sidecar, attack = load_run(run, device, trusted_arch)
+    leaves = resolve_leaf_modules(model, leaf_modules)
     loss = resolve_loss(sidecar, loss, run)
     floor_model = (load_retune_floor(retune_floor, sidecar, device)
                    if retune_floor is not None else None)
@@ -276,13 +298,15 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     identity = {"weights_sha256": weights_digest(Path(run)), "arch": sidecar.get("arch"),
                 "clean_indices_sha256": hashlib.sha256(
                     indices.numpy().astype("int64").tobytes()).hexdigest(),
-                "loss": loss, "torch": torch.__version__, "threads": torch.get_num_threads()}
+                "loss": loss, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "leaf_modules": sorted(leaf_modules)}
     with atomic_folder(out, overwrite, inputs) as folder, keep_stages_on_error(partial):
         if partial.exists() and not resume:  # under the lock: no other run is using them
             shutil.rmtree(partial)
         purified, report = purify(model, loader, settings, loss_fn=loss_fn,
                                   evaluate=profile_eval, seed=seed, progress=progress,
-                                  resume_dir=partial, resume_identity=identity)
+                                  resume_dir=partial, resume_identity=identity,
+                                  leaf_modules=leaves)
         report.before, report.after = full_eval(model), full_eval(purified)
         report.clean_indices = indices.tolist()
         report.environment = {"threads": torch.get_num_threads(), "torch": torch.__version__,
