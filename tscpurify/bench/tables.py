@@ -44,7 +44,35 @@ def markdown_table(rows: list[dict]) -> str:
             parts.append(f"### {setting} settings\n")
         parts.append(_cells_table(group))
         parts.append(_summary_table(group))
+        parts.append(_diagnostic_line(group))
     return "\n".join(parts)
+
+
+def distance_vs_retune(rows: list[dict], epoch: int = RETUNE_EPOCH) -> dict[str, Any] | None:
+    """The deep-purification diagnostic (docs/deep-purification.md): over the rows of real
+    defenses (not the reference rows), the Spearman rank correlation between the aligned
+    distance from the suspect model, which a defender can measure without knowing the attack,
+    and the ASR after `epoch` re-tune epochs. None with fewer than 3 such rows."""
+    pairs = [(r["distance"]["aligned"], retune_asr(r, epoch)) for r in rows
+             if r["cell"].get("base") and r.get("distance") and retune_asr(r, epoch) is not None]
+    if len(pairs) < 3:
+        return None
+    distances, retunes = zip(*pairs, strict=True)
+    if len(set(distances)) < 2 or len(set(retunes)) < 2:  # a constant has no rank correlation
+        return {"rows": len(pairs), "spearman": None}
+    from scipy.stats import spearmanr
+
+    return {"rows": len(pairs), "spearman": float(spearmanr(distances, retunes).statistic)}
+
+
+def _diagnostic_line(rows: list[dict]) -> str:
+    found = distance_vs_retune(rows)
+    if found is None or found["spearman"] is None:
+        return ""
+    return (f"\nDiagnostic: over {found['rows']} defended rows, the Spearman rank correlation "
+            f"between the aligned distance from the suspect model and the ASR after "
+            f"{RETUNE_EPOCH} re-tune epochs is {found['spearman']:+.2f} (negative: the further "
+            f"a defense moved the model, the less of the backdoor came back).\n")
 
 
 def _cells_table(rows: list[dict]) -> str:

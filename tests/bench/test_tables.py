@@ -1,0 +1,26 @@
+"""The deep-purification diagnostic in the bench tables: distance against re-tune ASR."""
+
+import pytest
+
+from tscpurify.bench.tables import distance_vs_retune, markdown_table
+
+
+def row(defense, distance, retune, base="ft"):
+    return {"cell": {"attack": "badnets", "model": "cnn", "seed": 0, "defense": defense,
+                     "base": base, "setting": "default"},
+            "before": {"acc": 90.0, "asr": 100.0, "ra": 0.0},
+            "after": {"acc": 89.0, "asr": 1.0, "ra": 80.0}, "der": 0.9, "steps": 10,
+            "seconds": 1.0, "distance": {"raw": distance, "aligned": distance},
+            "retune": {"epochs": [1, 2, 5], "asr": [0.0, retune, 100.0]}}
+
+
+def test_the_diagnostic_ranks_distance_against_retune_asr_over_defenses_only():
+    rows = [row("none", 0.0, 100.0, base=""), row("a", 0.2, 100.0), row("b", 0.5, 60.0),
+            row("c", 0.9, 10.0)]
+    found = distance_vs_retune(rows)
+    assert found == {"rows": 3, "spearman": pytest.approx(-1.0)}
+    assert "Spearman rank correlation" in markdown_table(rows) and "-1.00" in markdown_table(rows)
+    assert distance_vs_retune(rows[:3]) is None  # two defended rows say nothing
+    flat = [row(name, 0.5, 100.0) for name in "abc"]
+    assert distance_vs_retune(flat) == {"rows": 3, "spearman": None}
+    assert "Spearman" not in markdown_table(flat)
