@@ -522,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="run a grid of attacks × models × defenses × seeds",
         description="Run a benchmark grid (a TOML file, or a shipped grid: quick, full, fair, "
-                    "deep). Finished cells are skipped, so an interrupted run resumes where it "
-                    "stopped; "
+                    "deep, ablations). Finished cells are skipped, so an interrupted run resumes "
+                    "where it stopped; "
                     "backdoored models are cached and shared between defenses. Writes "
                     "results.jsonl, results.md (ACC / ASR / RA / DER) and plots/.")
     bench.add_argument("grid", help="grid TOML file, or a shipped grid's name")

@@ -62,7 +62,17 @@ def test_grid_cells_and_errors(tmp_path, fmnist_root):
         (tmp_path / "bad.toml").write_text(text)
         with pytest.raises(SettingsError, match=message):
             read_grid(tmp_path / "bad.toml")
-    for shipped in ("quick", "full", "fair", "deep"):
+    # A variant may take its own share of clean data; only its rows change.
+    extra = "[variants.ft_small]\ndefense = 'ft'\nclean_fraction = 0.01"
+    varied = read_grid(write_grid(tmp_path / "v.toml", fmnist_root, attacks=("badnets",),
+                                  extra=extra, defenses=("ft", "ft_small"))).cells
+    assert [(c.defense, c.clean_fraction) for c in varied] == [("ft", 0.1), ("ft_small", 0.01)]
+    assert varied[0].key == cells[0].key
+    (tmp_path / "bad.toml").write_text("defenses = ['x']\n[variants.x]\ndefense = 'ft'\n"
+                                       "clean_fraction = 0")
+    with pytest.raises(SettingsError, match="clean_fraction must be > 0"):
+        read_grid(tmp_path / "bad.toml")
+    for shipped in ("quick", "full", "fair", "deep", "ablations"):
         assert len(read_grid(shipped).cells) > 0
 
 

@@ -133,7 +133,7 @@ def _check_settings(base: str, args: dict[str, Any], what: str) -> None:
 
 
 def read_grid(source: str | Path) -> Grid:
-    """The grid in a TOML file, or in a shipped grid by name ('quick', 'full', 'fair', 'deep')."""
+    """The grid in a TOML file, or a shipped grid by name (`tscpurify/bench/grids/*.toml`)."""
     path = Path(source)
     if not path.exists() and (GRIDS / f"{source}.toml").exists():
         path = GRIDS / f"{source}.toml"
@@ -174,6 +174,8 @@ def read_grid(source: str | Path) -> Grid:
 
     # What each row name runs: (registered defense, fixed overrides, tuned like which row).
     rows_of: dict[str, tuple[str, dict[str, Any], str | None]] = {}
+    # A variant may also take its own share of clean data (the clean-data study of #21).
+    row_data: dict[str, dict[str, Any]] = {}
     for name in names:
         _require(name, str, "a defense name")
         if name in REFERENCES:
@@ -183,6 +185,13 @@ def read_grid(source: str | Path) -> Grid:
             base = DEFENSES.name_of(_require(spec.pop("defense", None), str,
                                              f"[variants.{name}] defense"))
             tune_as = spec.pop("tune_as", None)
+            if "clean_fraction" in spec:
+                amount = _require(spec.pop("clean_fraction"), (int, float),
+                                  f"[variants.{name}] clean_fraction")
+                if amount <= 0:
+                    raise SettingsError(f"grid: [variants.{name}] clean_fraction must be > 0 "
+                                        f"(a fraction below 1, or a count), got {amount}")
+                row_data[name] = {"clean_fraction": amount}
             if tune_as is not None and tune_as not in names:
                 raise SettingsError(f"grid: [variants.{name}] tune_as {tune_as!r} is not a "
                                     f"defense of this grid")
@@ -238,7 +247,7 @@ def read_grid(source: str | Path) -> Grid:
                             model_args=model_args,
                             train_epochs=model_cfg.get("epochs", TRAIN_EPOCHS),
                             defense_args={**fixed, **overrides}, retune=retune_dict,
-                            setting=setting, **common))
+                            setting=setting, **{**common, **row_data.get(name, {})}))
     tuning_cells = []
     if tuning is not None:
         model_cfg = models[tuning.model]
@@ -259,7 +268,7 @@ def read_grid(source: str | Path) -> Grid:
                         attack=attack, seed=seed, defense=name, base=rows_of[name][0],
                         attack_args=attack_args.get(attack, {}),
                         defense_args={**fixed, **chosen, **overrides}, setting=candidate,
-                        **tuning_common))
+                        **{**tuning_common, **row_data.get(name, {})}))
     return Grid(cells, tuning, tuning_cells, row_args)
 
 
