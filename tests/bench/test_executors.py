@@ -93,4 +93,8 @@ def test_without_ray_the_executor_is_one_error_line(tmp_path, fmnist_root, monke
     assert err.count("\n") == 1 and "pip install 'tscpurify[ray]'" in err
     assert main(["bench", str(grid), "--out", str(tmp_path / "o"), "--cpus-per-cell", "2"]) == 2
     assert "need --executor ray" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve_device's check
+    assert main(["bench", str(grid), "--out", str(tmp_path / "o"), "--executor", "ray",
+                 "--device", "cuda"]) == 2
+    assert "needs --gpus-per-cell" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
