@@ -1,0 +1,82 @@
+"""Time TSC's default on PreAct-ResNet18 and CIFAR-10-shaped data, against one plain SGD step.
+
+    python scripts/gpu_timing.py --device cuda            # full width 64, 2,500 images (5%)
+    python scripts/gpu_timing.py --device cpu --width 4 --images 64 --epochs 1   # a smoke run
+
+Prints one table row: the planned steps, the measured seconds of one SGD step of the model at
+batch 256 (t_step, median of 20 after 5 warm-up steps), TSC's total seconds, and their ratio
+TSC / (steps × t_step), which docs/scaling.md puts at 1.16-1.32 on CPU. The data are random
+images: time does not depend on their content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from tscpurify import TSCSettings, purify
+from tscpurify.models import create_model
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_seconds(model: torch.nn.Module, batch: tuple, device: str) -> float:
+    """Median seconds of one plain SGD step (forward, backward, update) at this batch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = (t.to(device) for t in batch)
+    times = []
+    for i in range(25):
+        synchronize(device)
+        began = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+        if i >= 5:
+            times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=int, default=64, help="PreAct-ResNet18 width (64: full)")
+    parser.add_argument("--images", type=int, default=2500, help="clean images (5%% of CIFAR-10)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="curve epochs (default: TSC's default, 30); smaller for a smoke run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.rand(args.images, 3, 32, 32)
+    y = torch.randint(0, 10, (args.images,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=256, shuffle=True)
+    model = create_model("preactresnet18", in_channels=3, width=args.width).to(args.device)
+    settings = TSCSettings(profile_points=0)
+    if args.epochs is not None:
+        settings = TSCSettings(profile_points=0, epochs=args.epochs, ft_epochs=1,
+                               final_ft_epochs=1)
+    steps = settings.planned_steps(len(loader))
+    t_step = step_seconds(create_model("preactresnet18", in_channels=3, width=args.width)
+                          .to(args.device).train(), (x[:256], y[:256]), args.device)
+    synchronize(args.device)
+    began = time.perf_counter()
+    purify(model, loader, settings, progress=False)
+    synchronize(args.device)
+    total = time.perf_counter() - began
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print("| device | width | images | steps | t_step (s) | TSC (s) | TSC / (steps × t_step) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {name} | {args.width} | {args.images} | {steps} | {t_step:.4f} | {total:.1f} | "
+          f"{total / (steps * t_step):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""--device cuda end to end. Skipped without a CUDA GPU; `scripts/gpu-check.sh` runs them on
+a machine that has one (this project's CI machine has none)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tscpurify import TSCSettings, purify
+from tscpurify.cli import main
+from tscpurify.models import create_model
+
+from .test_cli import PURIFY_TINY, TINY
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_attack_purify_evaluate_on_cuda(fmnist_root, tmp_path):
+    run, out = tmp_path / "bd", tmp_path / "clean"
+    assert main(["attack", "--data-root", str(fmnist_root), "--out", str(run), "--device",
+                 "cuda", "--attack-arg", "size=4", *TINY]) == 0
+    assert main(["purify", str(run), "--out", str(out), "--device", "cuda", *PURIFY_TINY]) == 0
+    weights = load_file(str(out / "weights.safetensors"))
+    assert all(t.device.type == "cpu" for t in weights.values())  # saved portable
+    assert main(["evaluate", str(out), "--device", "cuda"]) == 0
+    assert json.loads((out / "report.json").read_text())["environment"]["device"] == "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_purify_keeps_a_cuda_model_on_cuda():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = create_model("cnn", width=4).cuda()
+    data = TensorDataset(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    settings = TSCSettings(rounds=1, epochs=1, ft_epochs=0, final_ft_epochs=1, profile_points=0)
+    purified, _ = purify(model, DataLoader(data, batch_size=32), settings, progress=False)
+    assert all(p.device.type == "cuda" for p in purified.parameters())
+
+
+def test_the_gpu_timing_script_runs(tmp_path):
+    """scripts/gpu_timing.py on the CPU at toy size: the script a GPU machine runs works."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_timing.py"), "--device",
+                           "cpu", "--width", "4", "--images", "64", "--epochs", "1"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("| cpu | 4 | 64 | 9 |")
