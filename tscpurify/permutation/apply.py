@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import SpecError
-from .spec import PermutationSpec, StateDict
+from .spec import Axis, PermutationSpec, StateDict
 
 Permutation = dict[str, torch.Tensor]
 
@@ -39,6 +39,20 @@ def _expand(index: torch.Tensor, block: int) -> torch.Tensor:
     return (index[:, None] * block + torch.arange(block, device=index.device)).reshape(-1)
 
 
+def _entry_index(index: torch.Tensor, axis: Axis, dim_size: int) -> torch.Tensor:
+    """Unit permutation -> entry permutation of a whole tensor dim: the segment's `repeat`
+    copies each take it, entries outside the segment stay."""
+    entries = _expand(index, axis.block)
+    if axis.repeat > 1:
+        copies = torch.arange(axis.repeat, device=index.device)[:, None] * entries.numel()
+        entries = (copies + entries).reshape(-1)
+    if axis.length is None:
+        return entries
+    full = torch.arange(dim_size, device=index.device)
+    full[axis.start:axis.start + entries.numel()] = axis.start + entries
+    return full
+
+
 def apply_permutation(state_dict: StateDict, spec: PermutationSpec,
                       perm: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """A new state dict with `perm` applied; the input is never modified.
@@ -53,8 +67,9 @@ def apply_permutation(state_dict: StateDict, spec: PermutationSpec,
         moved = value
         for name, axis in spec.entries(key):
             if name in perm:
-                index = _expand(perm[name].to(device=value.device, dtype=torch.long), axis.block)
-                moved = moved.index_select(axis.dim, index)
+                index = perm[name].to(device=value.device, dtype=torch.long)
+                moved = moved.index_select(axis.dim,
+                                           _entry_index(index, axis, value.shape[axis.dim]))
         # Fresh tensors throughout, so later in-place edits of either dict cannot leak across.
         out[key] = moved.clone() if moved is value and isinstance(value, torch.Tensor) else moved
     metadata = getattr(state_dict, "_metadata", None)

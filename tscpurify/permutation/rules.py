@@ -1,9 +1,9 @@
 """The per-op rules of `derive_spec`: how each op moves the hidden-unit axes of its inputs.
 
 A rule gets the propagator, the fx node and the node's real output; it links the atoms
-(state-dict axes) that must move together and returns, for the output, dim -> (atom, block).
-To support a new op, add a rule here; an op without one raises SpecError when hidden units flow
-into it.
+(state-dict axes) that must move together and returns, for the output, dim -> parts. A dim has
+one part, or one per input of a concatenation along it. To support a new op, add a rule here;
+an op without one raises SpecError when hidden units flow into it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -23,9 +23,24 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 if TYPE_CHECKING:
     from .trace import Propagator
 
-Atom = tuple[str, int]  # (state-dict key, dim)
-Axes = dict[int, tuple[Atom, int]]  # output dim -> (atom, block)
+Atom = tuple[str, int, int, int]  # (state-dict key, dim, first entry, repeat): see spec.Axis
+
+
+class Part(NamedTuple):
+    """`length` consecutive entries of a tensor dim that move as the units of `atom`, `block`
+    entries per unit; atom None: entries no group can move (the input's channels, a constant)."""
+
+    atom: Atom | None
+    block: int
+    length: int
+
+
+Axes = dict[int, tuple[Part, ...]]  # output dim -> its parts, in order
 Rule = Callable[["Propagator", fx.Node, Any], Axes]
+
+
+def _one(atom: Atom, length: int) -> tuple[Part, ...]:
+    return (Part(atom, 1, length),)
 
 
 def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
@@ -43,6 +58,28 @@ def _same(p: Propagator, n: fx.Node, result: Any) -> Axes:
     if isinstance(result, torch.Tensor) and p.shapes.get(src) == tuple(result.shape):
         return dict(p.axes_of(src))
     raise p.unsupported(n, "changes the shape of its input")
+
+
+def _join(p: Propagator, found: list[tuple[Part, ...]], pinned: bool) -> tuple[Part, ...] | None:
+    """Parts that meet entry for entry (operands of a sum, inputs of a cat off its dim) move
+    together; an untracked operand there (`pinned`), or one cut differently, fixes them all."""
+    if not found:
+        return None
+    layout = {tuple((part.block, part.length) for part in parts) for parts in found}
+    if pinned or len(layout) > 1:
+        p.uf.fixed.update(part.atom for parts in found for part in parts if part.atom)
+        return None
+    joined = []
+    for column in zip(*found, strict=True):
+        atoms = [part.atom for part in column if part.atom is not None]
+        if len(atoms) < len(column):  # a segment that cannot move meets one that could
+            p.uf.fixed.update(atoms)
+            atoms = []
+        atom = atoms[0] if atoms else None
+        for other in atoms[1:]:
+            atom = p.uf.union(atom, other)
+        joined.append(column[0]._replace(atom=atom))
+    return tuple(joined) if any(part.atom for part in joined) else None
 
 
 def _elementwise(p: Propagator, n: fx.Node, result: Any) -> Axes:
@@ -63,13 +100,33 @@ def _elementwise(p: Propagator, n: fx.Node, result: Any) -> Axes:
                 found.append(p.axes[a][od])
             else:
                 pinned = True
-        if pinned or len({block for _, block in found}) > 1:
-            p.uf.fixed.update(atom for atom, _ in found)
-        elif found:
-            atom = found[0][0]
-            for other, _ in found[1:]:
-                atom = p.uf.union(atom, other)
-            axes[d] = (atom, found[0][1])
+        if (parts := _join(p, found, pinned)) is not None:
+            axes[d] = parts
+    return axes
+
+
+def _cat(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    """Concatenation: along `dim` the output holds each input's parts in turn (DenseNet's
+    channels: each input keeps its own group, a consumer reads one segment per input); on the
+    other dims the inputs meet entry for entry, as in a sum."""
+    tensors, dim = _arg(n, 0, "tensors"), _arg(n, 1, "dim", 0)
+    nd = result.dim()
+    dim %= nd
+    inputs = [t for t in tensors if not isinstance(t, torch.Tensor) or t.numel()]
+    axes: Axes = {}
+    along: list[Part] = []
+    for t in inputs:
+        length = p.shapes[t][dim] if isinstance(t, fx.Node) else t.shape[dim]
+        along.extend(p.axes_of(t).get(dim, (Part(None, 1, length),)))
+    if any(part.atom for part in along):
+        axes[dim] = tuple(along)
+    for d in range(nd):
+        if d == dim:
+            continue
+        found = [p.axes_of(t)[d] for t in inputs if d in p.axes_of(t)]
+        pinned = any(d not in p.axes_of(t) for t in inputs)
+        if (parts := _join(p, found, pinned)) is not None:
+            axes[d] = parts
     return axes
 
 
@@ -78,9 +135,8 @@ def _linear(p: Propagator, n: fx.Node, result: Any) -> Axes:
     last = result.dim() - 1
     axes = {d: ax for d, ax in src.items() if d != last}
     if last in src:
-        atom, block = src[last]
-        p.uf.union(atom, p.param(f"{n.target}.weight", 1, module.in_features, block))
-    axes[last] = (p.produce(n, module, module.out_features), 1)
+        p.tie(n, src[last], f"{n.target}.weight", 1)
+    axes[last] = _one(p.produce(n, module, module.out_features), module.out_features)
     return axes
 
 
@@ -90,16 +146,15 @@ def _conv(p: Propagator, n: fx.Node, result: Any) -> Axes:
         raise p.unsupported(n, "convolves over a hidden-unit axis")
     if module.groups == 1:
         if 1 in src:
-            atom, block = src[1]
-            p.uf.union(atom, p.param(f"{n.target}.weight", 1, module.in_channels, block))
-        return {1: (p.produce(n, module, module.out_channels), 1)}
+            p.tie(n, src[1], f"{n.target}.weight", 1)
+        return {1: _one(p.produce(n, module, module.out_channels), module.out_channels)}
     if module.groups == module.in_channels == module.out_channels:
         # Depthwise: output channel c sees only input channel c, so both move together.
         if 1 not in src:
             return {}
-        atom = p.uf.union(src[1][0], p.param(f"{n.target}.weight", 0, module.out_channels))
+        p.tie(n, src[1], f"{n.target}.weight", 0)
         if module.bias is not None:
-            p.uf.union(atom, p.param(f"{n.target}.bias", 0, module.out_channels))
+            p.tie(n, src[1], f"{n.target}.bias", 0)
         return {1: src[1]}
     raise p.unsupported(n, f"has groups={module.groups} (only 1 or depthwise are supported)")
 
@@ -109,15 +164,14 @@ def _norm_params(p: Propagator, n: fx.Node, names: Sequence[str], dims: dict[int
     """Per-unit tensors `names` (dim k) follow input dim d for each d -> k in `dims`; dims below
     `outer` are independent rows and pass through."""
     module, src = p.fetch_attr(n.target), p.axes_of(n.args[0])
-    for d, (atom, block) in src.items():
+    for d, parts in src.items():
         if d < outer:
             continue
         if d not in dims:
             raise p.unsupported(n, f"normalises over hidden-unit dim {d}")
         for name in names:
-            if (tensor := getattr(module, name, None)) is not None:
-                key, k = f"{n.target}.{name}", dims[d]
-                p.uf.union(atom, p.param(key, k, tensor.shape[k], block))
+            if getattr(module, name, None) is not None:
+                p.tie(n, parts, f"{n.target}.{name}", dims[d])
     return dict(src)
 
 
@@ -131,7 +185,9 @@ def _group_norm(p: Propagator, n: fx.Node, result: Any) -> Axes:
     # order) keeps the function, so with 1 < groups < channels the channels move in groups.
     module, src = p.fetch_attr(n.target), p.axes_of(n.args[0])
     if 1 < module.num_groups < module.num_channels and 1 in src:
-        p.uf.coarsen(src[1][0], module.num_channels // module.num_groups)
+        if len(src[1]) > 1:
+            raise p.unsupported(n, "normalises groups of a concatenation")
+        p.uf.coarsen(src[1][0].atom, module.num_channels // module.num_groups)
     return _norm_params(p, n, ("weight", "bias"), {1: 0})
 
 
@@ -153,10 +209,12 @@ def _flatten_dims(p: Propagator, n: fx.Node, src: fx.Node, start: int, end: int)
     if len(inside) > 1:
         raise p.unsupported(n, "flattens two hidden-unit axes into one")
     if inside:
-        d, (atom, block) = inside[0], axes[inside[0]]
+        d = inside[0]
         if math.prod(shape[start:d]) != 1:
             raise p.unsupported(n, "flattens a hidden-unit axis inside an outer one")
-        out[start] = (atom, block * math.prod(shape[d + 1:end + 1]))
+        inner = math.prod(shape[d + 1:end + 1])
+        out[start] = tuple(Part(part.atom, part.block * inner, part.length * inner)
+                           for part in axes[d])
     return out
 
 
@@ -212,6 +270,160 @@ def _pool(k: int) -> Rule:
     return rule
 
 
+def _transpose(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    """transpose/swapaxes: two dims trade places; their units go with them."""
+    src = _arg(n, 0, "input")
+    nd = len(p.shapes[src])
+    a, b = _arg(n, 1, "dim0") % nd, _arg(n, 2, "dim1") % nd
+    return {{a: b, b: a}.get(d, d): parts for d, parts in p.axes_of(src).items()}
+
+
+def _permute(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    src = _arg(n, 0, "input")
+    dims = n.args[1:] if n.op == "call_method" and len(n.args) > 2 else _arg(n, 1, "dims")
+    nd = len(p.shapes[src])
+    order = [d % nd for d in dims]  # output dim i is input dim order[i]
+    axes = p.axes_of(src)
+    return {i: axes[d] for i, d in enumerate(order) if d in axes}
+
+
+def _expand(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    """expand/expand_as: new leading dims and size-1 dims broadcast; a size-1 axis has one
+    unit, which no permutation moves, so only dims that keep their size carry units."""
+    src = _arg(n, 0, "input")
+    shape, lead = p.shapes[src], result.dim() - len(p.shapes[src])
+    return {d + lead: parts for d, parts in p.axes_of(src).items()
+            if shape[d] == result.shape[d + lead]}
+
+
+def _index(p: Propagator, n: fx.Node, src: fx.Node, index: Any) -> Axes:
+    """x[...] with ints, slices, None and Ellipsis: a dim picked by an int or cut by a slice
+    cannot move its units (pinned); kept dims carry theirs to their new place."""
+    axes, nd = p.axes_of(src), len(p.shapes[src])
+    index = index if isinstance(index, tuple) else (index,)
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in index):
+        if axes:
+            raise p.unsupported(n, "indexes a tensor holding hidden units with a tensor")
+        return {}
+    consumed = sum(i is not None and i is not Ellipsis for i in index)
+    if Ellipsis not in index:
+        index = (*index, Ellipsis)
+    out: Axes = {}
+    d_in = d_out = 0
+    for i in index:
+        if i is Ellipsis:
+            for _ in range(nd - consumed):
+                if d_in in axes:
+                    out[d_out] = axes[d_in]
+                d_in, d_out = d_in + 1, d_out + 1
+            consumed = nd  # a second Ellipsis is an error torch has already raised
+        elif i is None:
+            d_out += 1
+        else:
+            whole = isinstance(i, slice) and all(
+                isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step)) and \
+                range(*i.indices(p.shapes[src][d_in])) == range(p.shapes[src][d_in])
+            if d_in in axes:
+                if whole:
+                    out[d_out] = axes[d_in]
+                else:
+                    p.fix_axes({d_in: axes[d_in]})
+            d_in, d_out = d_in + 1, d_out + int(isinstance(i, slice))
+    return out
+
+
+def _getitem(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    src, index = n.args[0], n.args[1]
+    if src in p.items:  # one output of MultiheadAttention, chunk, unbind, ...
+        items = p.items[src]
+        if isinstance(index, int):
+            return dict(items[index])
+        if any(items):
+            raise p.unsupported(n, "takes a slice of a tuple holding hidden units")
+        return {}
+    if not isinstance(result, torch.Tensor) or src not in p.shapes:
+        return {}  # x.shape[0], an element of a list, ...
+    return _index(p, n, src, index)
+
+
+def _split(kind: str) -> Rule:
+    """chunk/split/tensor_split/unbind: a tuple of pieces along one dim. Each piece keeps the
+    other dims' units; a hidden-unit dim may be cut only between the parts of a concatenation
+    (one piece per input); unbind picks single entries, which pins the dim."""
+    def rule(p: Propagator, n: fx.Node, result: Any) -> Axes:
+        src = _arg(n, 0, "input")
+        nd, axes = len(p.shapes[src]), p.axes_of(src)
+        dim = _arg(n, 1 if kind == "unbind" else 2, "dim", 0) % nd
+        rest = {d: parts for d, parts in axes.items() if d != dim}
+        if kind == "unbind":
+            p.fix_axes({d: parts for d, parts in axes.items() if d == dim})
+            p.items[n] = [{d - (d > dim): parts for d, parts in rest.items()} for _ in result]
+            return {}
+        items: list[Axes] = []
+        parts = list(axes.get(dim, ()))
+        for piece in result:
+            here = dict(rest)
+            if parts:
+                taken = []
+                while parts and sum(q.length for q in taken) < piece.shape[dim]:
+                    taken.append(parts.pop(0))
+                if sum(q.length for q in taken) != piece.shape[dim]:
+                    raise p.unsupported(n, "splits a hidden-unit axis inside a group")
+                if any(q.atom for q in taken):
+                    here[dim] = tuple(taken)
+            items.append(here)
+        p.items[n] = items
+        return {}
+    return rule
+
+
+def _multihead_attention(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    """nn.MultiheadAttention (an fx leaf): the embedding axis of query, key and value is read by
+    the packed in-projection (dim 1), its output comes from out_proj; inside, three
+    permutations keep the function: heads (whole blocks of Q, K, V rows and of out_proj's
+    inputs), Q·K units within a head (shared by Q and K, and by every head: dot products are
+    sums over them), and V units within a head (shared with out_proj's inputs)."""
+    m, path = p.fetch_attr(n.target), str(n.target)
+    inputs = [_arg(n, i, name) for i, name in enumerate(("query", "key", "value"))]
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        if any(p.axes_of(a) for a in inputs):
+            raise p.unsupported(n, "has separate Q/K/V projections, bias_k/bias_v or "
+                                   "add_zero_attn, which no rule covers")
+        p.items[n] = [{}, {}]
+        return {}
+    e, h = m.embed_dim, m.num_heads
+    w_in, w_out = f"{path}.in_proj_weight", f"{path}.out_proj.weight"
+    rows = [w_in] + ([f"{path}.in_proj_bias"] if m.in_proj_bias is not None else [])
+    # Attention mixes tokens and batch entries, so units on those dims cannot move; every
+    # input's embedding axis meets the same packed columns.
+    embedding = p.param(w_in, 1, e)
+    for a in inputs:
+        axes = p.axes_of(a) if isinstance(a, fx.Node) else {}
+        last = len(p.shapes[a]) - 1 if isinstance(a, fx.Node) else -1
+        p.fix_axes({d: parts for d, parts in axes.items() if d != last})
+        if last in axes:
+            p.tie(n, axes[last], w_in, 1)
+        else:
+            p.uf.fixed.add(embedding)
+    out = p.param(w_out, 0, e)
+    if m.out_proj.bias is not None:
+        out = p.uf.union(out, p.param(f"{path}.out_proj.bias", 0, e))
+    heads = p.param(w_out, 1, e, e // h)  # blocks of head_dim inputs
+    v = p.segment(w_out, 1, 0, e, 1, h)  # head_dim units, once per head
+    qk: Atom | None = None
+    for key in rows:
+        for start in (0, e, 2 * e):
+            heads = p.uf.union(heads, p.segment(key, 0, start, e, e // h))
+        pair = p.uf.union(p.segment(key, 0, 0, e, 1, h), p.segment(key, 0, e, e, 1, h))
+        qk = pair if qk is None else p.uf.union(qk, pair)
+        v = p.uf.union(v, p.segment(key, 0, 2 * e, e, 1, h))
+    p.producers += [(path, heads, f"{path}/heads"), (path, qk, f"{path}/qk"),
+                    (path, v, f"{path}/v")]
+    query = inputs[0]
+    p.items[n] = [{len(p.shapes[query]) - 1: _one(out, e)}, {}]
+    return {}
+
+
 _UNARY = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
           nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
           nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity,
@@ -221,6 +433,7 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv),
     ((_BatchNorm, _InstanceNorm), _channel_norm),
     (nn.LayerNorm, _layer_norm),
+    (nn.MultiheadAttention, _multihead_attention),
     (nn.GroupNorm, _group_norm),
     (nn.Flatten, _flatten_module),
     ((nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d), _pool(1)),
@@ -243,6 +456,12 @@ FUNCTION_RULES: dict[Any, Rule] = {
     **dict.fromkeys((F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d),
                     _pool(2)),
     torch.flatten: _flatten,
+    torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
+    **dict.fromkeys((torch.transpose, torch.swapaxes), _transpose),
+    torch.permute: _permute,
+    operator.getitem: _getitem,
+    **dict.fromkeys((torch.chunk, torch.split, torch.tensor_split), _split("split")),
+    torch.unbind: _split("unbind"),
     **dict.fromkeys((torch.reshape, torch.squeeze, torch.unsqueeze), _reshape),
     **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin), _reduce),
 }
@@ -252,6 +471,11 @@ METHOD_RULES: dict[str, Rule] = {
     **dict.fromkeys(("contiguous", "clone", "detach", "softmax", "log_softmax", "float", "to",
                      "type_as"), _same),
     "flatten": _flatten,
+    **dict.fromkeys(("transpose", "swapaxes"), _transpose),
+    "permute": _permute,
+    **dict.fromkeys(("expand", "expand_as"), _expand),
+    **dict.fromkeys(("chunk", "split", "tensor_split"), _split("split")),
+    "unbind": _split("unbind"),
     **dict.fromkeys(("view", "reshape", "squeeze", "unsqueeze"), _reshape),
     **dict.fromkeys(("mean", "sum", "amax", "amin"), _reduce),
 }

@@ -23,18 +23,36 @@ StateDict = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Axis:
-    """One axis of one state-dict entry.
+    """One axis of one state-dict entry, or one segment of it.
+
+    The moved entries form a segment of `repeat` × size × `block` entries (size: the group's),
+    read row-major as (repeat, unit, block): the group permutes the units, each carrying its
+    `block` contiguous entries, alike in each of the `repeat` copies. The defaults are the whole
+    axis, one unit per entry.
 
     Attributes:
         key: the state-dict key, e.g. "layer1.0.conv1.weight".
         dim: the axis of that tensor which moves.
-        block: the axis holds `size` contiguous blocks of `block` entries and moves block by
-            block, e.g. a Linear after flattening C×H×W has one block of H·W inputs per channel.
+        block: entries per unit, e.g. a Linear after flattening C×H×W has one block of H·W
+            inputs per channel; an attention head is a block of head_dim entries.
+        start: the segment's first entry: a layer reading a channel concatenation has one
+            segment per concatenated input, each moved by that input's own group.
+        length: the segment's entries; None: the whole axis (then start is 0).
+        repeat: copies of the units inside the segment, e.g. a within-head permutation shared
+            by every head has one copy per head. Two groups may share a segment when they move
+            different factors of it (heads, and units within heads).
     """
 
     key: str
     dim: int
     block: int = 1
+    start: int = 0
+    length: int | None = None
+    repeat: int = 1
+
+    def entries(self, size: int) -> int:
+        """Entries of the segment, for a group of `size` units."""
+        return self.repeat * size * self.block
 
 
 @dataclass(frozen=True)
@@ -72,19 +90,28 @@ class PermutationSpec:
     def __post_init__(self) -> None:
         groups = dict(self.groups)
         by_key: dict[str, list[tuple[str, Axis]]] = {}
-        owner: dict[tuple[str, int], str] = {}
         for name, group in groups.items():
             if name != group.name:
                 raise SpecError(f"group stored under {name!r} is named {group.name!r}")
             if group.size < 1:
                 raise SpecError(f"group {name!r} has size {group.size}; it must be at least 1")
             for axis in group.params:
-                if axis.block < 1 or axis.dim < 0:
-                    raise SpecError(f"group {name!r}: axis {axis} needs dim >= 0 and block >= 1")
-                if (axis.key, axis.dim) in owner:
-                    raise SpecError(f"axis {axis.dim} of {axis.key!r} is listed twice (groups "
-                                    f"{owner[axis.key, axis.dim]!r} and {name!r})")
-                owner[axis.key, axis.dim] = name
+                if axis.block < 1 or axis.dim < 0 or axis.repeat < 1 or axis.start < 0:
+                    raise SpecError(f"group {name!r}: axis {axis} needs dim >= 0, start >= 0, "
+                                    f"block >= 1 and repeat >= 1")
+                if axis.length is None and axis.start:
+                    raise SpecError(f"group {name!r}: axis {axis} starts past 0, so it needs "
+                                    f"its length")
+                if axis.length is not None and axis.length != axis.entries(group.size):
+                    raise SpecError(f"group {name!r} (size {group.size}): axis {axis} has "
+                                    f"length {axis.length}, not repeat × size × block = "
+                                    f"{axis.entries(group.size)}")
+                for other_name, other in by_key.get(axis.key, ()):
+                    if other.dim == axis.dim and _overlap((axis, group.size),
+                                                          (other, groups[other_name].size)):
+                        raise SpecError(f"axis {axis.dim} of {axis.key!r} is listed twice "
+                                        f"(groups {other_name!r} and {name!r}) on overlapping "
+                                        f"entries")
                 by_key.setdefault(axis.key, []).append((name, axis))
         object.__setattr__(self, "groups", MappingProxyType(groups))
         object.__setattr__(self, "_by_key",
@@ -99,22 +126,26 @@ class PermutationSpec:
         """The (group name, axis) pairs acting on `key`; empty if the entry never moves."""
         return self._by_key.get(key, ())
 
-    def axes_of(self, key: str, ndim: int | None = None) -> tuple[str | None, ...]:
+    def axes_of(self, key: str, ndim: int | None = None
+                ) -> tuple[str | tuple[str, ...] | None, ...]:
         """The group acting on each axis of `key` (None: fixed), git-re-basin's axes_to_perm.
 
-        Without `ndim` the tuple stops at the last permuted axis.
+        An axis moved by several groups (segments of a concatenation, heads and units within
+        heads) gets the tuple of their names, by first entry then outermost factor. Without
+        `ndim` the tuple stops at the last permuted axis.
         """
         entries = self.entries(key)
         last = max((axis.dim for _, axis in entries), default=-1)
         if ndim is not None and ndim <= last:
             raise SpecError(f"{key!r}: the spec permutes dim {last} but ndim is {ndim}")
-        names: list[str | None] = [None] * (ndim if ndim is not None else last + 1)
-        for name, axis in entries:
-            names[axis.dim] = name
-        return tuple(names)
+        names: list[list[str]] = [[] for _ in range(ndim if ndim is not None else last + 1)]
+        for name, axis in sorted(entries, key=lambda e: (e[1].start, e[1].repeat)):
+            names[axis.dim].append(name)
+        return tuple(None if not n else n[0] if len(n) == 1 else tuple(n) for n in names)
 
     def validate(self, state_dict: StateDict) -> None:
-        """Raise SpecError unless every axis exists in `state_dict` with size·block entries."""
+        """Raise SpecError unless every axis exists in `state_dict` with its entries: the whole
+        axis holds repeat·size·block of them, a segment fits inside it."""
         for group in self.groups.values():
             for axis in group.params:
                 if axis.key not in state_dict:
@@ -124,11 +155,19 @@ class PermutationSpec:
                 if axis.dim >= len(shape):
                     raise SpecError(f"group {group.name!r}: {axis.key!r} has shape {shape}, "
                                     f"no dim {axis.dim}")
-                if shape[axis.dim] != group.size * axis.block:
+                need = axis.entries(group.size)
+                if axis.length is not None:
+                    if axis.start + need > shape[axis.dim]:
+                        raise SpecError(
+                            f"group {group.name!r}: {axis.key!r} dim {axis.dim} has size "
+                            f"{shape[axis.dim]}, too small for entries {axis.start}.."
+                            f"{axis.start + need - 1}")
+                elif shape[axis.dim] != need:
+                    scheme = f"× block {axis.block}" + (f" × repeat {axis.repeat}"
+                                                        if axis.repeat > 1 else "")
                     raise SpecError(
                         f"group {group.name!r} (size {group.size}): {axis.key!r} dim {axis.dim} "
-                        f"has size {shape[axis.dim]}, expected {group.size} × block "
-                        f"{axis.block} = {group.size * axis.block}")
+                        f"has size {shape[axis.dim]}, expected {group.size} {scheme} = {need}")
 
     def coverage(self, state_dict: StateDict) -> float:
         """Share of floating-point state-dict elements in entries that some group moves."""
@@ -183,3 +222,21 @@ class PermutationSpec:
         return cls({name: PermutationGroup(name, sizes[name], tuple(group_params),
                                            tuple(probes.get(name, ())))
                     for name, group_params in params.items()})
+
+
+def _overlap(a: tuple[Axis, int], b: tuple[Axis, int]) -> bool:
+    """Whether two axes of one tensor dim (each with its group's size) would move an entry
+    twice. Segments that do not intersect never do; one segment shared by two groups is fine
+    when they permute different factors of it (heads, and units within heads), which commute."""
+    (x, nx), (y, ny) = a, b
+    if x.length is None or y.length is None:
+        same = x.length is None and y.length is None
+    else:
+        if x.start + x.length <= y.start or y.start + y.length <= x.start:
+            return False
+        same = (x.start, x.length) == (y.start, y.length)
+    if not same:
+        return True
+    # Read as one mixed radix, the inner factor's span (block·size) divides the outer's block.
+    inner, outer = sorted(((x, nx), (y, ny)), key=lambda axis: axis[0].block)
+    return outer[0].block % (inner[0].block * inner[1]) != 0

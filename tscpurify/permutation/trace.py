@@ -4,8 +4,10 @@ hand-written spec.
 Plan:
 1. Trace the model with fx (leaf_modules stay opaque) and run the graph on the example input,
    so every node has a real value and shape (needed for flatten's H·W blocks).
-2. Each node records which dims of its output carry hidden units: dim -> (atom, block). Atoms
-   are state-dict axes (key, dim); one rule per op kind links atoms in a union-find.
+2. Each node records which dims of its output carry hidden units: dim -> parts, one part per
+   concatenated input (usually one), each (atom or None, block, length). Atoms are state-dict
+   axes or segments of them (key, dim, start, repeat); one rule per op kind links atoms in a
+   union-find.
 3. Atoms that reach the model's output, or meet an untracked axis of the same size (the input,
    a constant, an opaque module), are fixed: their whole set never moves.
 4. Every set that holds the output axis of a Linear/Conv (a producer) and is not fixed becomes a
@@ -26,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SpecError
-from .rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Atom, Axes, Rule, opaque
+from .rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Atom, Axes, Part, Rule, opaque
 from .spec import Axis, PermutationGroup, PermutationSpec
 
 _SCOPE = "tscpurify_scope"
@@ -47,16 +49,20 @@ class _UnionFind:
         self.parent: dict[Atom, Atom] = {}
         self.units: dict[Atom, int] = {}
         self.block: dict[Atom, int] = {}
+        self.whole: dict[Atom, bool] = {}  # the atom spans its whole tensor dim
         self.fixed: set[Atom] = set()
         # Per set root: how many of its units move as one (GroupNorm's channels per group).
         self.factor: dict[Atom, int] = {}
 
-    def add(self, atom: Atom, size: int, block: int = 1) -> Atom:
+    def add(self, atom: Atom, size: int, block: int = 1, whole: bool = True) -> Atom:
+        """Register `atom`: `size` entries (per copy, see Axis.repeat) in blocks of `block`."""
         if atom not in self.parent:
             self.parent[atom], self.units[atom], self.block[atom] = atom, size // block, block
-        elif self.block[atom] != block:
+            self.whole[atom] = whole
+        elif self.block[atom] != block or self.units[atom] != size // block:
             raise SpecError(f"cannot derive a permutation spec: {atom[0]!r} dim {atom[1]} is used "
-                            f"with blocks {self.block[atom]} and {block}; {_HINT}")
+                            f"with blocks {self.block[atom]} and {block} (or segments of "
+                            f"{self.units[atom] * self.block[atom]} and {size} entries); {_HINT}")
         return self.find(atom)
 
     def find(self, atom: Atom) -> Atom:
@@ -149,14 +155,18 @@ def source_line(n: fx.Node) -> str:
 class Propagator(fx.Interpreter):
     """Runs the traced graph and, node by node, which output dims carry which atoms."""
 
-    def __init__(self, gm: fx.GraphModule, state_keys: set[str], opaque_paths: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, state_shapes: dict[str, tuple[int, ...]],
+                 opaque_paths: set[str]) -> None:
         super().__init__(gm)
         self.extra_traceback = False  # our errors name the op and module; fx's dump adds noise
-        self.state_keys, self.opaque = state_keys, opaque_paths
+        self.state_shapes, self.opaque = state_shapes, opaque_paths
         self.uf = _UnionFind()
         self.axes: dict[fx.Node, Axes] = {}
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
-        self.producers: list[tuple[str, Atom]] = []
+        # (probe path, atom, group name): the layers whose outputs carry a set's units.
+        self.producers: list[tuple[str, Atom, str]] = []
+        # A node returning a tuple (MultiheadAttention, chunk): the axes of each element.
+        self.items: dict[fx.Node, list[Axes]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -169,9 +179,10 @@ class Propagator(fx.Interpreter):
         if n.op == "placeholder":
             return {}  # the network input is never permuted
         if n.op == "get_attr":
-            if not isinstance(result, torch.Tensor) or n.target not in self.state_keys:
+            if not isinstance(result, torch.Tensor) or n.target not in self.state_shapes:
                 return {}  # a constant outside the state dict cannot move
-            return {d: (self.uf.add((n.target, d), s), 1) for d, s in enumerate(result.shape)}
+            return {d: (Part(self.uf.add((n.target, d, 0, 1), s), 1, s),)
+                    for d, s in enumerate(result.shape)}
         if n.op == "output":
             self.fix(n.all_input_nodes)
             return {}
@@ -199,19 +210,45 @@ class Propagator(fx.Interpreter):
         return self.axes.get(arg, {}) if isinstance(arg, fx.Node) else {}
 
     def fix(self, nodes: Sequence[fx.Node]) -> None:
-        self.uf.fixed.update(atom for node in nodes for atom, _ in self.axes[node].values())
+        for node in nodes:
+            self.fix_axes(self.axes[node])
+
+    def fix_axes(self, axes: Axes) -> None:
+        self.uf.fixed.update(part.atom for parts in axes.values() for part in parts
+                             if part.atom is not None)
 
     def param(self, key: str, dim: int, size: int, block: int = 1) -> Atom:
-        if key not in self.state_keys:
+        """The atom of a whole state-dict axis of `size` entries."""
+        return self.segment(key, dim, 0, size, block)
+
+    def segment(self, key: str, dim: int, start: int, length: int, block: int = 1,
+                repeat: int = 1) -> Atom:
+        """The atom of entries start..start+length-1 of a state-dict axis, holding `repeat`
+        copies of its units (Axis.repeat)."""
+        if key not in self.state_shapes:
             raise SpecError(f"cannot derive a permutation spec: {key!r} is not a state-dict "
                             f"entry (a parametrized weight?); {_HINT}")
-        return self.uf.add((key, dim), size, block)
+        whole = start == 0 and length == self.state_shapes[key][dim]
+        return self.uf.add((key, dim, start, repeat), length // repeat, block, whole)
+
+    def tie(self, n: fx.Node, parts: tuple[Part, ...], key: str, dim: int) -> None:
+        """Move axis `dim` of `key` with the hidden units `parts` of a tensor dim it reads (or
+        scales): one segment per part, in order; a part no group moves leaves its segment."""
+        if sum(part.length for part in parts) != self.state_shapes[key][dim]:
+            raise self.unsupported(n, f"reads {sum(part.length for part in parts)} hidden-unit "
+                                      f"entries with the {self.state_shapes[key][dim]} entries of "
+                                      f"{key!r} dim {dim}")
+        start = 0
+        for part in parts:
+            if part.atom is not None:
+                self.uf.union(part.atom, self.segment(key, dim, start, part.length, part.block))
+            start += part.length
 
     def produce(self, n: fx.Node, module: nn.Module, size: int) -> Atom:
         atom = self.param(f"{n.target}.weight", 0, size)
         if getattr(module, "bias", None) is not None:
             atom = self.uf.union(atom, self.param(f"{n.target}.bias", 0, size))
-        self.producers.append((str(n.target), atom))
+        self.producers.append((str(n.target), atom, str(n.target)))
         return atom
 
     def unsupported(self, n: fx.Node, why: str) -> SpecError:
@@ -232,17 +269,22 @@ class Propagator(fx.Interpreter):
         uf = self.uf
         fixed = {uf.find(a) for a in uf.fixed}
         probes: dict[Atom, list[str]] = {}
-        for path, atom in self.producers:
+        names: dict[Atom, str] = {}
+        for path, atom, name in self.producers:
             root = uf.find(atom)
             if root not in fixed and uf.group_units(root) > 1 \
                     and path not in probes.get(root, []):
                 probes.setdefault(root, []).append(path)
+                names.setdefault(root, name)
         params: dict[Atom, list[Axis]] = {root: [] for root in probes}
         for atom in uf.parent:
             if (root := uf.find(atom)) in params:
-                params[root].append(Axis(atom[0], atom[1], uf.axis_block(atom)))
-        return PermutationSpec({p[0]: PermutationGroup(p[0], uf.group_units(r), tuple(params[r]),
-                                                       tuple(p)) for r, p in probes.items()})
+                key, dim, start, repeat = atom
+                length = None if uf.whole[atom] else repeat * uf.units[atom] * uf.block[atom]
+                params[root].append(Axis(key, dim, uf.axis_block(atom), start, length, repeat))
+        return PermutationSpec({names[r]: PermutationGroup(names[r], uf.group_units(r),
+                                                           tuple(params[r]), tuple(p))
+                                for r, p in probes.items()})
 
 
 def derive_spec(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
@@ -286,7 +328,8 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
         gm = fx.GraphModule(model, graph)
         opaque_paths = {str(n.target) for n in graph.nodes if n.op == "call_module"
                         and tracer.is_user_leaf(gm.get_submodule(str(n.target)), str(n.target))}
-        prop = Propagator(gm, set(model.state_dict()), opaque_paths)
+        prop = Propagator(gm, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                          opaque_paths)
         with torch.no_grad():
             try:
                 prop.run(*inputs)
