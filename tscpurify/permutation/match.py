@@ -8,6 +8,9 @@ Plan:
 2. A group's statistic is the sum of its probes' correlation matrices: the residual stream is
    scored jointly over every tensor added into it.
 3. One linear assignment per group: align maximises Σ C[i, π(i)], unalign minimises it.
+   Attention heads come first: a pair of heads scores the best one-to-one pairing of their
+   units (a small assignment per pair); the units within heads are then scored across the
+   heads the head permutation paired.
 
 Why one pass suffices: the reference matches layer by layer, re-running B with the earlier
 permutations applied. Those permutations preserve the function, so a later layer's outputs are
@@ -18,16 +21,17 @@ with hooks on all probes yields the same statistics, at 2 forwards per batch in 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import DataError, SettingsError, SpecError
 from .apply import Permutation
-from .spec import PermutationSpec
+from .spec import Axis, PermutationGroup, PermutationSpec
 
 Mode = Literal["align", "unalign"]
 
@@ -115,6 +119,33 @@ def unit_features(output: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return output.reshape(-1, output.shape[-1]).T.unsqueeze(0)
 
 
+def _attention_features(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor:
+    """MultiheadAttention's probe: its packed Q, K, V projections, (tokens, 3·embed_dim), which
+    is the output axis of in_proj_weight (the one its head and within-head groups move)."""
+    names = ("query", "key", "value")
+    inputs = [args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names)]
+    if len({tuple(x.shape) for x in inputs}) > 1:
+        raise SpecError("matching a MultiheadAttention needs query, key and value of one shape "
+                        "(self-attention); pass a spec whose probes are other layers")
+    weights = module.in_proj_weight.chunk(3)
+    biases = (module.in_proj_bias.chunk(3) if module.in_proj_bias is not None
+              else (None, None, None))
+    return torch.cat([F.linear(x, w, b) for x, w, b in zip(inputs, weights, biases, strict=True)],
+                     dim=-1)
+
+
+def _probe_features(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+    if isinstance(module, nn.MultiheadAttention):
+        return unit_features(_attention_features(module, args, kwargs), nn.Linear(1, 1))
+    return unit_features(output, module)
+
+
+def _probe_key(module: nn.Module, path: str) -> str:
+    """The state-dict key whose dim 0 indexes a probe's units."""
+    name = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+    return f"{path}.{name}"
+
+
 def _inputs(batch: Any) -> torch.Tensor:
     # Labels, when present, are ignored: matching uses features only.
     return batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -130,8 +161,18 @@ def correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
 
     One pass over `loader` (tensors, or tuples/lists whose first element is the input), models
     in eval mode and no gradients; training flags are restored afterwards. If `model_b` is
-    `model_a`, one forward per batch serves both.
+    `model_a`, one forward per batch serves both. Units within attention heads are scored
+    across the heads that aligning would pair (see `match`).
     """
+    stats, keys = _probe_correlations(model_a, model_b, spec, loader, progress)
+    scorer = _Scorer(spec, stats, keys, "align")
+    return {name: scorer.score(name) for name in spec.groups}
+
+
+def _probe_correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                        loader: Iterable[Any], progress: bool
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every probe's correlation matrix (A's units × B's), and the key indexing its units."""
     for model in {id(model_a): model_a, id(model_b): model_b}.values():
         spec.validate(model.state_dict())
     probes: dict[str, None] = {}  # ordered set of module paths
@@ -150,8 +191,8 @@ def correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
     pending: dict[str, deque[torch.Tensor]] = {path: deque() for path in probes}
 
     def hook_a(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            feats = unit_features(output, module)
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> None:
+            feats = _probe_features(module, args, kwargs, output)
             if same:
                 stats[path].update(feats, feats)
             else:
@@ -159,16 +200,18 @@ def correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
         return hook
 
     def hook_b(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> None:
             if not pending[path]:
                 raise SpecError(f"probe {path!r} ran more often in model B than in model A")
             feats_a = pending[path].popleft()
-            stats[path].update(feats_a, unit_features(output, module).to(feats_a.device))
+            feats_b = _probe_features(module, args, kwargs, output)
+            stats[path].update(feats_a, feats_b.to(feats_a.device))
         return hook
 
-    handles = [modules_a[p].register_forward_hook(hook_a(p)) for p in probes]
+    handles = [modules_a[p].register_forward_hook(hook_a(p), with_kwargs=True) for p in probes]
     if not same:
-        handles += [modules_b[p].register_forward_hook(hook_b(p)) for p in probes]
+        handles += [modules_b[p].register_forward_hook(hook_b(p), with_kwargs=True)
+                    for p in probes]
     models = (model_a,) if same else (model_a, model_b)
     flags = [(m, m.training) for model in models for m in model.modules()]
     device_a, device_b = _device(model_a), _device(model_b)
@@ -195,23 +238,117 @@ def correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
             module.training = training
     if any(s.count == 0 for s in stats.values()):
         raise DataError("the loader yielded no batches (or a probe never ran)")
-    out = {}
-    for group in spec.groups.values():
-        corr = sum(stats[path].correlation() for path in group.probes)
-        units = corr.shape[0]
-        if corr.dim() == 2 and units == corr.shape[1] and units > group.size \
-                and units % group.size == 0:
-            # The group moves runs of `run` probe units (GroupNorm's groups, kept in order):
-            # pairing run g of A with run h of B pairs their units one to one, so its score
-            # is the sum of those units' correlations.
-            run = units // group.size
-            corr = corr.reshape(group.size, run, group.size, run).diagonal(
-                dim1=1, dim2=3).sum(-1)
-        if corr.shape != (group.size, group.size):
-            raise SpecError(f"group {group.name!r} has size {group.size} but its probes give "
-                            f"{tuple(corr.shape)} correlations")
-        out[group.name] = corr
+    return ({path: s.correlation() for path, s in stats.items()},
+            {path: _probe_key(modules_a[path], path) for path in probes})
+
+
+class _Scorer:
+    """Each group's score matrix from the probes' correlations, and its solution for `mode`.
+
+    A group whose axes on its probes are whole and shared with no other group is scored as it
+    always was (summed correlations; GroupNorm runs pair unit by unit). Groups sharing a segment
+    of a probe's axis (attention heads and the units within them) are scored by `_segment`.
+    """
+
+    def __init__(self, spec: PermutationSpec, corr: Mapping[str, torch.Tensor],
+                 keys: Mapping[str, str], mode: Mode) -> None:
+        self.spec, self.corr, self.keys, self.mode = spec, corr, keys, mode
+        self.scores: dict[str, torch.Tensor] = {}
+        self.perms: dict[str, torch.Tensor] = {}
+
+    def perm(self, name: str) -> torch.Tensor:
+        if name not in self.perms:
+            self.perms[name] = solve(self.score(name), self.mode)
+        return self.perms[name]
+
+    def score(self, name: str) -> torch.Tensor:
+        if name not in self.scores:
+            self.scores[name] = self._score(self.spec.groups[name])
+        return self.scores[name]
+
+    def _probe_axes(self, group: PermutationGroup, path: str) -> list[Axis]:
+        return [a for a in group.params if a.key == self.keys[path] and a.dim == 0]
+
+    def _neighbours(self, axis: Axis, name: str) -> list[tuple[PermutationGroup, Axis]]:
+        """The other groups' axes on the same segment (other factors of it)."""
+        return [(self.spec.groups[other], a) for other, a in self.spec.entries(axis.key)
+                if other != name and a.dim == axis.dim
+                and (a.start, a.length) == (axis.start, axis.length)]
+
+    def _score(self, group: PermutationGroup) -> torch.Tensor:
+        plain = all(a.length is None and a.repeat == 1 and not self._neighbours(a, group.name)
+                    for path in group.probes for a in self._probe_axes(group, path))
+        if plain:
+            return _plain_score(group, sum(self.corr[path] for path in group.probes))
+        total = torch.zeros(group.size, group.size, dtype=torch.float64)
+        for path in group.probes:
+            axes = self._probe_axes(group, path)
+            if not axes:
+                raise SpecError(f"group {group.name!r}: probe {path!r} is not among its axes, "
+                                f"so its units cannot be read from the probe")
+            inner: dict[str, list[torch.Tensor]] = {}  # inner group -> its blocks, per segment
+            for axis in axes:
+                total += self._segment(group, self.corr[path], axis, inner)
+            for blocks in inner.values():
+                total += _best_pairing(sum(blocks))
+        return total
+
+    def _segment(self, group: PermutationGroup, corr: torch.Tensor, axis: Axis,
+                 inner: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """This segment's share of the group's score. Units hold blocks (heads): when another
+        group permutes inside the blocks, the blocks are kept for `_best_pairing`; otherwise
+        block entries pair in order. Copies (one per head) pair as the outer group paired."""
+        n, r, b = group.size, axis.repeat, axis.block
+        span = r * n * b
+        sub = corr[axis.start:axis.start + span, axis.start:axis.start + span]
+        sub = sub.reshape(r, n, b, r, n, b)
+        outer = torch.arange(r)
+        for other, a in self._neighbours(axis, group.name):
+            if a.block >= b * n:  # permutes our copies
+                if (a.block, other.size) != (b * n, r):
+                    raise SpecError(f"matching cannot score group {group.name!r} nested in "
+                                    f"{other.name!r} this way")
+                outer = self.perm(other.name)
+            else:  # permutes inside our blocks
+                if (a.block * other.size, r) != (b, 1):
+                    raise SpecError(f"matching cannot score group {group.name!r} around "
+                                    f"{other.name!r} this way")
+                inner.setdefault(other.name, []).append(sub[0, :, :, 0])
+                return torch.zeros(n, n, dtype=torch.float64)
+        paired = sub[torch.arange(r), :, :, outer]  # (r, n, b, n, b): copy o with copy outer[o]
+        return paired.diagonal(dim1=2, dim2=4).sum((0, -1))
+
+
+def _best_pairing(blocks: torch.Tensor) -> torch.Tensor:
+    """(n, b, n, b) correlations of n blocks of b units -> (n, n): for each pair of blocks, the
+    summed correlation of their units' best one-to-one pairing (the within-block permutation
+    is another group's, chosen later)."""
+    n = blocks.shape[0]
+    out = torch.zeros(n, n, dtype=torch.float64)
+    values = blocks.detach().cpu().numpy()
+    for u in range(n):
+        for v in range(n):
+            rows, cols = linear_sum_assignment(values[u, :, v, :], maximize=True)
+            out[u, v] = float(values[u, :, v, :][rows, cols].sum())
     return out
+
+
+def _plain_score(group: PermutationGroup, corr: torch.Tensor) -> torch.Tensor:
+    """Summed correlations of a group's probes, each unit holding `run` probe units when the
+    probes are wider than the group."""
+    units = corr.shape[0]
+    if corr.dim() == 2 and units == corr.shape[1] and units > group.size \
+            and units % group.size == 0:
+        # The group moves runs of `run` probe units (GroupNorm's groups, kept in order):
+        # pairing run g of A with run h of B pairs their units one to one, so its score
+        # is the sum of those units' correlations.
+        run = units // group.size
+        corr = corr.reshape(group.size, run, group.size, run).diagonal(
+            dim1=1, dim2=3).sum(-1)
+    if corr.shape != (group.size, group.size):
+        raise SpecError(f"group {group.name!r} has size {group.size} but its probes give "
+                        f"{tuple(corr.shape)} correlations")
+    return corr
 
 
 def solve(corr: torch.Tensor, mode: Mode = "align") -> torch.Tensor:
@@ -247,5 +384,6 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, loader:
     """
     if mode not in ("align", "unalign"):
         raise SettingsError(f"mode must be 'align' or 'unalign', got {mode!r}")
-    corr = correlations(model_a, model_b, spec, loader, progress=progress)
-    return {name: solve(c, mode) for name, c in corr.items()}
+    stats, keys = _probe_correlations(model_a, model_b, spec, loader, progress)
+    scorer = _Scorer(spec, stats, keys, mode)
+    return {name: scorer.perm(name) for name in spec.groups}
