@@ -36,6 +36,7 @@ from tscpurify.permutation import apply_permutation, derive_spec, match
 from tscpurify.purification import make_evaluator
 from tscpurify.runs import load_run
 from tscpurify.seeding import derive_seed
+from tscpurify.settings import replace_settings
 from tscpurify.training import TrainSettings, train_classifier
 
 # name → (epochs, lr, distillation weight, temperature); weight 0 is the plain fine-tune.
@@ -254,8 +255,8 @@ def main() -> None:
     clean = train.subset(select_clean_subset(train.labels, 3000, 0) if args.legacy_clean_subset
                          else select_clean_subset(train.labels, CLEAN_FRACTION,
                                                   derive_seed(0, "clean")))
-    settings = replace(PRESETS[args.preset], profile_points=0, final_ft_epochs=0,
-                       **json.loads(args.overrides))
+    settings = replace_settings(PRESETS[args.preset], profile_points=0, final_ft_epochs=0,
+                                **json.loads(args.overrides))
     settings = replace(settings, batch_size=args.batch_size or settings.loader_batch_size())
     loader = DataLoader(clean.tensor_dataset(), batch_size=settings.batch_size, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:2000]

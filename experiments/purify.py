@@ -36,6 +36,7 @@ from tscpurify.evaluation import evaluate
 from tscpurify.purification import make_evaluator
 from tscpurify.runs import load_run
 from tscpurify.seeding import derive_seed
+from tscpurify.settings import replace_settings
 from tscpurify.training import TrainSettings
 
 DEFAULT_CELLS = [f"{a}:cnn:{s}" for a in ("badnets", "blended") for s in (0, 1, 2)] + \
@@ -75,7 +76,7 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict:
     loader = DataLoader(clean.tensor_dataset(), batch_size=args.batch_size, shuffle=True)
     sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
     profile_eval = make_evaluator(test.subset(sample[:args.profile_test]), attack_obj)
-    settings = replace(replace(PRESETS[args.preset], **args.overrides),
+    settings = replace(replace_settings(PRESETS[args.preset], **args.overrides),
                        profile_points=args.profile_points, batch_size=args.batch_size)
 
     began = time.perf_counter()
@@ -174,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         args.overrides = json.loads(args.set)
-        preset = replace(PRESETS[args.preset], **args.overrides)
+        preset = replace_settings(PRESETS[args.preset], **args.overrides)
     except (ValueError, TypeError, SettingsError) as error:
         parser.error(f"--set must be a JSON object of valid TSCSettings fields: {error}")
     args.batch_size = args.batch_size or preset.loader_batch_size()

@@ -49,6 +49,7 @@ from tscpurify.models.clip import Tokenizer
 from tscpurify.purification import image_loader, unlabelled_subset
 from tscpurify.runs import EncoderRunSettings, load_run, probe_settings, train_encoder
 from tscpurify.seeding import derive_seed, seed_everything
+from tscpurify.settings import replace_settings
 from tscpurify.ssl import (
     BadEncoderSettings,
     ProbeSettings,
@@ -85,11 +86,11 @@ SMOKE_ENCODER = {"run": EncoderRunSettings(train_images=500, shadow_images=100),
 def tsc_settings(args: argparse.Namespace) -> TSCSettings:
     """The SSL preset (t = 0.25), without profiles (the table needs none)."""
     settings = replace(PRESETS["ssl"], profile_points=0)
-    return replace(settings, rounds=1, epochs=1, ft_epochs=0) if args.smoke else settings
+    return replace_settings(settings, rounds=1, epochs=1, ft_epochs=0) if args.smoke else settings
 
 
 def mcr_settings(args: argparse.Namespace) -> MCRSettings:
-    return MCRSettings(ft_epochs=1, epochs=1) if args.smoke else MCRSettings()
+    return replace_settings(MCRSettings(), ft_epochs=1, epochs=1) if args.smoke else MCRSettings()
 
 
 def clip_folder(cache: Path, seed: int, train: ImageData, test: ImageData,

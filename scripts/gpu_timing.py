@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tscpurify import TSCSettings, purify
 from tscpurify.models import create_model
+from tscpurify.settings import replace_settings
 
 
 def synchronize(device: str) -> None:
@@ -61,8 +62,8 @@ def main() -> None:
     model = create_model("preactresnet18", in_channels=3, width=args.width).to(args.device)
     settings = TSCSettings(profile_points=0)
     if args.epochs is not None:
-        settings = TSCSettings(profile_points=0, epochs=args.epochs, ft_epochs=1,
-                               final_ft_epochs=1)
+        settings = replace_settings(TSCSettings(), profile_points=0, epochs=args.epochs,
+                                    ft_epochs=1, final_ft_epochs=1)
     steps = settings.planned_steps(len(loader))
     t_step = step_seconds(create_model("preactresnet18", in_channels=3, width=args.width)
                           .to(args.device).train(), (x[:256], y[:256]), args.device)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tscpurify import TSCSettings, purify
 from tscpurify.cli import main
 from tscpurify.models import create_model
+from tscpurify.settings import replace_settings
 
 from .test_cli import PURIFY_TINY, TINY
 
@@ -39,7 +40,8 @@ def test_purify_keeps_a_cuda_model_on_cuda():
 
     model = create_model("cnn", width=4).cuda()
     data = TensorDataset(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
-    settings = TSCSettings(rounds=1, epochs=1, ft_epochs=0, final_ft_epochs=1, profile_points=0)
+    settings = replace_settings(TSCSettings(), rounds=1, epochs=1, ft_epochs=0,
+                                final_ft_epochs=1, profile_points=0)
     purified, _ = purify(model, DataLoader(data, batch_size=32), settings, progress=False)
     assert all(p.device.type == "cuda" for p in purified.parameters())
 

@@ -36,3 +36,20 @@ def test_backdoor_training_epochs_come_from_train_settings():
     assert Cell.__dataclass_fields__["train_epochs"].default == TRAIN_EPOCHS \
         == TrainSettings().epochs
 
+
+
+def test_the_curve_knobs_are_declared_once_in_curve_settings():
+    """TSC and MCR hold a CurveSettings; none of its knobs is a field of theirs again."""
+    import dataclasses
+
+    from tscpurify.curve import CurveSettings
+    from tscpurify.defenses.mcr import MCRSettings
+    from tscpurify.defenses.tsc import TSCSettings
+
+    knobs = {f.name for f in dataclasses.fields(CurveSettings)}
+    for cls in (TSCSettings, MCRSettings):
+        assert isinstance(cls().curve, CurveSettings)
+        assert knobs.isdisjoint(f.name for f in dataclasses.fields(cls)), cls.__name__
+    declared = [(f, line) for f, line in lines_mentioning(r"cosine_t_max\s*:")]
+    assert declared == [("curve/train.py", "cosine_t_max: int | None = field(default=100, "
+                                           "metadata={")]

@@ -17,6 +17,7 @@ from tscpurify.data import load_dataset, select_clean_subset
 from tscpurify.errors import CheckpointError, SettingsError
 from tscpurify.models.factory import build_from_factory, import_factory
 from tscpurify.runs import write_own_run
+from tscpurify.settings import replace_settings
 
 from .test_cli import PURIFY_TINY
 
@@ -41,7 +42,8 @@ def make_net(width=4, classes=10):
 
 
 class Twin(nn.Module):
-    """Two branches concatenated over channels: an op the symmetry tracer cannot follow."""
+    """Two branches mixed by a running sum over channels: an op the symmetry tracer cannot
+    follow (concatenation it can)."""
 
     def __init__(self, cin, half):
         super().__init__()
@@ -50,7 +52,7 @@ class Twin(nn.Module):
     def forward(self, x):
         import torch
 
-        return torch.cat([self.a(x), self.b(x)], 1).relu()
+        return torch.cumsum(torch.cat([self.a(x), self.b(x)], 1), dim=1).relu()
 
 
 def make_twin_net(width=4, classes=10):
@@ -177,7 +179,8 @@ def test_python_api_purifies_the_same_model(user_project, fmnist_root):
     loader = DataLoader(clean.tensor_dataset(), batch_size=32, shuffle=True)
     from tscpurify import TSCSettings
 
-    settings = TSCSettings(rounds=1, epochs=1, ft_epochs=0, final_ft_epochs=1, profile_points=0)
+    settings = replace_settings(TSCSettings(), rounds=1, epochs=1, ft_epochs=0,
+                                final_ft_epochs=1, profile_points=0)
     purified, report = purify(model, loader, settings, progress=False)
     assert isinstance(purified, nn.Module) and report.symmetry["groups"] > 0
 
@@ -191,7 +194,7 @@ def test_a_spec_error_hint_works_from_the_cli(user_project, fmnist_root, capsys)
             "--data-root", str(fmnist_root), *PURIFY_TINY]
     assert main([*argv, "--out", str(user_project / "a")]) == 2
     err = capsys.readouterr().err
-    assert "op 'cat' at '1'" in err and "leaf_modules=('1',)" in err and "--leaf-module" in err
+    assert "op 'cumsum' at '1'" in err and "leaf_modules=('1',)" in err and "--leaf-module" in err
     assert main([*argv, "--out", str(user_project / "a"), "--leaf-module", "1"]) == 0
     assert main([*argv, "--out", str(user_project / "b"), "--leaf-module", "Twin"]) == 0
     assert main([*argv, "--out", str(user_project / "c"), "--leaf-module", "Nope"]) == 2

@@ -47,29 +47,55 @@ def _tuple_parser(item: type):
     return parse
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One flag per field of `cls`, typed from its annotation, default and help from the field
-    (a `tuple[T, ...]` field takes comma-separated values)."""
+def nested_fields(cls: type) -> dict[str, type]:
+    """The fields of `cls` that hold settings dataclasses of their own (TSCSettings.curve)."""
     hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(hints[f.name])}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                       defaults: Any = None, alias_prefix: str | None = None) -> None:
+    """One flag per field of `cls`, typed from its annotation, default and help from the field
+    (a `tuple[T, ...]` field takes comma-separated values). A nested settings field gets its
+    own flags under its name, TSCSettings.curve.epochs as --curve-epochs, and as --epochs too
+    when its owner has no field of that name (the flag it had before the curve's knobs were
+    declared once). `defaults` (an instance) supplies the defaults the help shows, for a nested
+    field whose owner sets its own (TSC's curve is not CurveSettings' reference default)."""
+    hints = typing.get_type_hints(cls)
+    nested = nested_fields(cls)
     group = parser.add_argument_group(cls.__name__)
     for field in dataclasses.fields(cls):
-        flag = "--" + prefix + field.name.replace("_", "-")
+        default = getattr(defaults, field.name) if defaults is not None else (
+            field.default if field.default is not dataclasses.MISSING
+            else field.default_factory())  # type: ignore[misc]
+        if field.name in nested:
+            owner_names = {f.name for f in dataclasses.fields(cls)}
+            add_settings_flags(parser, nested[field.name], f"{prefix}{field.name}-", default,
+                               alias_prefix=prefix if alias_prefix is None else None)
+            for inner in dataclasses.fields(nested[field.name]):
+                if inner.name in owner_names:  # no short alias could be told apart
+                    raise SettingsError(f"{cls.__name__}.{inner.name} shadows "
+                                        f"{field.name}.{inner.name}")
+            continue
+        flags = ["--" + prefix + field.name.replace("_", "-")]
+        if alias_prefix is not None:
+            flags.append("--" + alias_prefix + field.name.replace("_", "-"))
         kind = _base_type(hints[field.name])
         # argparse %-formats help strings, so a literal "7%" in a field's help would crash --help
         help_text = field.metadata.get("help", "").replace("%", "%%")
-        default = field.default
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
-            group.add_argument(flag, dest=prefix + field.name, type=_tuple_parser(item),
+            group.add_argument(*flags, dest=prefix + field.name, type=_tuple_parser(item),
                                default=None, metavar=item.__name__.upper() + ",...",
                                help=f"{help_text} (default: "
                                     f"{','.join(map(str, default))})")
         elif kind is bool:
-            group.add_argument(flag, dest=prefix + field.name, default=None,
+            group.add_argument(*flags, dest=prefix + field.name, default=None,
                                action=argparse.BooleanOptionalAction,
                                help=f"{help_text} (default: {default})")
         else:
-            group.add_argument(flag, dest=prefix + field.name,
+            group.add_argument(*flags, dest=prefix + field.name,
                                type=finite_float if kind is float else kind, default=None,
                                metavar=kind.__name__.upper(),
                                help=f"{help_text} (default: {default})")
@@ -95,24 +121,73 @@ def _fits(value: Any, annotation: Any) -> bool:
 
 def validate_settings(settings: Any) -> None:
     """Refuse a settings dataclass whose values do not fit their annotations (a string where a
-    count belongs, NaN where a rate belongs), naming the field."""
+    count belongs, NaN where a rate belongs), naming the field; nested settings included."""
     replace_settings(settings, **{f.name: getattr(settings, f.name)
                                   for f in dataclasses.fields(settings)})
+    for name in nested_fields(type(settings)):
+        validate_settings(getattr(settings, name))
+
+
+def route_flat_names(cls: type, changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` with each name that is not a field of `cls` but of exactly one of its nested
+    settings moved into that field's changes: {"epochs": 60} (or {"curve.epochs": 60}) for
+    TSCSettings becomes {"curve": {"epochs": 60}}. So grids, presets and `overrides=` may name
+    a curve knob flat, as they did before the curve's knobs were declared once, in
+    CurveSettings."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    nested = nested_fields(cls)
+    routed: dict[str, Any] = {}
+    flat: dict[str, dict[str, Any]] = {}
+    for name, value in changes.items():
+        outer, dot, rest = name.partition(".")
+        if dot and outer in nested:  # "curve.epochs", as errors list the nested names
+            flat.setdefault(outer, {})[rest] = value
+            continue
+        owners = [outer for outer, inner in nested.items()
+                  if name not in names and name in {f.name for f in dataclasses.fields(inner)}]
+        if len(owners) == 1:
+            flat.setdefault(owners[0], {})[name] = value
+        else:
+            routed[name] = value
+    for outer, inner in flat.items():
+        given = routed.get(outer, {})
+        if isinstance(given, dict):
+            routed[outer] = {**given, **inner}
+        elif dataclasses.is_dataclass(given):  # an instance, single fields changed on top
+            routed[outer] = replace_settings(given, **inner)
+        # else: a value of the wrong type, which replace_settings names
+    return routed
+
+
+def all_setting_names(cls: type) -> list[str]:
+    """Field names, nested ones dotted (curve.epochs): what an error lists as the known ones."""
+    nested = nested_fields(cls)
+    return [name for f in dataclasses.fields(cls)
+            for name in ([f"{f.name}.{n}" for n in all_setting_names(nested[f.name])]
+                         if f.name in nested else [f.name])]
 
 
 def replace_settings(settings: S, **changes: Any) -> S:
     """`dataclasses.replace` that names an unknown field (with the known ones) or a value of the
-    wrong type, as a SettingsError, before the dataclass's own checks compare it with anything."""
+    wrong type, as a SettingsError, before the dataclass's own checks compare it with anything.
+    A nested settings field takes an instance or a dict of its own changes; a nested field's
+    name alone reaches it when no other field has that name (`route_flat_names`)."""
+    cls = type(settings)
+    changes = route_flat_names(cls, changes)
     names = [f.name for f in dataclasses.fields(settings)]  # type: ignore[arg-type]
     unknown = sorted(set(changes) - set(names))
     if unknown:
-        raise SettingsError(f"{type(settings).__name__} has no setting "
-                            f"{', '.join(map(repr, unknown))}; its settings: {', '.join(names)}")
-    hints = typing.get_type_hints(type(settings))
-    for name, value in changes.items():
-        if not _fits(value, hints[name]):
+        raise SettingsError(f"{cls.__name__} has no setting "
+                            f"{', '.join(map(repr, unknown))}; its settings: "
+                            f"{', '.join(all_setting_names(cls))}")
+    hints = typing.get_type_hints(cls)
+    nested = nested_fields(cls)
+    for name, value in list(changes.items()):
+        if name in nested and isinstance(value, dict):
+            changes[name] = replace_settings(getattr(settings, name), **value)
+        elif not _fits(value, hints[name]):
             expected = getattr(hints[name], "__name__", str(hints[name]))
-            raise SettingsError(f"{type(settings).__name__}.{name} must be "
+            raise SettingsError(f"{cls.__name__}.{name} must be "
                                 f"{'a finite ' if expected == 'float' else ''}{expected}, got "
                                 f"{value!r}")
     return dataclasses.replace(settings, **changes)  # type: ignore[type-var]
@@ -122,14 +197,22 @@ def settings_from_args(cls: type[S], args: argparse.Namespace, base: S | None = 
                        prefix: str = "") -> S:
     """Build `cls` from parsed flags; flags left unset keep the value in `base` (or the default)."""
     base = base if base is not None else cls()
-    return dataclasses.replace(base, **overrides_from_args(cls, args, prefix))  # type: ignore[type-var]
+    return replace_settings(base, **overrides_from_args(cls, args, prefix))
 
 
 def overrides_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
-    """The fields of `cls` the user set by flag (generated flags default to None = unset)."""
-    return {field.name: getattr(args, prefix + field.name)
-            for field in dataclasses.fields(cls)
-            if getattr(args, prefix + field.name, None) is not None}
+    """The fields of `cls` the user set by flag (generated flags default to None = unset); a
+    nested field's as a dict of its own ({"curve": {"epochs": 10}})."""
+    nested = nested_fields(cls)
+    found: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in nested:
+            inner = overrides_from_args(nested[field.name], args, f"{prefix}{field.name}-")
+            if inner:
+                found[field.name] = inner
+        elif getattr(args, prefix + field.name, None) is not None:
+            found[field.name] = getattr(args, prefix + field.name)
+    return found
 
 
 def to_dict(settings: Any) -> dict[str, Any]:

@@ -110,7 +110,7 @@ epochs = [1, 2]"""
     # Every training defense at the same budget: 54 clean images in batches of 32 → 2 a step
     # epoch; ft: 20 epochs; tsc (2 curves + nothing else per round): 10 epochs a curve.
     assert {by[d]["steps"] for d in ("ft", "ft_ls", "tsc", "tsc_identity")} == {40}
-    assert by["tsc"]["settings"]["epochs"] == 10 and by["ft"]["settings"]["epochs"] == 20
+    assert by["tsc"]["settings"]["curve"]["epochs"] == 10 and by["ft"]["settings"]["epochs"] == 20
     assert by["ft_ls"]["settings"]["label_smoothing"] == 0.1
     assert by["tsc_identity"]["settings"]["permutation"] == "identity"
     assert by["none"]["after"] == by["none"]["before"] and by["none"]["steps"] == 0

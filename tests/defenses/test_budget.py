@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from tscpurify.defenses import DEFENSES, defend
 from tscpurify.defenses.budget import at_budget, epochs_for, planned_steps, scale_counts
 from tscpurify.errors import SettingsError
+from tscpurify.settings import replace_settings
 
 from .test_contract import TINY
 
@@ -23,7 +24,7 @@ def test_every_defense_but_the_data_free_one_takes_a_budget():
 @pytest.mark.parametrize("name", TRAINING)
 def test_steps_taken_are_the_steps_planned(name, trained_cnn, band_data):
     loader = DataLoader(band_data, batch_size=32, shuffle=True)
-    settings = DEFENSES.meta[name]["settings"](**TINY[name])
+    settings = replace_settings(DEFENSES.meta[name]["settings"](), **TINY[name])
     result = defend(name, trained_cnn, loader, settings, progress=False, seed=0)
     own_batch = getattr(settings, "batch_size", None) or 32  # TSC re-batches to its own size
     assert result.steps == settings.planned_steps(math.ceil(len(band_data) / own_batch)) > 0

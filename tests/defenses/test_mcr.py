@@ -9,6 +9,7 @@ from tscpurify.curve import recompute_bn_stats
 from tscpurify.defenses import defend
 from tscpurify.defenses.mcr import MCRSettings, mcr
 from tscpurify.errors import DataError
+from tscpurify.settings import replace_settings
 
 from .conftest import snapshot
 
@@ -64,8 +65,8 @@ def test_a_label_free_loss_replaces_cross_entropy_everywhere(trained_cnn, band_d
         return F.mse_loss(model_fn(x), model_fn(torch.roll(x, 1, dims=-1)).detach())
 
     before = snapshot(trained_cnn)
-    result = mcr(copy.deepcopy(trained_cnn), bare, MCRSettings(**TINY), seed=0, progress=False,
-                 callbacks={"loss_fn": consistency})
+    result = mcr(copy.deepcopy(trained_cnn), bare, replace_settings(MCRSettings(), **TINY),
+                 seed=0, progress=False, callbacks={"loss_fn": consistency})
     assert set(callers) == {"Sequential", "CurveFunction"}  # endpoint fine-tuning and curve
     assert callers.count("CurveFunction") == TINY["epochs"] * len(bare)
     assert any(not torch.equal(v, before[k]) for k, v in result.model.state_dict().items())

@@ -8,10 +8,11 @@ from tscpurify.defenses import defend
 from tscpurify.defenses.tsc import TSCSettings, finished_stage, purify
 from tscpurify.errors import CheckpointError, DataError, SettingsError
 from tscpurify.models import create_model
+from tscpurify.settings import replace_settings
 
 # batch_size None: the tests' loaders keep their own small batches.
-TINY = TSCSettings(rounds=2, epochs=1, lr=0.05, mid_init="random", profile_points=3,
-                   ft_epochs=1, final_ft_epochs=1, batch_size=None)
+TINY = replace_settings(TSCSettings(), rounds=2, epochs=1, lr=0.05, mid_init="random",
+                        profile_points=3, ft_epochs=1, final_ft_epochs=1, batch_size=None)
 
 
 @pytest.fixture()
@@ -262,11 +263,11 @@ def test_the_symmetry_ablation_changes_only_the_permutation(how, setup, monkeypa
 
 
 def test_budget_resizes_curves_and_fine_tunes_together():
-    paper = TSCSettings(epochs=200, lr=0.02, cosine_t_max=100, mid_init="linear", ft_epochs=10,
-                        ft_lr=1e-4, final_ft_epochs=0)
+    paper = replace_settings(TSCSettings(), epochs=200, lr=0.02, cosine_t_max=100,
+                             mid_init="linear", ft_epochs=10, ft_lr=1e-4, final_ft_epochs=0)
     resized = paper.at_budget(2460, 12)
-    assert (resized.epochs, resized.ft_epochs, resized.final_ft_epochs) == (34, 2, 0)
-    assert resized.cosine_t_max == 17  # half the curve, as 100 of 200
+    assert (resized.curve.epochs, resized.ft_epochs, resized.final_ft_epochs) == (34, 2, 0)
+    assert resized.curve.cosine_t_max == 17  # half the curve, as 100 of 200
     assert TSCSettings().planned_steps(12) == 2460
 
 
@@ -324,7 +325,8 @@ class _OpaqueStem(torch.nn.Module):
 def test_a_spec_that_moves_few_weights_is_warned_about(loader):
     model = torch.nn.Sequential(_OpaqueStem(), torch.nn.Linear(256, 8), torch.nn.ReLU(),
                                 torch.nn.Linear(8, 10))
-    settings = TSCSettings(rounds=1, epochs=0, ft_epochs=0, final_ft_epochs=0, profile_points=0)
+    settings = replace_settings(TSCSettings(), rounds=1, epochs=0, ft_epochs=0,
+                                final_ft_epochs=0, profile_points=0)
     with pytest.warns(UserWarning, match=r"moves only \d+% of its weights"):
         _, report = purify(model, loader, settings, progress=False, leaf_modules=(_OpaqueStem,))
     assert report.symmetry["coverage"] < 0.5

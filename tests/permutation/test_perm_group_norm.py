@@ -14,6 +14,7 @@ from tscpurify.permutation import (
     random_permutation,
 )
 from tscpurify.permutation.apply import invert
+from tscpurify.settings import replace_settings
 
 
 def group_norm_cnn() -> nn.Module:
@@ -56,8 +57,8 @@ def test_tsc_purifies_a_group_norm_network():
     from tscpurify import TSCSettings, purify
 
     x, y = torch.rand(64, 1, 10, 10), torch.randint(0, 10, (64,))
-    settings = TSCSettings(rounds=1, epochs=1, ft_epochs=0, final_ft_epochs=0, profile_points=0,
-                           batch_size=None)
+    settings = replace_settings(TSCSettings(), rounds=1, epochs=1, ft_epochs=0,
+                                final_ft_epochs=0, profile_points=0, batch_size=None)
     purified, report = purify(group_norm_cnn(), DataLoader(TensorDataset(x, y), batch_size=16),
                               settings, progress=False)
     assert report.symmetry["groups"] == 3 and report.symmetry["coverage"] >= 0.9

@@ -17,11 +17,12 @@ from tscpurify.defenses.tsc_clip import CLIPView, frozen_text_loss, purify_clip
 from tscpurify.errors import DataError, SettingsError
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer, logit_multiplier
+from tscpurify.settings import replace_settings
 from tscpurify.ssl.captions import CaptionedImages, all_captions
 from tscpurify.ssl.losses import clip_loss
 from tscpurify.ssl.zero_shot import zero_shot_metrics
 
-TINY = TSCSettings(rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
+TINY = replace_settings(TSCSettings(), rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
 CLASSES = ("bag", "coat", "dress", "shirt")
 TOKENIZER = Tokenizer.from_texts(all_captions(CLASSES))
 

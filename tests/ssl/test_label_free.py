@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader, Dataset
 from tscpurify import TSCSettings, purify
 from tscpurify.defenses.base import loader_has_labels
 from tscpurify.models import create_model
+from tscpurify.settings import replace_settings
 from tscpurify.ssl import SimCLRAugment, simclr_loss
 
-TINY = TSCSettings(rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
+TINY = replace_settings(TSCSettings(), rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
 
 
 class LabelRead(Exception):
@@ -80,7 +81,7 @@ def test_purify_runs_label_free_end_to_end(encoder_and_loader, ft_epochs, profil
     model, loader = encoder_and_loader
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ImagesOnly.reads = 0
-    settings = TSCSettings(rounds=1, epochs=1, profile_points=profile_points,
+    settings = replace_settings(TSCSettings(), rounds=1, epochs=1, profile_points=profile_points,
                            final_ft_epochs=ft_epochs)
     purified, report = purify(model, loader, settings, progress=False,
                               loss_fn=simclr_loss(SimCLRAugment()))

@@ -376,7 +376,7 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     loader = DataLoader(clean.tensor_dataset(), batch_size=cell.batch_size, shuffle=True)
     if cell.base:
         settings_cls = DEFENSES.meta[cell.base]["settings"]
-        settings = settings_cls(**cell.defense_args)
+        settings = replace_settings(settings_cls(), **cell.defense_args)
         # A defense that re-batches (TSC) counts its budget in its own batches.
         own_batch = getattr(settings, "batch_size", None) or cell.batch_size
         batches = math.ceil(len(clean) / own_batch)

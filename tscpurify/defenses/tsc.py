@@ -74,6 +74,12 @@ PERMUTATIONS = ("unalign", "random", "identity")
 LOW_COVERAGE = 0.5  # below this share of weights permuted, purify warns
 
 
+# TSC's curves at a CPU budget: 30 epochs a curve (paper: 200) at learning rate 0.1 (paper:
+# 0.02), annealed to zero over the curve (paper: T_max 100 of 200 epochs, climbing back after).
+# Momentum, weight decay and the L2 regulariser keep the paper's values.
+TSC_CURVE = CurveSettings(epochs=30, lr=0.1, cosine_t_max=None)
+
+
 @dataclass(frozen=True)
 class TSCSettings:
     """TSC's knobs. The defaults are the "default" preset, which works at a CPU budget; the
@@ -86,14 +92,9 @@ class TSCSettings:
         "help": "where on the stage-1 curve the point is taken (paper: 0.4)"})
     t2: float | None = field(default=None, metadata={
         "help": "where on the stage-2 curve the point is taken; None = same as t (paper)"})
-    epochs: int = field(default=30, metadata={
-        "help": "curve training epochs per stage (paper: 200)"})
-    lr: float = field(default=0.1, metadata={"help": "curve SGD learning rate (paper: 0.02)"})
-    cosine_t_max: int | None = field(default=None, metadata={
-        "help": "cosine T_max in epochs; None = epochs, annealing to 0 (paper: 100 with 200 "
-                "epochs, so the rate climbs back after epoch 100)"})
-    l2_reg: float = field(default=1e-4, metadata={"help": "curve L2 regulariser weight"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay on the curve"})
+    curve: CurveSettings = field(default_factory=lambda: TSC_CURVE, metadata={
+        "help": "the curves' training (curve.train.CurveSettings, whose defaults are the "
+                "paper's); a curve field may also be named alone, e.g. epochs=60"})
     mid_init: str = field(default="random", metadata={
         "help": "control point init: 'random' = a fresh initialisation of the architecture, "
                 "'linear' = (start+end)/2 (paper)"})
@@ -177,12 +178,13 @@ class TSCSettings:
                                 f"{self.final_ft_path_aware}")
         if self.profile_points < 0:
             raise SettingsError(f"profile_points must be ≥ 0, got {self.profile_points}")
-        self.curve()  # the curve's own checks (epochs ≥ 0, lr > 0, ...) now, not mid-run
+        if not isinstance(self.curve, CurveSettings):
+            raise SettingsError(f"curve must be CurveSettings, got {self.curve!r}")
 
     def planned_steps(self, batches_per_epoch: int) -> int:
         """Curve steps (two curves a round) plus the fine-tunes, at `batches_per_epoch`
         batches of this setting's own batch size."""
-        epochs = (2 * self.rounds * self.epochs + (self.rounds - 1) * self.ft_epochs
+        epochs = (2 * self.rounds * self.curve.epochs + (self.rounds - 1) * self.ft_epochs
                   + self.final_ft_epochs)
         return epochs * batches_per_epoch
 
@@ -190,32 +192,29 @@ class TSCSettings:
         """Curves and fine-tunes resized together, keeping their ratio; a cosine T_max shorter
         than the curves (the paper's 100 of 200) keeps its share of them."""
         counts = scale_counts(
-            {"epochs": self.epochs, "ft_epochs": self.ft_epochs,
+            {"epochs": self.curve.epochs, "ft_epochs": self.ft_epochs,
              "final_ft_epochs": self.final_ft_epochs},
             {"epochs": 2 * self.rounds * batches_per_epoch,
              "ft_epochs": (self.rounds - 1) * batches_per_epoch,
              "final_ft_epochs": batches_per_epoch}, steps)
-        t_max = self.cosine_t_max
-        if t_max is not None and self.epochs > 0:
-            t_max = max(1, round(t_max * counts["epochs"] / self.epochs))
-        return replace(self, **counts, cosine_t_max=t_max)
+        t_max = self.curve.cosine_t_max
+        if t_max is not None and self.curve.epochs > 0:
+            t_max = max(1, round(t_max * counts["epochs"] / self.curve.epochs))
+        curve = replace(self.curve, epochs=counts.pop("epochs"), cosine_t_max=t_max)
+        return replace(self, **counts, curve=curve)
 
     def loader_batch_size(self) -> int:
         """The batch size to build a clean loader at: `batch_size`, or the reference's 256 for
         settings that keep the loader's own batches (the SimCLR loss's)."""
         return self.batch_size or 256
 
-    def curve(self) -> CurveSettings:
-        return CurveSettings(epochs=self.epochs, lr=self.lr, cosine_t_max=self.cosine_t_max,
-                             l2_reg=self.l2_reg, weight_decay=self.weight_decay)
-
 
 PRESETS: dict[str, TSCSettings] = {
     # The reference implementation's CIFAR-10 example, literally: on Fashion-MNIST its stage 2
     # brings the backdoor back, at 20 curve epochs and at these 200 alike (about 30 minutes on
     # the small CNN, ASR 75-98% after; docs/tuning.md, ninth look).
-    "paper": TSCSettings(rounds=3, epochs=200, lr=0.02, cosine_t_max=100, mid_init="linear",
-                         ft_epochs=10, ft_lr=1e-4, final_ft_epochs=0, distill=0.0,
+    "paper": TSCSettings(rounds=3, curve=CurveSettings(), mid_init="linear", ft_epochs=10,
+                         ft_lr=1e-4, final_ft_epochs=0, distill=0.0,
                          final_ft_label_smoothing=0.0, batch_size=256),
     # What works at a CPU budget (chosen on tuning models, see docs/tuning.md): a freshly
     # initialised control point, a larger curve learning rate annealed to zero, the paper's
@@ -229,7 +228,7 @@ PRESETS: dict[str, TSCSettings] = {
     # fine-tune after each round, 30-epoch curves, the loader's batches of 256). The classifier
     # default's third round and smoothed fine-tune were tuned on classifiers and have not been
     # measured on encoders.
-    "ssl": TSCSettings(rounds=2, t=0.25, epochs=30, final_ft_epochs=5, final_ft_lr=0.01,
+    "ssl": TSCSettings(rounds=2, t=0.25, final_ft_epochs=5, final_ft_lr=0.01,
                        distill=0.0, final_ft_label_smoothing=0.0, batch_size=None),
 }
 
@@ -400,7 +399,7 @@ class _Stages:
         curve = BezierCurve(self._copy_template(), start, end,
                             self.initial_mid(round_, stage, end))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_, stage, "t"))
-        self.timed("curve", train_curve, curve, self.clean, self.loss_fn, self.settings.curve(),
+        self.timed("curve", train_curve, curve, self.clean, self.loss_fn, self.settings.curve,
                    progress=self.progress, generator=generator)
         point = curve.point(t)
         self.timed("batchnorm", recompute_bn_stats, point, self.clean)
@@ -436,7 +435,11 @@ class _Stages:
     def resume_key(self) -> dict[str, Any]:
         """What the saved stages depend on: every setting but the profiles, the seed, and the
         clean loader's size and batch size (another clean set or batch makes other curves)."""
-        key = {k: v for k, v in asdict(self.settings).items() if k != "profile_points"}
+        # The curve's knobs by their own names (no curve field shares one), as stages saved
+        # before CurveSettings was nested in TSCSettings recorded them.
+        settings = asdict(self.settings)
+        key = {k: v for k, v in {**settings.pop("curve"), **settings}.items()
+               if k != "profile_points"}
         dataset = getattr(self.clean, "dataset", None)
         images = len(dataset) if hasattr(dataset, "__len__") else None
         return {**key, "seed": self.seed, "clean_images": images,
