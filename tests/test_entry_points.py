@@ -65,4 +65,5 @@ def test_cli_and_api_purify_an_encoder_alike(encoder_run, tmp_path):  # noqa: F8
                profile_train=100, profile_test=50, progress=False)
     assert_identical(weights(tmp_path / "cli"), weights(tmp_path / "api"))
     settings = json.loads((tmp_path / "api" / "report.json").read_text())["settings"]
-    assert settings["t"] == 0.25 and settings["curve"]["epochs"] == 1  # the SSL preset, then overrides
+    # the SSL preset, then the overrides
+    assert settings["t"] == 0.25 and settings["curve"]["epochs"] == 1
