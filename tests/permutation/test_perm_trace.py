@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tscpurify.errors import SpecError
-from tscpurify.permutation import derive_spec, max_output_change, random_permutation
+from tscpurify.permutation import Axis, derive_spec, max_output_change, random_permutation
 
 
 def _stage_groups(spec):
@@ -115,7 +115,7 @@ class _Mixer(nn.Module):
     OPS = {
         "cumsum": lambda a, b: torch.cumsum(a, dim=1) + b,
         "flip": lambda a, b: a.flip(1) + b,
-        "matmul": lambda a, b: a @ b,
+        "roll": lambda a, b: torch.roll(a, 1, dims=1) + b,
     }
 
     def __init__(self, op: str) -> None:
@@ -148,7 +148,7 @@ class _Net(nn.Module):
 
 
 @pytest.mark.parametrize("op, name", [("cumsum", "op 'cumsum'"), ("flip", "method 'flip'"),
-                                      ("matmul", "op 'matmul'")])
+                                      ("roll", "op 'roll'")])
 def test_channel_mixing_ops_are_refused_naming_op_and_module(op, name):
     with pytest.raises(SpecError, match=rf"{name} at 'layer2\.0'.*leaf_modules"):
         derive_spec(_Net(_Mixer(op)), torch.rand(2, 1, 4, 4))
@@ -189,17 +189,34 @@ def test_a_module_without_a_rule_is_refused():
         derive_spec(model, torch.rand(2, 1, 8, 8))
 
 
-def test_reshape_that_splits_channels_is_refused():
-    class Split(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.out = nn.Linear(4, 6), nn.Linear(3, 1)
+class _Split(nn.Module):
+    """A layer's 6 units viewed as 2 × 3, the 3 read by the next layer (as heads × head_dim)."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.out(self.fc(x).view(-1, 2, 3))
+    def __init__(self, regroup: bool = False) -> None:
+        super().__init__()
+        self.regroup = regroup
+        self.fc, self.out = nn.Linear(4, 6), nn.Linear(3 if not regroup else 2, 1)
 
-    with pytest.raises(SpecError, match=r"method 'view' at '<top level>'.*reshapes"):
-        derive_spec(Split(), torch.rand(2, 4))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x).view(-1, 2, 3)
+        return self.out(h.reshape(-1, 3, 2) if self.regroup else h)
+
+
+def test_reshape_that_splits_units_factors_them(kit):
+    model, x = _Split(), torch.rand(8, 4)
+    spec = derive_spec(model, x[:2])
+    # The outer factor (2) reaches the output and stays; the inner (3) moves in both copies.
+    assert list(spec.groups) == ["fc/1"]
+    assert set(spec.groups["fc/1"].params) == {
+        Axis("fc.weight", 0, 1, repeat=2), Axis("fc.bias", 0, 1, repeat=2),
+        Axis("out.weight", 1)}
+    perm = random_permutation(spec, torch.Generator().manual_seed(0))
+    assert max_output_change(model, spec, perm, x) <= 1e-5 * kit.output_scale(model, x)
+
+
+def test_reshape_that_regroups_units_is_refused():
+    with pytest.raises(SpecError, match=r"method 'reshape' at '<top level>'.*reshapes"):
+        derive_spec(_Split(regroup=True), torch.rand(2, 4))
 
 
 def test_a_wrong_example_input_is_a_spec_error(kit):

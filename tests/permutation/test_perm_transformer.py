@@ -51,6 +51,39 @@ class Attention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
+class ChunkAttention(nn.Module):
+    """Packed projection split with chunk, heads by view, fused attention."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class SeparateAttention(nn.Module):
+    """Separate Q, K, V layers, explicit softmax(q·kᵀ)·v."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (f(x).reshape(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)
+                   for f in (self.q, self.k, self.v))
+        attn = torch.softmax(torch.matmul(q, k.transpose(2, 3)) / 2.0, dim=-1)
+        return self.out((attn @ v).permute(0, 2, 1, 3).contiguous().view(b, n, c))
+
+
 class TorchAttention(nn.Module):
     """nn.MultiheadAttention, called as self-attention."""
 
@@ -122,6 +155,51 @@ def assert_permutations_keep_the_function(model: nn.Module, spec, x: torch.Tenso
                                apply_permutation(model.state_dict(), spec, perm)) > 0.1
 
 
+HAND_WRITTEN = [Attention, ChunkAttention, SeparateAttention]
+# Per variant: the layer producing Q (and K, V), and the names of its three attention groups.
+ATTENTION_GROUPS = {
+    Attention: ("qkv", "qkv/1[0]", "qkv/2[0]", "qkv/2[2]"),
+    ChunkAttention: ("qkv", "qkv/1[0]/0", "qkv/1[0]/1", "qkv/1[2]/1"),
+    SeparateAttention: ("q", "q/0", "q/1", "v/1"),
+}
+
+
+@pytest.mark.parametrize("attention", HAND_WRITTEN, ids=lambda a: a.__name__)
+def test_hand_written_attention_vit_is_traced_head_by_head(attention):
+    model, x = vit(attention), torch.rand(4, 3, 16, 16)
+    spec = derive_spec(model, x[:2])
+    layer, heads, qk, v = (f"blocks.0.attn.{name}" for name in ATTENTION_GROUPS[attention])
+    assert {heads, qk, v, "patch_embed", "blocks.0.mlp.fc1"} <= set(spec.groups)
+    assert len(spec.groups) == 9  # stream + 2 blocks × (heads, qk, v, mlp)
+    assert [spec.groups[g].size for g in (heads, qk, v)] == [HEADS, DIM // HEADS, DIM // HEADS]
+    assert layer in spec.groups[heads].probes
+    proj = "out" if attention is SeparateAttention else "proj"
+    assert Axis(f"blocks.0.attn.{proj}.weight", 1, DIM // HEADS) in spec.groups[heads].params
+    assert Axis(f"blocks.0.attn.{proj}.weight", 1, repeat=HEADS) in spec.groups[v].params
+    assert not any(a.key.startswith(f"blocks.0.attn.{proj}") for a in spec.groups[qk].params)
+    assert f"blocks.0.attn.{proj}" in spec.groups["patch_embed"].probes
+    assert spec.coverage(model.state_dict()) >= 0.9
+    assert_permutations_keep_the_function(model, spec, x)
+
+
+@pytest.mark.parametrize("attention", [TorchAttention, *HAND_WRITTEN], ids=lambda a: a.__name__)
+def test_vit_is_matched_back_head_by_head(attention):
+    model, x = vit(attention), torch.rand(48, 3, 16, 16)
+    spec = derive_spec(model, x[:2])
+    perm = random_permutation(spec, torch.Generator().manual_seed(7))
+    shuffled = copy.deepcopy(model)
+    shuffled.load_state_dict(apply_permutation(model.state_dict(), spec, perm))
+    found = match(model, shuffled, spec, [(x[:24], None), (x[24:], None)], mode="align")
+    expected = invert(perm)
+    assert all(torch.equal(found[name], expected[name]) for name in spec.groups)
+    restored = apply_permutation(shuffled.state_dict(), spec, found)
+    assert all(torch.equal(restored[k], v) for k, v in model.state_dict().items())
+    unalign = match(model, model, spec, [x], mode="unalign")
+    for name, group in spec.groups.items():
+        assert sorted(unalign[name].tolist()) == list(range(group.size))
+    assert max_output_change(model, spec, unalign, x) <= 1e-5 * scale_of(model, x)
+
+
 @pytest.mark.parametrize("pool", ["token", "mean"])
 def test_multihead_attention_vit_keeps_its_function_under_every_symmetry(pool):
     model, x = vit(pool=pool), torch.rand(4, 3, 16, 16)
@@ -145,23 +223,6 @@ def test_multihead_attention_vit_keeps_its_function_under_every_symmetry(pool):
     assert Axis(w_in, 0, 1, 2 * DIM, DIM, HEADS) in spec.groups["blocks.0.attn.mha/v"].params
     assert spec.coverage(model.state_dict()) >= 0.9
     assert_permutations_keep_the_function(model, spec, x)
-
-
-def test_multihead_attention_vit_is_matched_back_head_by_head():
-    model, x = vit(), torch.rand(48, 3, 16, 16)
-    spec = derive_spec(model, x[:2])
-    perm = random_permutation(spec, torch.Generator().manual_seed(7))
-    shuffled = copy.deepcopy(model)
-    shuffled.load_state_dict(apply_permutation(model.state_dict(), spec, perm))
-    found = match(model, shuffled, spec, [(x[:24], None), (x[24:], None)], mode="align")
-    expected = invert(perm)
-    assert all(torch.equal(found[name], expected[name]) for name in spec.groups)
-    restored = apply_permutation(shuffled.state_dict(), spec, found)
-    assert all(torch.equal(restored[k], v) for k, v in model.state_dict().items())
-    unalign = match(model, model, spec, [x], mode="unalign")
-    for name, group in spec.groups.items():
-        assert sorted(unalign[name].tolist()) == list(range(group.size))
-    assert max_output_change(model, spec, unalign, x) <= 1e-5 * scale_of(model, x)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -204,7 +265,8 @@ def test_convnext_block_keeps_its_function():
     assert_permutations_keep_the_function(model, spec, x)
 
 
-def test_every_axis_of_every_attention_group_is_needed():
+@pytest.mark.parametrize("attention", [TorchAttention, Attention], ids=lambda a: a.__name__)
+def test_every_axis_of_every_attention_group_is_needed(attention):
     """Negative control: each group alone keeps the function, and leaving out any one of its
     axes (one segment of the packed projection, say) breaks it. K's bias is the exception: it
     adds q·b_k to a whole row of scores, which softmax ignores, so it cannot break anything."""
@@ -212,14 +274,14 @@ def test_every_axis_of_every_attention_group_is_needed():
 
     from tscpurify.permutation import PermutationSpec
 
-    model, x = vit(depth=1), torch.rand(4, 3, 16, 16)
+    model, x = vit(attention, depth=1), torch.rand(4, 3, 16, 16)
     spec = derive_spec(model, x[:2])
     scale = scale_of(model, x)
     for name, group in spec.groups.items():
         perm = {name: torch.roll(torch.arange(group.size), 1)}  # moves every unit
         assert max_output_change(model, spec, perm, x) <= 1e-5 * scale, name
         for skipped in group.params:
-            if skipped.key.endswith("in_proj_bias") and skipped.start == DIM:
+            if skipped.key.endswith(("in_proj_bias", "qkv.bias")) and skipped.start == DIM:
                 continue
             half = replace(group, params=tuple(a for a in group.params if a != skipped))
             broken = PermutationSpec({**spec.groups, name: half})

@@ -1,9 +1,10 @@
 """The per-op rules of `derive_spec`: how each op moves the hidden-unit axes of its inputs.
 
 A rule gets the propagator, the fx node and the node's real output; it links the atoms
-(state-dict axes) that must move together and returns, for the output, dim -> parts. A dim has
-one part, or one per input of a concatenation along it. To support a new op, add a rule here;
-an op without one raises SpecError when hidden units flow into it.
+(state-dict axes, segments or factors of them: atoms.py) that must move together and returns,
+for the output, dim -> parts. A dim usually has one part; a concatenation has one per input,
+and a merge of heads with their units has two on the same entries. To support a new op, add a
+rule here; an op without one raises SpecError when hidden units flow into it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -20,27 +21,21 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .atoms import Atom, Part
+
 if TYPE_CHECKING:
     from .trace import Propagator
 
-Atom = tuple[str, int, int, int]  # (state-dict key, dim, first entry, repeat): see spec.Axis
-
-
-class Part(NamedTuple):
-    """`length` consecutive entries of a tensor dim that move as the units of `atom`, `block`
-    entries per unit; atom None: entries no group can move (the input's channels, a constant)."""
-
-    atom: Atom | None
-    block: int
-    length: int
-
-
-Axes = dict[int, tuple[Part, ...]]  # output dim -> its parts, in order
+Axes = dict[int, tuple[Part, ...]]  # output dim -> its parts
 Rule = Callable[["Propagator", fx.Node, Any], Axes]
 
 
 def _one(atom: Atom, length: int) -> tuple[Part, ...]:
-    return (Part(atom, 1, length),)
+    return (Part(atom, 0, length),)
+
+
+def _shift(parts: Sequence[Part], offset: int) -> tuple[Part, ...]:
+    return tuple(part._replace(start=part.start + offset) for part in parts)
 
 
 def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
@@ -62,24 +57,19 @@ def _same(p: Propagator, n: fx.Node, result: Any) -> Axes:
 
 def _join(p: Propagator, found: list[tuple[Part, ...]], pinned: bool) -> tuple[Part, ...] | None:
     """Parts that meet entry for entry (operands of a sum, inputs of a cat off its dim) move
-    together; an untracked operand there (`pinned`), or one cut differently, fixes them all."""
-    if not found:
-        return None
-    layout = {tuple((part.block, part.length) for part in parts) for parts in found}
-    if pinned or len(layout) > 1:
-        p.uf.fixed.update(part.atom for parts in found for part in parts if part.atom)
-        return None
+    together; a part that meets an untracked operand (`pinned`), or entries cut another way,
+    is fixed."""
+    layouts = [{(q.start, q.length, q.block, q.repeat): q.atom for q in parts} for parts in found]
+    shared = set.intersection(*(set(lay) for lay in layouts)) if layouts and not pinned else set()
     joined = []
-    for column in zip(*found, strict=True):
-        atoms = [part.atom for part in column if part.atom is not None]
-        if len(atoms) < len(column):  # a segment that cannot move meets one that could
-            p.uf.fixed.update(atoms)
-            atoms = []
-        atom = atoms[0] if atoms else None
-        for other in atoms[1:]:
-            atom = p.uf.union(atom, other)
-        joined.append(column[0]._replace(atom=atom))
-    return tuple(joined) if any(part.atom for part in joined) else None
+    for lay in layouts:
+        p.uf.fixed.update(atom for where, atom in lay.items() if where not in shared)
+    for where in sorted(shared):
+        atom = layouts[0][where]
+        for lay in layouts[1:]:
+            atom = p.uf.union(atom, lay[where])
+        joined.append(Part(atom, *where))
+    return tuple(joined) or None
 
 
 def _elementwise(p: Propagator, n: fx.Node, result: Any) -> Axes:
@@ -115,10 +105,11 @@ def _cat(p: Propagator, n: fx.Node, result: Any) -> Axes:
     inputs = [t for t in tensors if not isinstance(t, torch.Tensor) or t.numel()]
     axes: Axes = {}
     along: list[Part] = []
+    offset = 0
     for t in inputs:
-        length = p.shapes[t][dim] if isinstance(t, fx.Node) else t.shape[dim]
-        along.extend(p.axes_of(t).get(dim, (Part(None, 1, length),)))
-    if any(part.atom for part in along):
+        along.extend(_shift(p.axes_of(t).get(dim, ()), offset))
+        offset += p.shapes[t][dim] if isinstance(t, fx.Node) else t.shape[dim]
+    if along:
         axes[dim] = tuple(along)
     for d in range(nd):
         if d == dim:
@@ -199,22 +190,27 @@ def _layer_norm(p: Propagator, n: fx.Node, result: Any) -> Axes:
 
 
 def _flatten_dims(p: Propagator, n: fx.Node, src: fx.Node, start: int, end: int) -> Axes:
-    """A unit axis flattened with the dims after it moves in blocks of their product."""
+    """Merge dims start..end (row-major): a unit axis there moves blocks of the entries of the
+    dims after it, once per index of the dims before it (Axis.repeat): C×H×W gives blocks of
+    H·W per channel; heads × head_dim gives head blocks and units repeated per head."""
     shape, axes = p.shapes[src], p.axes_of(src)
     if not shape:
         return {}
     start, end = start % len(shape), end % len(shape)
-    inside = [d for d in axes if start <= d <= end]
-    out = {d if d < start else d - (end - start): ax for d, ax in axes.items() if d not in inside}
-    if len(inside) > 1:
-        raise p.unsupported(n, "flattens two hidden-unit axes into one")
-    if inside:
-        d = inside[0]
-        if math.prod(shape[start:d]) != 1:
-            raise p.unsupported(n, "flattens a hidden-unit axis inside an outer one")
-        inner = math.prod(shape[d + 1:end + 1])
-        out[start] = tuple(Part(part.atom, part.block * inner, part.length * inner)
-                           for part in axes[d])
+    out: Axes = {d if d < start else d - (end - start): parts for d, parts in axes.items()
+                 if not start <= d <= end}
+    merged: list[Part] = []
+    for d in range(start, end + 1):
+        outer, inner = math.prod(shape[start:d]), math.prod(shape[d + 1:end + 1])
+        for part in axes.get(d, ()):
+            if outer > 1 and (part.start, part.length) != (0, shape[d]):
+                raise p.unsupported(n, "flattens a segment of a hidden-unit axis inside an "
+                                       "outer one")
+            merged.append(Part(part.atom, part.start * inner,
+                               part.length * inner * outer, part.block * inner,
+                               part.repeat * outer))
+    if merged:
+        out[start] = tuple(merged)
     return out
 
 
@@ -229,9 +225,9 @@ def _flatten(p: Propagator, n: fx.Node, result: Any) -> Axes:
 
 
 def _reshape(p: Propagator, n: fx.Node, result: Any) -> Axes:
-    """Any row-major reshape (view, squeeze, ...), judged from the shapes alone: exact as a
-    flatten when it merges one run of dims; otherwise every unit axis must lie in the unchanged
-    prefix or suffix."""
+    """Any row-major reshape (view, squeeze, ...), judged from the shapes alone: a merge of one
+    run of dims is a flatten; a split of one dim into several factors its units (heads ×
+    head_dim); otherwise every unit axis must lie in the unchanged prefix or suffix."""
     src = _arg(n, 0, "input")
     s, o, axes = p.shapes[src], tuple(result.shape), p.axes_of(src)
     pre = 0
@@ -240,12 +236,56 @@ def _reshape(p: Propagator, n: fx.Node, result: Any) -> Axes:
     suf = 0
     while suf < min(len(s), len(o)) - pre and s[-1 - suf] == o[-1 - suf]:
         suf += 1
-    mid = range(pre, len(s) - suf)
-    if len(mid) > 0 and len(o) - suf - pre == 1 and math.prod(s[pre:len(s) - suf]) == o[pre]:
+    mid, out_mid = range(pre, len(s) - suf), o[pre:len(o) - suf]
+    if len(mid) > 0 and len(out_mid) == 1 and math.prod(s[pre:len(s) - suf]) == o[pre]:
         return _flatten_dims(p, n, src, pre, len(s) - suf - 1)
+    shifted = {d if d < pre else d + len(o) - len(s): parts for d, parts in axes.items()
+               if d not in mid}
+    if len(mid) == 1 and len(out_mid) > 1 and pre in axes:
+        shifted.update({pre + j: parts for j, parts in
+                        enumerate(_split_units(p, n, axes[pre], out_mid)) if parts})
+        return shifted
     if any(d in mid for d in axes):
         raise p.unsupported(n, f"reshapes {s} to {o} across a hidden-unit axis")
-    return {d if d < pre else d + len(o) - len(s): ax for d, ax in axes.items()}
+    return shifted
+
+
+def _split_units(p: Propagator, n: fx.Node, parts: tuple[Part, ...],
+                 sizes: tuple[int, ...]) -> list[tuple[Part, ...]]:
+    """The parts of each dim a reshape splits a unit dim into. A dim holding one plain part
+    (a layer's outputs) has its set refined into one atom per factor; one merged earlier
+    (heads × head_dim) splits back into the factors it was merged from."""
+    total = math.prod(sizes)
+    if len(parts) == 1 and parts[0][1:] == (0, total, 1, 1):
+        return [_one(atom, size) for atom, size in zip(p.uf.split(parts[0].atom, sizes), sizes,
+                                                         strict=True)]
+    out: list[list[Part]] = [[] for _ in sizes]
+    for part in parts:
+        for j, size in enumerate(sizes):
+            inner, outer = math.prod(sizes[j + 1:]), math.prod(sizes[:j])
+            if (part.start, part.length, part.block, part.repeat) == (0, total, inner, outer):
+                out[j].append(Part(part.atom, 0, size))
+                break
+        else:
+            raise p.unsupported(n, f"splits a hidden-unit axis into {sizes} across its groups")
+    return [tuple(parts) for parts in out]
+
+
+def _pick(p: Propagator, axes: Axes, dim: int, index: int) -> Axes:
+    """Entry `index` of `dim` is taken (an int index, unbind, chunk): that dim's units are
+    pinned, and when they are the outer factor of a split (q, k, v of a packed projection), the
+    other dims' units become index's own (see AtomSets.pick)."""
+    outer = axes.get(dim, ())
+    p.fix_axes({dim: outer})
+    out: Axes = {}
+    for d, parts in axes.items():
+        if d == dim:
+            continue
+        if len(outer) == 1 and outer[0][1:] == (0, p.uf.units[outer[0].atom], 1, 1):
+            parts = tuple(part._replace(atom=p.uf.pick(part.atom, outer[0].atom, index))
+                          for part in parts)
+        out[d] = parts
+    return out
 
 
 def _reduce(p: Propagator, n: fx.Node, result: Any) -> Axes:
@@ -297,9 +337,9 @@ def _expand(p: Propagator, n: fx.Node, result: Any) -> Axes:
 
 
 def _index(p: Propagator, n: fx.Node, src: fx.Node, index: Any) -> Axes:
-    """x[...] with ints, slices, None and Ellipsis: a dim picked by an int or cut by a slice
-    cannot move its units (pinned); kept dims carry theirs to their new place."""
-    axes, nd = p.axes_of(src), len(p.shapes[src])
+    """x[...] with ints, slices, None and Ellipsis: a dim picked by an int is gone (see _pick),
+    one cut by a slice cannot move its units (pinned); kept dims carry theirs along."""
+    axes, shape = dict(p.axes_of(src)), p.shapes[src]
     index = index if isinstance(index, tuple) else (index,)
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in index):
         if axes:
@@ -308,28 +348,26 @@ def _index(p: Propagator, n: fx.Node, src: fx.Node, index: Any) -> Axes:
     consumed = sum(i is not None and i is not Ellipsis for i in index)
     if Ellipsis not in index:
         index = (*index, Ellipsis)
-    out: Axes = {}
+    kept: dict[int, int] = {}  # input dim -> output dim
     d_in = d_out = 0
     for i in index:
         if i is Ellipsis:
-            for _ in range(nd - consumed):
-                if d_in in axes:
-                    out[d_out] = axes[d_in]
+            for _ in range(len(shape) - consumed):
+                kept[d_in] = d_out
                 d_in, d_out = d_in + 1, d_out + 1
-            consumed = nd  # a second Ellipsis is an error torch has already raised
+            consumed = len(shape)  # a second Ellipsis is an error torch has already raised
         elif i is None:
             d_out += 1
+        elif isinstance(i, int):
+            axes = _pick(p, axes, d_in, i % shape[d_in])
+            d_in += 1
         else:
-            whole = isinstance(i, slice) and all(
-                isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step)) and \
-                range(*i.indices(p.shapes[src][d_in])) == range(p.shapes[src][d_in])
-            if d_in in axes:
-                if whole:
-                    out[d_out] = axes[d_in]
-                else:
-                    p.fix_axes({d_in: axes[d_in]})
-            d_in, d_out = d_in + 1, d_out + int(isinstance(i, slice))
-    return out
+            plain = all(isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))
+            if not (plain and range(*i.indices(shape[d_in])) == range(shape[d_in])):
+                p.fix_axes({d_in: axes.pop(d_in, ())})
+            kept[d_in] = d_out
+            d_in, d_out = d_in + 1, d_out + 1
+    return {kept[d]: parts for d, parts in axes.items() if d in kept}
 
 
 def _getitem(p: Propagator, n: fx.Node, result: Any) -> Axes:
@@ -347,34 +385,109 @@ def _getitem(p: Propagator, n: fx.Node, result: Any) -> Axes:
 
 
 def _split(kind: str) -> Rule:
-    """chunk/split/tensor_split/unbind: a tuple of pieces along one dim. Each piece keeps the
-    other dims' units; a hidden-unit dim may be cut only between the parts of a concatenation
-    (one piece per input); unbind picks single entries, which pins the dim."""
+    """chunk/split/tensor_split/unbind: a tuple of pieces along one dim, each keeping the other
+    dims' units. Along a unit dim, pieces may fall between the parts of a concatenation, or be
+    equal chunks of one layer's units (q, k, v = qkv(x).chunk(3, -1)): those are factored as
+    (pieces, units per piece) and each piece picked; unbind picks single entries."""
     def rule(p: Propagator, n: fx.Node, result: Any) -> Axes:
         src = _arg(n, 0, "input")
         nd, axes = len(p.shapes[src]), p.axes_of(src)
         dim = _arg(n, 1 if kind == "unbind" else 2, "dim", 0) % nd
-        rest = {d: parts for d, parts in axes.items() if d != dim}
         if kind == "unbind":
-            p.fix_axes({d: parts for d, parts in axes.items() if d == dim})
-            p.items[n] = [{d - (d > dim): parts for d, parts in rest.items()} for _ in result]
+            p.items[n] = [{d - (d > dim): parts for d, parts in _pick(p, axes, dim, s).items()}
+                          for s in range(len(result))]
+            return {}
+        sizes = [piece.shape[dim] for piece in result]
+        parts = axes.get(dim, ())
+        if len(parts) == 1 and len(set(sizes)) == 1 and len(sizes) > 1 \
+                and parts[0][1:] == (0, p.shapes[src][dim], 1, 1):
+            outer, inner = p.uf.split(parts[0].atom, (len(sizes), sizes[0]))
+            factored = {**axes, dim: _one(inner, sizes[0]), -1: _one(outer, len(sizes))}
+            p.items[n] = [_pick(p, factored, -1, s) for s in range(len(sizes))]
             return {}
         items: list[Axes] = []
-        parts = list(axes.get(dim, ()))
-        for piece in result:
-            here = dict(rest)
-            if parts:
-                taken = []
-                while parts and sum(q.length for q in taken) < piece.shape[dim]:
-                    taken.append(parts.pop(0))
-                if sum(q.length for q in taken) != piece.shape[dim]:
-                    raise p.unsupported(n, "splits a hidden-unit axis inside a group")
-                if any(q.atom for q in taken):
-                    here[dim] = tuple(taken)
+        start = 0
+        for size in sizes:
+            here = {d: v for d, v in axes.items() if d != dim}
+            inside = [q for q in parts if start <= q.start and q.start + q.length <= start + size]
+            if any(q.start < start + size and start < q.start + q.length and q not in inside
+                   for q in parts):
+                raise p.unsupported(n, "splits a hidden-unit axis inside a group")
+            if inside:
+                here[dim] = _shift(inside, -start)
             items.append(here)
+            start += size
         p.items[n] = items
         return {}
     return rule
+
+
+def _batch_dims(p: Propagator, operands: Sequence[tuple[Axes, tuple[int, ...]]],
+                out_shape: tuple[int, ...]) -> Axes:
+    """Leading dims that broadcast alike in every operand (matmul's batch dims, heads in
+    attention): aligned from the right, they meet entry for entry, as in a sum."""
+    axes: Axes = {}
+    for d in range(len(out_shape)):
+        found, pinned = [], False
+        for op_axes, shape in operands:
+            od = d - len(out_shape) + len(shape)
+            if od < 0 or (shape[od] == 1 and out_shape[d] != 1):
+                continue
+            if od in op_axes:
+                found.append(op_axes[od])
+            else:
+                pinned = True
+        if (parts := _join(p, found, pinned)) is not None:
+            axes[d] = parts
+    return axes
+
+
+def _operand(p: Propagator, a: Any) -> tuple[Axes, tuple[int, ...]]:
+    shape = p.shapes[a] if isinstance(a, fx.Node) else tuple(getattr(a, "shape", ()))
+    return p.axes_of(a), shape
+
+
+def _matmul(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    """a @ b, (..., n, k) @ (..., k, m): the contracted k of a and b move together (attention's
+    q·k over head_dim), rows follow a, columns follow b, batch dims meet as in a sum."""
+    (ax, sa), (bx, sb) = _operand(p, _arg(n, 0, "input")), _operand(p, _arg(n, 1, "other"))
+    if len(sa) < 2 or len(sb) < 2:
+        if ax or bx:
+            raise p.unsupported(n, "multiplies a vector holding hidden units")
+        return {}
+    nd = result.dim()
+    k = [axes[d] for axes, d in ((ax, len(sa) - 1), (bx, len(sb) - 2)) if d in axes]
+    _join(p, k, pinned=len(k) < 2)
+    out = _batch_dims(p, [({d: v for d, v in ax.items() if d < len(sa) - 2}, sa[:-2]),
+                          ({d: v for d, v in bx.items() if d < len(sb) - 2}, sb[:-2])],
+                      tuple(result.shape[:-2]))
+    if len(sa) - 2 in ax:
+        out[nd - 2] = ax[len(sa) - 2]
+    if len(sb) - 1 in bx:
+        out[nd - 1] = bx[len(sb) - 1]
+    return out
+
+
+def _attention(p: Propagator, n: fx.Node, result: Any) -> Axes:
+    """F.scaled_dot_product_attention(q, k, v): softmax(q·kᵀ)·v over tokens, per batch dim
+    (heads): q and k share head_dim, k and v share tokens, the output follows q's tokens and
+    v's units; masks hold no units."""
+    q, k, v = (_operand(p, _arg(n, i, name)) for i, name in enumerate(("query", "key", "value")))
+    (qx, sq), _, (vx, sv) = q, k, v
+    if any(len(shape) < 2 for _, shape in (q, k, v)):
+        raise p.unsupported(n, "attends over tensors of fewer than 2 dims")
+    found = [axes[len(shape) - 1] for axes, shape in (q, k) if len(shape) - 1 in axes]
+    _join(p, found, pinned=len(found) < 2)
+    found = [axes[len(shape) - 2] for axes, shape in (k, v) if len(shape) - 2 in axes]
+    _join(p, found, pinned=len(found) < 2)
+    nd = result.dim()
+    out = _batch_dims(p, [({d: x for d, x in axes.items() if d < len(shape) - 2}, shape[:-2])
+                          for axes, shape in (q, k, v)], tuple(result.shape[:-2]))
+    if len(sq) - 2 in qx:
+        out[nd - 2] = qx[len(sq) - 2]
+    if len(sv) - 1 in vx:
+        out[nd - 1] = vx[len(sv) - 1]
+    return out
 
 
 def _multihead_attention(p: Propagator, n: fx.Node, result: Any) -> Axes:
@@ -462,6 +575,8 @@ FUNCTION_RULES: dict[Any, Rule] = {
     operator.getitem: _getitem,
     **dict.fromkeys((torch.chunk, torch.split, torch.tensor_split), _split("split")),
     torch.unbind: _split("unbind"),
+    **dict.fromkeys((operator.matmul, torch.matmul, torch.bmm), _matmul),
+    F.scaled_dot_product_attention: _attention,
     **dict.fromkeys((torch.reshape, torch.squeeze, torch.unsqueeze), _reshape),
     **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin), _reduce),
 }
@@ -476,6 +591,7 @@ METHOD_RULES: dict[str, Rule] = {
     **dict.fromkeys(("expand", "expand_as"), _expand),
     **dict.fromkeys(("chunk", "split", "tensor_split"), _split("split")),
     "unbind": _split("unbind"),
+    **dict.fromkeys(("matmul", "bmm"), _matmul),
     **dict.fromkeys(("view", "reshape", "squeeze", "unsqueeze"), _reshape),
     **dict.fromkeys(("mean", "sum", "amax", "amin"), _reduce),
 }

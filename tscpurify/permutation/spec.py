@@ -226,17 +226,25 @@ class PermutationSpec:
 
 def _overlap(a: tuple[Axis, int], b: tuple[Axis, int]) -> bool:
     """Whether two axes of one tensor dim (each with its group's size) would move an entry
-    twice. Segments that do not intersect never do; one segment shared by two groups is fine
-    when they permute different factors of it (heads, and units within heads), which commute."""
+    twice, or cut across each other's units. Segments that do not meet never do. Axes on one
+    segment are fine when they permute different factors of it (heads, and units within
+    heads), which commute; a segment lying on whole copies of a repeated axis sees that axis
+    as the same permutation, repeated fewer times."""
     (x, nx), (y, ny) = a, b
-    if x.length is None or y.length is None:
-        same = x.length is None and y.length is None
-    else:
-        if x.start + x.length <= y.start or y.start + y.length <= x.start:
-            return False
-        same = (x.start, x.length) == (y.start, y.length)
-    if not same:
-        return True
+    (xs, xl), (ys, yl) = ((ax.start, ax.length if ax.length is not None else ax.entries(n))
+                          for ax, n in ((x, nx), (y, ny)))
+    if xs + xl <= ys or ys + yl <= xs:
+        return False
+    if (xs, xl) != (ys, yl):
+        (big, nb), (small, _) = sorted(((x, nx), (y, ny)),
+                                       key=lambda ax: -(ax[0].length or ax[0].entries(ax[1])))
+        bs, bl = (xs, xl) if big is x else (ys, yl)
+        ss, sl = (ys, yl) if big is x else (xs, xl)
+        span = nb * big.block
+        if ss < bs or ss + sl > bs + bl or (ss - bs) % span or sl % span:
+            return True
+        restricted = Axis(big.key, big.dim, big.block, ss, sl, sl // span)
+        (x, nx), (y, ny) = (restricted, nb), (small, ny if big is x else nx)
     # Read as one mixed radix, the inner factor's span (block·size) divides the outer's block.
     inner, outer = sorted(((x, nx), (y, ny)), key=lambda axis: axis[0].block)
     return outer[0].block % (inner[0].block * inner[1]) != 0

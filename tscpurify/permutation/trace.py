@@ -4,10 +4,10 @@ hand-written spec.
 Plan:
 1. Trace the model with fx (leaf_modules stay opaque) and run the graph on the example input,
    so every node has a real value and shape (needed for flatten's H·W blocks).
-2. Each node records which dims of its output carry hidden units: dim -> parts, one part per
-   concatenated input (usually one), each (atom or None, block, length). Atoms are state-dict
-   axes or segments of them (key, dim, start, repeat); one rule per op kind links atoms in a
-   union-find.
+2. Each node records which dims of its output carry hidden units: dim -> parts (usually one;
+   one per concatenated input; heads and units within heads after a merge). Atoms are
+   state-dict axes, segments or factors of them (atoms.py); one rule per op kind links atoms in
+   a union-find, and a reshape that splits a unit axis refines its set.
 3. Atoms that reach the model's output, or meet an untracked axis of the same size (the input,
    a constant, an opaque module), are fixed: their whole set never moves.
 4. Every set that holds the output axis of a Linear/Conv (a producer) and is not fixed becomes a
@@ -17,7 +17,6 @@ Ops without a rule raise SpecError unless none of their inputs carries hidden un
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,12 +27,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SpecError
-from .rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Atom, Axes, Part, Rule, opaque
+from .atoms import HINT, Atom, AtomSets, Part
+from .rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Axes, Rule, opaque
 from .spec import Axis, PermutationGroup, PermutationSpec
 
 _SCOPE = "tscpurify_scope"
 _SPEC_HINT = "a hand-written spec (PermutationSpec.from_axes)"
-_HINT = f"pass leaf_modules=(...) to keep the enclosing module opaque, or {_SPEC_HINT}"
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -42,66 +41,6 @@ def _holds_tensor(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_holds_tensor(v) for v in value.values())
     return isinstance(value, torch.Tensor)
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[Atom, Atom] = {}
-        self.units: dict[Atom, int] = {}
-        self.block: dict[Atom, int] = {}
-        self.whole: dict[Atom, bool] = {}  # the atom spans its whole tensor dim
-        self.fixed: set[Atom] = set()
-        # Per set root: how many of its units move as one (GroupNorm's channels per group).
-        self.factor: dict[Atom, int] = {}
-
-    def add(self, atom: Atom, size: int, block: int = 1, whole: bool = True) -> Atom:
-        """Register `atom`: `size` entries (per copy, see Axis.repeat) in blocks of `block`."""
-        if atom not in self.parent:
-            self.parent[atom], self.units[atom], self.block[atom] = atom, size // block, block
-            self.whole[atom] = whole
-        elif self.block[atom] != block or self.units[atom] != size // block:
-            raise SpecError(f"cannot derive a permutation spec: {atom[0]!r} dim {atom[1]} is used "
-                            f"with blocks {self.block[atom]} and {block} (or segments of "
-                            f"{self.units[atom] * self.block[atom]} and {size} entries); {_HINT}")
-        return self.find(atom)
-
-    def find(self, atom: Atom) -> Atom:
-        while self.parent[atom] != atom:
-            self.parent[atom] = atom = self.parent[self.parent[atom]]
-        return atom
-
-    def union(self, a: Atom, b: Atom) -> Atom:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if self.units[ra] != self.units[rb]:
-                raise SpecError(f"cannot derive a permutation spec: {a} and {b} must move "
-                                f"together but hold {self.units[ra]} and {self.units[rb]} units")
-            self.parent[rb] = ra
-            self.factor[ra] = math.lcm(self.factor.pop(ra, 1), self.factor.pop(rb, 1))
-            self._check_factor(ra)
-        return ra
-
-    def coarsen(self, atom: Atom, factor: int) -> None:
-        """Make the set of `atom` move in runs of `factor` consecutive units (its units become
-        blocks): GroupNorm keeps its function only when whole groups move, unchanged inside.
-        Two such demands on one set (groups of 4 and of 8 channels) keep both: the lcm."""
-        root = self.find(atom)
-        self.factor[root] = math.lcm(self.factor.get(root, 1), factor)
-        self._check_factor(root)
-
-    def _check_factor(self, root: Atom) -> None:
-        if self.units[root] % self.factor.get(root, 1):
-            raise SpecError(f"cannot derive a permutation spec: {root[0]!r} dim {root[1]} has "
-                            f"{self.units[root]} units, which groups of "
-                            f"{self.factor[root]} do not divide; {_HINT}")
-
-    def group_units(self, root: Atom) -> int:
-        """The units the set's permutation moves (whole groups, when coarsened)."""
-        return self.units[root] // self.factor.get(root, 1)
-
-    def axis_block(self, atom: Atom) -> int:
-        """Entries per moved unit along `atom`'s axis."""
-        return self.block[atom] * self.factor.get(self.find(atom), 1)
 
 
 class _Tracer(fx.Tracer):
@@ -160,7 +99,7 @@ class Propagator(fx.Interpreter):
         super().__init__(gm)
         self.extra_traceback = False  # our errors name the op and module; fx's dump adds noise
         self.state_shapes, self.opaque = state_shapes, opaque_paths
-        self.uf = _UnionFind()
+        self.uf = AtomSets()
         self.axes: dict[fx.Node, Axes] = {}
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         # (probe path, atom, group name): the layers whose outputs carry a set's units.
@@ -181,7 +120,7 @@ class Propagator(fx.Interpreter):
         if n.op == "get_attr":
             if not isinstance(result, torch.Tensor) or n.target not in self.state_shapes:
                 return {}  # a constant outside the state dict cannot move
-            return {d: (Part(self.uf.add((n.target, d, 0, 1), s), 1, s),)
+            return {d: (Part(self.uf.add((n.target, d, 0, s, 1, 1), s), 0, s),)
                     for d, s in enumerate(result.shape)}
         if n.op == "output":
             self.fix(n.all_input_nodes)
@@ -189,7 +128,7 @@ class Propagator(fx.Interpreter):
         rule = self._rule(n)
         if rule is not None:
             return rule(self, n, result)
-        if not any(self.axes[i] for i in n.all_input_nodes):
+        if not any(self.axes[i] or self.items.get(i) for i in n.all_input_nodes):
             return {}  # nothing permuted flows in, so nothing to reason about
         if not _holds_tensor(result):
             return {}  # metadata such as x.size(0)
@@ -214,8 +153,7 @@ class Propagator(fx.Interpreter):
             self.fix_axes(self.axes[node])
 
     def fix_axes(self, axes: Axes) -> None:
-        self.uf.fixed.update(part.atom for parts in axes.values() for part in parts
-                             if part.atom is not None)
+        self.uf.fixed.update(part.atom for parts in axes.values() for part in parts)
 
     def param(self, key: str, dim: int, size: int, block: int = 1) -> Atom:
         """The atom of a whole state-dict axis of `size` entries."""
@@ -227,22 +165,22 @@ class Propagator(fx.Interpreter):
         copies of its units (Axis.repeat)."""
         if key not in self.state_shapes:
             raise SpecError(f"cannot derive a permutation spec: {key!r} is not a state-dict "
-                            f"entry (a parametrized weight?); {_HINT}")
+                            f"entry (a parametrized weight?); {HINT}")
         whole = start == 0 and length == self.state_shapes[key][dim]
-        return self.uf.add((key, dim, start, repeat), length // repeat, block, whole)
+        return self.uf.add((key, dim, start, length, repeat, block), length // (repeat * block),
+                           whole)
 
     def tie(self, n: fx.Node, parts: tuple[Part, ...], key: str, dim: int) -> None:
         """Move axis `dim` of `key` with the hidden units `parts` of a tensor dim it reads (or
-        scales): one segment per part, in order; a part no group moves leaves its segment."""
-        if sum(part.length for part in parts) != self.state_shapes[key][dim]:
-            raise self.unsupported(n, f"reads {sum(part.length for part in parts)} hidden-unit "
-                                      f"entries with the {self.state_shapes[key][dim]} entries of "
-                                      f"{key!r} dim {dim}")
-        start = 0
+        scales), entry for entry; entries of no part stay."""
+        size = self.state_shapes[key][dim]
         for part in parts:
-            if part.atom is not None:
-                self.uf.union(part.atom, self.segment(key, dim, start, part.length, part.block))
-            start += part.length
+            if part.start + part.length > size:
+                raise self.unsupported(n, f"reads hidden units up to entry "
+                                          f"{part.start + part.length} with the {size} entries "
+                                          f"of {key!r} dim {dim}")
+            self.uf.union(part.atom, self.segment(key, dim, part.start, part.length, part.block,
+                                                  part.repeat))
 
     def produce(self, n: fx.Node, module: nn.Module, size: int) -> Atom:
         atom = self.param(f"{n.target}.weight", 0, size)
@@ -267,21 +205,22 @@ class Propagator(fx.Interpreter):
 
     def spec(self) -> PermutationSpec:
         uf = self.uf
-        fixed = {uf.find(a) for a in uf.fixed}
+        fixed = uf.resolve_fixed()
         probes: dict[Atom, list[str]] = {}
         names: dict[Atom, str] = {}
-        for path, atom, name in self.producers:
-            root = uf.find(atom)
-            if root not in fixed and uf.group_units(root) > 1 \
-                    and path not in probes.get(root, []):
-                probes.setdefault(root, []).append(path)
-                names.setdefault(root, name)
+        for path, produced, name in self.producers:
+            for label, atom in uf.leaves(produced):  # what a split reshape made of its units
+                root = uf.find(atom)
+                if root not in fixed and uf.group_units(root) > 1 \
+                        and path not in probes.get(root, []):
+                    probes.setdefault(root, []).append(path)
+                    names.setdefault(root, name + label)
         params: dict[Atom, list[Axis]] = {root: [] for root in probes}
         for atom in uf.parent:
-            if (root := uf.find(atom)) in params:
-                key, dim, start, repeat = atom
-                length = None if uf.whole[atom] else repeat * uf.units[atom] * uf.block[atom]
-                params[root].append(Axis(key, dim, uf.axis_block(atom), start, length, repeat))
+            if atom not in uf.children and (root := uf.find(atom)) in params:
+                key, dim, start, length, repeat, _ = atom
+                params[root].append(Axis(key, dim, uf.axis_block(atom), start,
+                                         None if uf.whole[atom] else length, repeat))
         return PermutationSpec({names[r]: PermutationGroup(names[r], uf.group_units(r),
                                                            tuple(params[r]), tuple(p))
                                 for r, p in probes.items()})
