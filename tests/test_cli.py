@@ -104,7 +104,7 @@ def test_purify_bad_input(backdoored_run, tmp_path, capsys):
     assert "t must lie in [0, 1]" in capsys.readouterr().err
     assert main(["purify", str(backdoored_run), "--out", str(tmp_path / "o"),
                  "--clean-fraction", "0", *PURIFY_TINY[:-7]]) == 2
-    assert "clean subset" in capsys.readouterr().err
+    assert "clean subset must be a fraction" in capsys.readouterr().err
     # The default re-tuning set (1,000 images) does not fit the 600 tiny training images: the
     # run stops before any purification, with a hint.
     assert main(["purify", str(backdoored_run), "--out", str(tmp_path / "o"), "--rounds", "1",

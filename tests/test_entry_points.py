@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tscpurify.bench import grid as grid_module
 from tscpurify.bench.grid import Cell
 from tscpurify.cli import main
+from tscpurify.job import JobSettings
 from tscpurify.purification import purify_run
 
 from .test_cli import backdoored_run  # noqa: F401 - a fixture
@@ -33,8 +34,8 @@ def assert_identical(a, b):
 def test_cli_api_and_bench_purify_a_classifier_alike(backdoored_run, fmnist_root,  # noqa: F811
                                                      tmp_path, monkeypatch):
     assert main(["purify", str(backdoored_run), "--out", str(tmp_path / "cli"), *FLAGS]) == 0
-    purify_run(backdoored_run, tmp_path / "api", overrides=OVERRIDES, clean_fraction=0.2,
-               retune=None, progress=False)
+    purify_run(backdoored_run, tmp_path / "api", overrides=OVERRIDES,
+               job=JobSettings(clean_fraction=0.2), retune=None, progress=False)
     assert_identical(weights(tmp_path / "cli"), weights(tmp_path / "api"))
     recorded = json.loads((tmp_path / "cli" / "model.json").read_text())["purified_by"]
     report = json.loads((tmp_path / "cli" / "report.json").read_text())
@@ -61,8 +62,9 @@ def test_cli_and_api_purify_an_encoder_alike(encoder_run, tmp_path):  # noqa: F8
     flags = [f for f in FLAGS if f != "--no-retune"] + ["--profile-train", "100",
                                                           "--profile-test", "50"]
     assert main(["purify", str(encoder_run), "--out", str(tmp_path / "cli"), *flags]) == 0
-    purify_run(encoder_run, tmp_path / "api", overrides=OVERRIDES, clean_fraction=0.2,
-               profile_train=100, profile_test=50, progress=False)
+    purify_run(encoder_run, tmp_path / "api", overrides=OVERRIDES,
+               job=JobSettings(clean_fraction=0.2, profile_train=100, profile_test=50),
+               progress=False)
     assert_identical(weights(tmp_path / "cli"), weights(tmp_path / "api"))
     settings = json.loads((tmp_path / "api" / "report.json").read_text())["settings"]
     # the SSL preset, then the overrides

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import SettingsError, SpecError, TscpurifyError
+from .job import resolve_device
 from .settings import add_settings_flags, finite_float, overrides_from_args, settings_from_args
 from .training import TrainSettings
 from .version import __version__
@@ -44,18 +43,17 @@ def parse_pairs(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:
     return result
 
 
-def resolve_device(name: str) -> str:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SettingsError(f"--device {name} asked for, but PyTorch sees no CUDA device")
-    if name != "cpu" and not name.startswith("cuda") and name != "mps":
-        raise SettingsError(f"--device must be cpu, cuda[:N] or mps, got {name!r}")
-    return name
+def add_common(parser: argparse.ArgumentParser, device_and_seed: bool = True) -> None:
+    """--quiet, and --device and --seed with JobSettings' defaults (purify generates those two
+    with the rest of its JobSettings flags)."""
+    from .job import JobSettings
 
-
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    if device_and_seed:
+        fields = JobSettings.__dataclass_fields__
+        parser.add_argument("--device", default=fields["device"].default,
+                            help=f"{fields['device'].metadata['help']} (default: auto)")
+        parser.add_argument("--seed", type=int, default=fields["seed"].default,
+                            help=f"random seed (default: {fields['seed'].default})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -212,22 +210,9 @@ def add_purify_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", "--variant", default="default", choices=sorted(PRESETS),
                         help="named TSC settings; single flags below override it "
                              "(default: default)")
-    from .data import CLEAN_FRACTION
+    from .job import JobSettings
 
-    parser.add_argument("--clean-fraction", type=float, default=CLEAN_FRACTION,
-                        help="clean data: a fraction (<1) or count (≥1) of the training split, "
-                             f"class-stratified and seeded (default: {CLEAN_FRACTION})")
-    parser.add_argument("--profile-test", type=int, default=2000,
-                        help="test images used for the metrics along each curve (default: 2000)")
-    parser.add_argument("--profile-train", type=int, default=1000,
-                        help="encoders: labelled training images of the linear probe that "
-                             "scores each point along the curves (default: 1000)")
-    parser.add_argument("--loss", default="auto", choices=("auto", "ce", "simclr"),
-                        help="the curves' objective. auto: simclr for an encoder run folder "
-                             "(unlabelled clean images, no label read; the point defaults to "
-                             "t = 0.25), ce (cross-entropy on labelled clean data) for a "
-                             "classifier. simclr on a classifier contrasts its logits "
-                             "(default: auto)")
+    add_settings_flags(parser, JobSettings)
     add_settings_flags(parser, TSCSettings)
     add_retune_flags(parser)
 
@@ -279,8 +264,9 @@ def print_report_summary(report, out: str) -> None:
 
 
 def run_purify(args: argparse.Namespace) -> int:
-    from .purification import purify_run, resolve_loss
-    from .runs import run_sidecar, write_own_run
+    from .job import JobSettings
+    from .purification import purify_run
+    from .runs import write_own_run
 
     own = {"--data": args.data, "--data-root": args.data_root, "--model-arg": args.model_arg}
     if args.weights is None:
@@ -297,14 +283,12 @@ def run_purify(args: argparse.Namespace) -> int:
         raise SettingsError("--weights needs --arch (a registered model or your "
                             "module:function) and --data (the data set it was trained on)")
 
+    job = settings_from_args(JobSettings, args)
+    resolve_device(job.device)  # a missing GPU fails before a --weights folder is made
+
     def purify_folder(run: str | Path, **more: Any) -> int:
-        loss = resolve_loss(run_sidecar(run), args.loss, run)
         report = purify_run(run, args.out, preset=args.preset, overrides=tsc_overrides(args),
-                            loss=loss,
-                            clean_fraction=args.clean_fraction,
-                            profile_test=args.profile_test, profile_train=args.profile_train,
-                            seed=args.seed,
-                            device=resolve_device(args.device), progress=not args.quiet,
+                            job=job, progress=not args.quiet,
                             resume=args.resume, overwrite=args.overwrite,
                             retune=retune_settings(args), retune_floor=args.retune_floor,
                             trusted_arch=args.arch, leaf_modules=args.leaf_module or (),
@@ -325,6 +309,7 @@ def run_purify(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from .job import JobSettings
     from .outputs import atomic_folder, check_out
     from .purification import purify_run
     from .runs import train_backdoored
@@ -342,7 +327,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("2/2 purifying it with TSC on 5% clean training data ...")
         report = purify_run(building / "backdoored", building / "purified",
                             preset=args.preset, overrides=tsc_overrides(args),
-                            seed=args.seed, device=device,
+                            job=JobSettings(seed=args.seed, device=device),
                             progress=not args.quiet, source=str(out / "backdoored"))
     print_report_summary(report, str(out / "purified"))
     return 0
@@ -509,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue an interrupted run from its last finished stage")
     purify.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_purify_flags(purify)
-    add_common(purify)
+    add_common(purify, device_and_seed=False)
     purify.set_defaults(func=run_purify)
 
     demo = commands.add_parser(
@@ -577,9 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown, warnings.showwarning = warnings.showwarning, _warning_line
     try:
         if hasattr(args, "seed"):
+            from .job import JobSettings
             from .seeding import seed_everything
 
-            seed_everything(args.seed)
+            # purify's generated --seed is None when unset: JobSettings' default then
+            seed_everything(JobSettings().seed if args.seed is None else args.seed)
         return args.func(args)
     except TscpurifyError as err:
         hint = (" (on the command line: --leaf-module PATH or --leaf-module CLASS)"

@@ -39,11 +39,12 @@ from torch.utils.data import DataLoader
 from .attacks.base import Attack
 from .checkpoint import WEIGHTS, save_model, write_json
 from .curve.train import LossFn
-from .data import CLEAN_FRACTION, ImageData, load_dataset, select_clean_subset
+from .data import ImageData, load_dataset, select_clean_subset
 from .data.subset import subset_size
 from .defenses.tsc import PRESETS, TSCSettings, purify
 from .errors import DataError, OutputError, SettingsError, TscpurifyError
 from .evaluation import evaluate
+from .job import LOSSES, JobSettings, resolve_device
 from .outputs import atomic_folder, check_out
 from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles, plot_retune
@@ -57,7 +58,6 @@ from .ssl import ProbeSettings, SimCLRAugment, encoder_metrics, simclr_loss
 log = logging.getLogger(__name__)
 
 
-LOSSES = ("auto", "ce", "simclr")
 DEFAULT_RETUNE = RetuneSettings()
 # The TSC reference's SimCLR example takes its points at t = 0.25 (spec, "self-supervised
 # variant"); kept as is, not tuned here. The "ssl" preset holds it.
@@ -209,9 +209,7 @@ def write_report(report: PurifyReport, folder: Path) -> list[str]:
 
 def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = None, *,
                preset: str = "default", overrides: Mapping[str, Any] | None = None,
-               loss: str = "auto", clean_fraction: float = CLEAN_FRACTION,
-               profile_test: int = 2000, profile_train: int = 1000, seed: int = 0,
-               device: str = "cpu", progress: bool = True, resume: bool = False,
+               job: JobSettings | None = None, progress: bool = True, resume: bool = False,
                overwrite: bool = False, retune: RetuneSettings | None = DEFAULT_RETUNE,
                retune_floor: str | Path | None = None,
                source: str | None = None, trusted_arch: str | None = None,
@@ -223,9 +221,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         settings, preset, overrides: an explicit TSCSettings, else the named preset (for the
             SimCLR loss the SSL one), then single-field overrides (`resolve_settings`, the same
             composition as the CLI's --preset and flags).
-        loss: 'auto' (simclr for encoders, ce for classifiers), 'ce' or 'simclr'.
-        profile_test, profile_train: test images scoring each point along the curves, and (for
-            encoders) the labelled training images its linear probe learns from.
+        job: the clean data, loss, profile sizes, seed, device and threads (`JobSettings`,
+            whose fields are the CLI's --clean-fraction, --loss, ... flags).
         retune: re-tuning settings for the robustness check of a classifier whose attack is
             recorded (None: no check); retune_floor: a run folder of the same architecture
             trained without poison, re-tuned the same way as the floor.
@@ -238,14 +235,14 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         leaf_modules: module paths or class names the symmetry tracer keeps opaque
             (`resolve_leaf_modules`), as a SpecError's hint may ask.
     """
-    if profile_test < 0 or profile_train < 0:
-        raise SettingsError(f"profile sizes must be ≥ 0, got --profile-test {profile_test}, "
-                            f"--profile-train {profile_train}")
+    job = job if job is not None else JobSettings()
+    device, seed = resolve_device(job.device), job.seed
+    job.apply_threads()  # before anything computes: the count is part of the resume identity
     inputs = [run, *more_inputs] + ([retune_floor] if retune_floor is not None else [])
     out = check_out(out, overwrite, inputs)  # before anything is loaded
     model, sidecar, attack = load_run(run, device, trusted_arch)
     leaves = resolve_leaf_modules(model, leaf_modules)
-    loss = resolve_loss(sidecar, loss, run)
+    loss = resolve_loss(sidecar, job.loss, run)
     floor_model = (load_retune_floor(retune_floor, sidecar, device)
                    if retune_floor is not None else None)
     retuning = retune is not None and attack is not None and not is_encoder(sidecar)
@@ -257,9 +254,10 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     train = load_dataset(dataset.get("name", "fashion-mnist"), "train", dataset.get("root"))
     test = load_dataset(dataset.get("name", "fashion-mnist"), "test", dataset.get("root"))
     if loss == "simclr":
-        indices = unlabelled_subset(len(train), clean_fraction, derive_seed(seed, "clean"))
+        indices = unlabelled_subset(len(train), job.clean_fraction, derive_seed(seed, "clean"))
     else:
-        indices = select_clean_subset(train.labels, clean_fraction, derive_seed(seed, "clean"))
+        indices = select_clean_subset(train.labels, job.clean_fraction,
+                                      derive_seed(seed, "clean"))
     clean = train.subset(indices)
     if retuning:  # draw the re-tuning set now, so a data set too small fails before any work
         try:
@@ -282,14 +280,14 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     # Profiles along the curves use a fixed test subset to keep them cheap; before/after use all
     # (encoders: what their sidecar records).
     if is_encoder(sidecar):
-        profile = ProbeSettings(train_images=profile_train, test_images=profile_test, knn_k=0,
-                                seed=seed)
+        profile = ProbeSettings(train_images=job.profile_train, test_images=job.profile_test,
+                                knn_k=0, seed=seed)
         profile_eval = make_probe_evaluator(train, test, attack, profile)
         full_eval = make_probe_evaluator(train, test, attack, probe_settings(sidecar))
     else:
         profile_indices = torch.randperm(len(test),
                                          generator=torch.Generator().manual_seed(seed))
-        profile_eval = make_evaluator(test.subset(profile_indices[:profile_test]), attack)
+        profile_eval = make_evaluator(test.subset(profile_indices[:job.profile_test]), attack)
         full_eval = make_evaluator(test, attack)
 
     partial = out.parent / f".{out.name}.stages"

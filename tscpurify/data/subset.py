@@ -13,15 +13,24 @@ from ..errors import SettingsError
 CLEAN_FRACTION = 0.05
 
 
-def subset_size(n: int, amount: float) -> int:
-    """How many of n images `amount` asks for: a fraction in (0, 1), or a whole count in
-    [1, n]. Anything else (NaN, infinity, 1.5, a negative) is refused, never rounded."""
+def subset_kind(amount: float) -> str:
+    """'fraction' for an amount in (0, 1), 'count' for a whole number ≥ 1; anything else (NaN,
+    infinity, 1.5, a negative) is refused, never rounded."""
     finite = (isinstance(amount, (int, float)) and not isinstance(amount, bool)
               and math.isfinite(amount))
-    fraction = finite and 0 < amount < 1
-    whole = finite and amount >= 1 and float(amount).is_integer()
-    count = round(amount * n) if fraction else int(amount) if whole else 0
-    if not (fraction or whole) or count < 1 or count > n:
+    if finite and 0 < amount < 1:
+        return "fraction"
+    if finite and amount >= 1 and float(amount).is_integer():
+        return "count"
+    raise SettingsError(f"clean subset must be a fraction in (0, 1) or a whole count ≥ 1, got "
+                        f"{amount}")
+
+
+def subset_size(n: int, amount: float) -> int:
+    """How many of n images `amount` asks for: a fraction in (0, 1), or a whole count in
+    [1, n] (`subset_kind`)."""
+    count = round(amount * n) if subset_kind(amount) == "fraction" else int(amount)
+    if count < 1 or count > n:
         raise SettingsError(f"clean subset must be a fraction in (0, 1) or a whole count in "
                             f"[1, {n}], got {amount}")
     return count
