@@ -249,3 +249,18 @@ def test_pooling_over_hidden_units_is_refused():
     model = nn.Sequential(nn.Linear(8, 6), nn.MaxPool1d(2), nn.Linear(3, 1))
     with pytest.raises(SpecError, match="module MaxPool1d at '1' pools over a hidden-unit axis"):
         derive_spec(model, torch.rand(2, 3, 8))
+
+
+class _TupleOut(nn.Module):
+    """A layer's output split by chunk and returned as a tuple: its units reach the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.other = nn.Linear(3, 4), nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fc(x).chunk(2, dim=-1), self.other(x)
+
+
+def test_units_in_a_returned_tuple_never_move():
+    assert list(derive_spec(_TupleOut(), torch.rand(2, 3)).groups) == []

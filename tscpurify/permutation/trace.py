@@ -151,6 +151,8 @@ class Propagator(fx.Interpreter):
     def fix(self, nodes: Sequence[fx.Node]) -> None:
         for node in nodes:
             self.fix_axes(self.axes[node])
+            for item in self.items.get(node, ()):  # a tuple (chunk, MultiheadAttention)
+                self.fix_axes(item)
 
     def fix_axes(self, axes: Axes) -> None:
         self.uf.fixed.update(part.atom for parts in axes.values() for part in parts)
