@@ -286,3 +286,20 @@ def test_every_axis_of_every_attention_group_is_needed(attention):
             half = replace(group, params=tuple(a for a in group.params if a != skipped))
             broken = PermutationSpec({**spec.groups, name: half})
             assert max_output_change(model, broken, perm, x) > 1e-4 * scale, (name, skipped)
+
+
+def test_tsc_purifies_a_vit():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tscpurify import TSCSettings, purify
+    from tscpurify.settings import replace_settings
+
+    x, y = torch.rand(32, 3, 16, 16), torch.randint(0, 5, (32,))
+    settings = replace_settings(TSCSettings(), rounds=1, epochs=1, ft_epochs=0,
+                                final_ft_epochs=0, profile_points=0, batch_size=None)
+    purified, report = purify(vit(Attention, depth=1), DataLoader(TensorDataset(x, y),
+                                                                  batch_size=16),
+                              settings, progress=False)
+    assert report.symmetry["groups"] == 5 and report.symmetry["coverage"] >= 0.9
+    with torch.no_grad():
+        assert torch.isfinite(purified(x)).all()
