@@ -116,6 +116,10 @@ def unit_features(output: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """
     if isinstance(module, nn.modules.conv._ConvNd):
         return output.reshape(output.shape[0], output.shape[1], -1)
+    return _last_dim_features(output)
+
+
+def _last_dim_features(output: torch.Tensor) -> torch.Tensor:
     return output.reshape(-1, output.shape[-1]).T.unsqueeze(0)
 
 
@@ -136,7 +140,7 @@ def _attention_features(module: nn.MultiheadAttention, args: tuple, kwargs: dict
 
 def _probe_features(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
     if isinstance(module, nn.MultiheadAttention):
-        return unit_features(_attention_features(module, args, kwargs), nn.Linear(1, 1))
+        return _last_dim_features(_attention_features(module, args, kwargs))
     return unit_features(output, module)
 
 

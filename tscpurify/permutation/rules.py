@@ -321,6 +321,7 @@ def _transpose(p: Propagator, n: fx.Node, result: Any) -> Axes:
 def _permute(p: Propagator, n: fx.Node, result: Any) -> Axes:
     src = _arg(n, 0, "input")
     dims = n.args[1:] if n.op == "call_method" and len(n.args) > 2 else _arg(n, 1, "dims")
+    dims = (dims,) if isinstance(dims, int) else dims
     nd = len(p.shapes[src])
     order = [d % nd for d in dims]  # output dim i is input dim order[i]
     axes = p.axes_of(src)
@@ -549,6 +550,7 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     (nn.MultiheadAttention, _multihead_attention),
     (nn.GroupNorm, _group_norm),
     (nn.Flatten, _flatten_module),
+    (nn.Unflatten, _reshape),
     ((nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d), _pool(1)),
     ((nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), _pool(2)),
     ((nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d), _pool(3)),
@@ -577,7 +579,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.unbind: _split("unbind"),
     **dict.fromkeys((operator.matmul, torch.matmul, torch.bmm), _matmul),
     F.scaled_dot_product_attention: _attention,
-    **dict.fromkeys((torch.reshape, torch.squeeze, torch.unsqueeze), _reshape),
+    **dict.fromkeys((torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten), _reshape),
     **dict.fromkeys((torch.mean, torch.sum, torch.amax, torch.amin), _reduce),
 }
 METHOD_RULES: dict[str, Rule] = {
@@ -592,6 +594,6 @@ METHOD_RULES: dict[str, Rule] = {
     **dict.fromkeys(("chunk", "split", "tensor_split"), _split("split")),
     "unbind": _split("unbind"),
     **dict.fromkeys(("matmul", "bmm"), _matmul),
-    **dict.fromkeys(("view", "reshape", "squeeze", "unsqueeze"), _reshape),
+    **dict.fromkeys(("view", "reshape", "squeeze", "unsqueeze", "unflatten"), _reshape),
     **dict.fromkeys(("mean", "sum", "amax", "amin"), _reduce),
 }
