@@ -183,3 +183,29 @@ def test_overlapping_segments_are_refused_and_factors_of_one_segment_are_not():
     with pytest.raises(SpecError, match="overlapping"):  # blocks of 3 cut the units' runs
         PermutationSpec({"heads": PermutationGroup("heads", 4, (Axis("w", 0, 3),)),
                          "units": PermutationGroup("units", 4, (Axis("w", 0, 1, repeat=3),))})
+
+
+def test_what_concatenation_cannot_do_is_refused():
+    class GroupNormAfterCat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 1), nn.Conv2d(1, 4, 1)
+            self.norm, self.out = nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.norm(torch.cat([self.a(x), self.b(x)], 1)))
+
+    class UnevenSplit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.a, self.b = nn.Linear(2, 6), nn.Linear(2, 1), nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            left, right = self.fc(x).split([2, 4], dim=-1)  # cuts one layer's units unevenly
+            return self.a(left) + self.b(right)
+
+    with pytest.raises(SpecError, match="module GroupNorm at 'norm' .* normalises groups of a "
+                                        "concatenation"):
+        derive_spec(GroupNormAfterCat(), torch.rand(2, 1, 3, 3))
+    with pytest.raises(SpecError, match="method 'split' .* splits a hidden-unit axis inside"):
+        derive_spec(UnevenSplit(), torch.rand(2, 2))
