@@ -11,7 +11,9 @@ Plan:
 3. Atoms that reach the model's output, or meet an untracked axis of the same size (the input,
    a constant, an opaque module), are fixed: their whole set never moves.
 4. Every set that holds the output axis of a Linear/Conv (a producer) and is not fixed becomes a
-   group named after its first producer; its producers are its probes.
+   group named after its first producer; its producers are its probes. A MultiheadAttention
+   produces its heads and within-head units ('attn/heads', 'attn/qk', 'attn/v'); a producer
+   whose units a reshape split names each factor ('qkv/1', or 'qkv/1[0]' for q's share).
 Ops without a rule raise SpecError unless none of their inputs carries hidden units.
 """
 
