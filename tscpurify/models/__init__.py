@@ -13,7 +13,19 @@ from torch import nn
 from ..errors import SettingsError
 
 # Importing the modules registers their entrypoints (in .registered).
-from . import clip, cnn, encoder, mlp, preact_resnet, resnet, vgg  # noqa: F401
+from . import (  # noqa: F401
+    clip,
+    cnn,
+    convnext,
+    densenet,
+    encoder,
+    gn_cnn,
+    mlp,
+    preact_resnet,
+    resnet,
+    vgg,
+    vit,
+)
 from .registered import MODELS
 
 
