@@ -33,7 +33,7 @@ from tscpurify.data.augment import random_crop_flip
 from tscpurify.defenses import defend
 from tscpurify.defenses.tsc import PRESETS, finished_stage, purify
 from tscpurify.permutation import apply_permutation, derive_spec, match
-from tscpurify.purification import make_evaluator
+from tscpurify.run_kinds import make_evaluator
 from tscpurify.runs import load_run
 from tscpurify.seeding import derive_seed
 from tscpurify.settings import replace_settings

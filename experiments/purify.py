@@ -33,7 +33,7 @@ from tscpurify.defenses import defend
 from tscpurify.defenses.tsc import PRESETS, purify
 from tscpurify.errors import SettingsError
 from tscpurify.evaluation import evaluate
-from tscpurify.purification import make_evaluator
+from tscpurify.run_kinds import make_evaluator
 from tscpurify.runs import load_run
 from tscpurify.seeding import derive_seed
 from tscpurify.settings import replace_settings

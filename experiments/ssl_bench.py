@@ -47,9 +47,11 @@ from tscpurify.defenses.tsc_clip import frozen_text_loss, purify_clip
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer
 from tscpurify.purification import image_loader, unlabelled_subset
-from tscpurify.runs import EncoderRunSettings, load_run, probe_settings, train_encoder
+from tscpurify.run_kinds import probe_settings
+from tscpurify.runs import EncoderRunSettings, load_run, train_encoder
 from tscpurify.seeding import derive_seed, seed_everything
 from tscpurify.settings import replace_settings
+from tscpurify.sidecar import Sidecar
 from tscpurify.ssl import (
     BadEncoderSettings,
     ProbeSettings,
@@ -112,8 +114,8 @@ def clip_folder(cache: Path, seed: int, train: ImageData, test: ImageData,
     seconds = time.perf_counter() - began
     metrics = zero_shot_metrics(model, test, poisoned.attack).as_dict()
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, folder, {"arch": "clip", "kwargs": model.config, "kind": "clip",
-                               "attack": poisoned.attack.record(), "seed": seed})
+    save_model(model, folder, Sidecar(arch="clip", kwargs=model.config, kind="clip",
+                                      attack=poisoned.attack.record(), seed=seed))
     write_json(folder / "metrics.json", {**metrics, "train_seconds": seconds})
     return folder
 
@@ -148,7 +150,7 @@ def clip_cell(seed: int, args: argparse.Namespace, train: ImageData,
               test: ImageData) -> dict[str, Any]:
     folder = clip_folder(Path(args.cache), seed, train, test, args.smoke)
     model, sidecar = load_model(folder, args.device)
-    attack = attack_from_record(sidecar["attack"])
+    attack = attack_from_record(sidecar.attack)
 
     def measure(m: nn.Module) -> dict[str, Any]:
         return zero_shot_metrics(m, test, attack).as_dict()

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from tscpurify.data import load_dataset, select_clean_subset
 from tscpurify.defenses.tsc import PRESETS, purify
-from tscpurify.purification import make_evaluator
+from tscpurify.run_kinds import make_evaluator
 from tscpurify.runs import load_run
 from tscpurify.seeding import derive_seed
 

@@ -5,14 +5,15 @@ from safetensors.torch import save_file
 from tscpurify.checkpoint import load_model, load_weights, save_model
 from tscpurify.errors import CheckpointError
 from tscpurify.models import create_model
+from tscpurify.sidecar import Sidecar
 
 
 def test_safetensors_round_trip_rebuilds_an_identical_model(tmp_path):
     model = create_model("cnn", width=4).eval()
     model(torch.rand(8, 1, 28, 28))  # eval mode: running stats stay, but make sure they exist
-    save_model(model, tmp_path, {"arch": "cnn", "kwargs": {"width": 4}})
+    save_model(model, tmp_path, Sidecar(arch="cnn", kwargs={"width": 4}))
     loaded, sidecar = load_model(tmp_path)
-    assert sidecar["arch"] == "cnn"
+    assert sidecar.arch == "cnn"
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     x = torch.rand(4, 1, 28, 28)
@@ -21,7 +22,7 @@ def test_safetensors_round_trip_rebuilds_an_identical_model(tmp_path):
 
 def test_mismatched_weights_are_refused_with_the_key(tmp_path):
     model = create_model("cnn", width=4)
-    save_model(model, tmp_path, {"arch": "cnn", "kwargs": {"width": 8}})
+    save_model(model, tmp_path, Sidecar(arch="cnn", kwargs={"width": 8}))
     with pytest.raises(CheckpointError, match="does not match the architecture"):
         load_model(tmp_path)
 

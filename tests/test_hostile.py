@@ -114,9 +114,11 @@ def test_attack_bad_flags(flags, message, fmnist_root, tmp_path, capsys):
 
 
 TAMPERED = [
-    ("kwargs a list", dict(sidecar=set_key("kwargs", [16])), "'kwargs' must be a JSON dict"),
+    ("kwargs a list", dict(sidecar=set_key("kwargs", [16])), "'kwargs' must be a JSON object"),
     ("dataset a string", dict(sidecar=set_key("dataset", "fashion-mnist")),
-     "'dataset' must be a JSON dict"),
+     "'dataset' must be a JSON object"),
+    ("unknown kind", dict(sidecar=set_key("kind", "regressor")), "kind must be one of"),
+    ("seed a boolean", dict(sidecar=set_key("seed", True)), "'seed' must be a JSON integer"),
     ("unknown arch", dict(sidecar=set_key("arch", "resnet999")), "unknown architecture"),
     ("unknown key", dict(sidecar=set_key("kwarg", {"width": 8})), "unknown key(s) 'kwarg'"),
     ("not an object", dict(sidecar=lambda data: [data]), "JSON object"),

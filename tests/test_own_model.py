@@ -121,7 +121,7 @@ def test_a_registered_architecture_from_weights_and_a_pt_file(tmp_path, fmnist_r
     write_own_run(run, tmp_path / "model.pt", "cnn", model_args={"width": 4},
                   data="fashion-mnist", data_root=str(fmnist_root))
     loaded, sidecar = load_model(run)
-    assert sidecar["kwargs"]["num_classes"] == 10 and sidecar["kwargs"]["in_channels"] == 1
+    assert sidecar.kwargs["num_classes"] == 10 and sidecar.kwargs["in_channels"] == 1
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
 

@@ -17,12 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError
-from .models import MODELS, create_model
+from .models import create_model
 from .models.factory import build_from_factory, is_factory_path
+from .sidecar import SIDECAR, Sidecar, parse_sidecar
 
-SIDECAR_FORMAT = "tscpurify-model/1"
 WEIGHTS = "weights.safetensors"
-SIDECAR = "model.json"
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -114,42 +113,19 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(state)
 
 
-def save_model(model: nn.Module, folder: Path, sidecar: dict[str, Any]) -> None:
+def save_model(model: nn.Module, folder: Path, sidecar: Sidecar) -> None:
     """Write weights.safetensors and model.json into `folder` (which must exist)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
-    write_json(folder / SIDECAR, {"format": SIDECAR_FORMAT, **sidecar})
+    write_json(folder / SIDECAR, sidecar.to_json())
 
 
-# model.json keys and the JSON types of those tscpurify reads (the rest are records).
-SIDECAR_TYPES = {"format": str, "arch": str, "kwargs": dict, "kind": str, "dataset": dict,
-                 "attack": (dict, type(None)), "classes": list, "seed": int}
-SIDECAR_KEYS = {*SIDECAR_TYPES, "train", "poisoned", "tool_version", "ssl", "evaluation",
-                "purified_by"}
-
-
-def check_sidecar(sidecar: Any, path: Path) -> None:
-    """The fields tscpurify reads from model.json, with their types; one-line error."""
-    if not isinstance(sidecar, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    if sidecar.get("format") != SIDECAR_FORMAT:
-        raise CheckpointError(f"{path} is not a {SIDECAR_FORMAT} sidecar")
-    unknown = sorted(set(sidecar) - SIDECAR_KEYS)
-    if unknown:  # a typo (e.g. "kwarg") would otherwise be ignored and the defaults used
-        raise CheckpointError(f"{path} has unknown key(s) {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(sorted(SIDECAR_KEYS))}")
-    for key, kind in SIDECAR_TYPES.items():
-        if key in sidecar and not isinstance(sidecar[key], kind):
-            names = kind.__name__ if isinstance(kind, type) else "object or null"
-            raise CheckpointError(f"{path}: {key!r} must be a JSON {names}, got "
-                                  f"{type(sidecar[key]).__name__}")
-    arch = sidecar.get("arch")
-    if not isinstance(arch, str) or arch not in MODELS and not is_factory_path(arch):
-        raise CheckpointError(f"{path} names unknown architecture {arch!r}")
-    dataset = sidecar.get("dataset", {})
-    if not isinstance(dataset.get("name", ""), str) or not isinstance(
-            dataset.get("root") or "", str):
-        raise CheckpointError(f"{path}: dataset must be {{\"name\": str, \"root\": str or null}}")
+def read_sidecar(folder: str | Path) -> Sidecar:
+    """A run folder's model.json, parsed and checked, without loading its weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"run folder {folder} does not exist")
+    return parse_sidecar(read_json(folder / SIDECAR), folder / SIDECAR)
 
 
 def build_model(arch: str, kwargs: dict[str, Any], trusted_arch: str | None = None,
@@ -166,15 +142,12 @@ def build_model(arch: str, kwargs: dict[str, Any], trusted_arch: str | None = No
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu",
-               trusted_arch: str | None = None) -> tuple[nn.Module, dict]:
+               trusted_arch: str | None = None) -> tuple[nn.Module, Sidecar]:
     """Rebuild a saved model from its run folder: architecture from the sidecar, then weights.
     A sidecar naming an importable factory needs the same name in `trusted_arch`."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"run folder {folder} does not exist")
-    sidecar = read_json(folder / SIDECAR)
-    check_sidecar(sidecar, folder / SIDECAR)
-    arch, kwargs = sidecar["arch"], sidecar.get("kwargs", {})
+    sidecar = read_sidecar(folder)
+    arch, kwargs = sidecar.arch, sidecar.kwargs
     source = str(folder / SIDECAR)
     # The sidecar alone must not decide an allocation: build the model on the meta device
     # (no memory) and compare it with the shapes the weights file declares first.

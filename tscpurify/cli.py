@@ -247,12 +247,13 @@ def tsc_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report_summary(report, out: str) -> None:
+    from .run_kinds import KINDS
+
     before, after = report.before, report.after
     line = (f"ACC {before['acc']:.2f}% → {after['acc']:.2f}%")
     if before.get("asr") is not None:
         line += f"   ASR {before['asr']:.2f}% → {after['asr']:.2f}%"
-    if report.source.get("kind") == "encoder":
-        line = f"linear probe {line}"
+    line = KINDS[report.source.get("kind", "classifier")].label + line
     print(f"purified model written to {out}: {line}")
     if report.retune:
         at = report.retune["after"]["epochs"]

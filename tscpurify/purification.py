@@ -28,7 +28,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +36,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .attacks.base import Attack
 from .checkpoint import WEIGHTS, save_model, write_json
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
 from .data.subset import subset_size
 from .defenses.tsc import PRESETS, TSCSettings, purify
 from .errors import DataError, OutputError, SettingsError, TscpurifyError
-from .evaluation import evaluate
-from .job import LOSSES, JobSettings, resolve_device
+from .job import JobSettings, resolve_device
 from .outputs import atomic_folder, check_out
 from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
 from .retune import RetuneSettings, retune_profiles, retune_set
-from .runs import is_encoder, load_retune_floor, load_run, probe_settings
+from .run_kinds import kind_of, resolve_loss
+from .runs import dataset_of, load_retune_floor, load_run
 from .seeding import derive_seed
 from .settings import replace_settings
-from .ssl import ProbeSettings, SimCLRAugment, encoder_metrics, simclr_loss
+from .sidecar import Sidecar
+from .ssl import ProbeSettings, SimCLRAugment, simclr_loss
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,14 @@ def ssl_settings(base: TSCSettings) -> TSCSettings:
 def resolve_settings(loss: str, settings: TSCSettings | None = None, preset: str = "default",
                      overrides: Mapping[str, Any] | None = None) -> TSCSettings:
     """A purification's TSC settings, composed in this one place for the CLI, `purify_run` and
-    the demo: an explicit `settings` as given, else the named preset (for the SimCLR loss made
-    the SSL one, `ssl_settings`), then single-field `overrides` (checked by name and type).
+    the demo: an explicit `settings` as given, else the named preset as the objective takes it
+    (the SimCLR one: `ssl_settings`), then single-field `overrides` (checked by name and type).
     So `tscpurify purify ENC --epochs 10` and `purify_run(ENC, out, overrides={"epochs": 10})`
     run the same settings."""
     if settings is None:
         if preset not in PRESETS:
             raise SettingsError(f"unknown preset {preset!r}; choices: {', '.join(PRESETS)}")
-        settings = ssl_settings(PRESETS[preset]) if loss == "simclr" else PRESETS[preset]
+        settings = OBJECTIVES[loss].preset(PRESETS[preset])
     return replace_settings(settings, **dict(overrides or {}))
 
 
@@ -101,21 +101,6 @@ def resolve_leaf_modules(model: nn.Module, names: Sequence[str]) -> tuple[type |
             raise SettingsError(f"--leaf-module {name!r} is neither a module path nor a module "
                                 f"class of the model")
     return tuple(resolved)
-
-
-def resolve_loss(sidecar: dict[str, Any], requested: str, run: str | Path = "the run") -> str:
-    """'ce' or 'simclr' for a run folder: 'auto' follows the sidecar's kind."""
-    if requested not in LOSSES:
-        raise SettingsError(f"unknown loss {requested!r}; choices: {', '.join(LOSSES)}")
-    encoder = is_encoder(sidecar)
-    if requested == "auto":
-        return "simclr" if encoder else "ce"
-    if requested == "ce" and encoder:
-        raise SettingsError(f"--loss ce needs a classifier, but {run} holds a self-supervised "
-                            f"encoder (model.json kind 'encoder'): its outputs are projections, "
-                            f"not class scores. Use --loss simclr (the default for encoders), "
-                            f"which needs no labels")
-    return requested
 
 
 def check_embeddings(model: nn.Module, example: torch.Tensor, arch: str = "the model") -> None:
@@ -141,24 +126,53 @@ def image_loader(clean: ImageData, batch_size: int) -> DataLoader:
     return DataLoader(clean.tensor_dataset(labels=False), batch_size=batch_size, shuffle=True)
 
 
-def make_evaluator(test: ImageData, attack: Attack | None):
-    """ACC/ASR/RA of a model on `test`: the harness's view, never the defense's."""
+@dataclass(frozen=True)
+class CrossEntropyObjective:
+    """The curves learn the labelled clean subset's cross-entropy (TSC's classifier default):
+    a class-stratified subset, batches of (image, label), TSC's own loss."""
 
-    def measure(model: torch.nn.Module) -> dict[str, float]:
-        return {k: v for k, v in evaluate(model, test, attack).as_dict().items() if v is not None}
+    name: str = "ce"
 
-    return measure
+    def preset(self, settings: TSCSettings) -> TSCSettings:
+        return settings
+
+    def clean_indices(self, train: ImageData, amount: float, seed: int) -> torch.Tensor:
+        return select_clean_subset(train.labels, amount, seed)
+
+    def loader(self, clean: ImageData, batch_size: int) -> DataLoader:
+        return DataLoader(clean.tensor_dataset(), batch_size=batch_size, shuffle=True)
+
+    def loss_fn(self, model: nn.Module, clean: ImageData, sidecar: Sidecar,
+                device: str) -> LossFn | None:
+        return None  # TSC's cross-entropy
 
 
-def make_probe_evaluator(train: ImageData, test: ImageData, attack: Attack | None,
-                         settings: ProbeSettings):
-    """Linear-probe ACC/ASR/RA (and kNN ACC if asked) of an encoder: evaluation only."""
+@dataclass(frozen=True)
+class SimCLRObjective(CrossEntropyObjective):
+    """TSC's self-supervised variant: NT-Xent between two augmented views of each clean image.
+    The subset is drawn without looking at labels and enters as images alone, so nothing
+    downstream can read one; the points default to the SSL preset's t = 0.25."""
 
-    def measure(model: torch.nn.Module) -> dict[str, float]:
-        metrics = encoder_metrics(model, train, test, attack, settings)
-        return {k: v for k, v in metrics.items() if v is not None}
+    name: str = "simclr"
 
-    return measure
+    def preset(self, settings: TSCSettings) -> TSCSettings:
+        return ssl_settings(settings)
+
+    def clean_indices(self, train: ImageData, amount: float, seed: int) -> torch.Tensor:
+        return unlabelled_subset(len(train), amount, seed)
+
+    def loader(self, clean: ImageData, batch_size: int) -> DataLoader:
+        return image_loader(clean, batch_size)
+
+    def loss_fn(self, model: nn.Module, clean: ImageData, sidecar: Sidecar,
+                device: str) -> LossFn | None:
+        check_embeddings(model, clean.floats()[:2].to(device), sidecar.arch)
+        # the encoder's own pre-training temperature, when its run folder records one
+        temperature = ((sidecar.ssl or {}).get("simclr") or {}).get("temperature", 0.5)
+        return simclr_loss(SimCLRAugment(), temperature)
+
+
+OBJECTIVES = {o.name: o for o in (CrossEntropyObjective(), SimCLRObjective())}
 
 
 @contextlib.contextmanager
@@ -242,22 +256,23 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     out = check_out(out, overwrite, inputs)  # before anything is loaded
     model, sidecar, attack = load_run(run, device, trusted_arch)
     leaves = resolve_leaf_modules(model, leaf_modules)
-    loss = resolve_loss(sidecar, job.loss, run)
+    kind = kind_of(sidecar)
+    loss = resolve_loss(kind, job.loss, run)
+    if loss not in OBJECTIVES:  # a CLIP model's own objective needs image-caption pairs
+        raise SettingsError(f"{run} holds a {kind.name} model, which needs its own objective: "
+                            f"purify it from Python with tscpurify.purify_clip (docs/ssl.md)")
+    objective = OBJECTIVES[loss]
     floor_model = (load_retune_floor(retune_floor, sidecar, device)
                    if retune_floor is not None else None)
-    retuning = retune is not None and attack is not None and not is_encoder(sidecar)
+    retuning = retune is not None and attack is not None and kind.retunable
     if retune_floor is not None and not retuning:
         raise SettingsError("a re-tune floor needs re-tuning on, a classifier and a recorded "
                             "attack")
     settings = resolve_settings(loss, settings, preset, overrides)
-    dataset = sidecar.get("dataset", {})
-    train = load_dataset(dataset.get("name", "fashion-mnist"), "train", dataset.get("root"))
-    test = load_dataset(dataset.get("name", "fashion-mnist"), "test", dataset.get("root"))
-    if loss == "simclr":
-        indices = unlabelled_subset(len(train), job.clean_fraction, derive_seed(seed, "clean"))
-    else:
-        indices = select_clean_subset(train.labels, job.clean_fraction,
-                                      derive_seed(seed, "clean"))
+    dataset = dataset_of(sidecar, run)
+    train = load_dataset(dataset.name, "train", dataset.root)
+    test = load_dataset(dataset.name, "test", dataset.root)
+    indices = objective.clean_indices(train, job.clean_fraction, derive_seed(seed, "clean"))
     clean = train.subset(indices)
     if retuning:  # draw the re-tuning set now, so a data set too small fails before any work
         try:
@@ -269,31 +284,24 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     batch_size = settings.loader_batch_size()
     # No private generator: TSC re-seeds the global RNG at every stage, which is what makes a
     # resumed run shuffle exactly like an uninterrupted one.
-    loss_fn: LossFn | None = None
-    if loss == "simclr":
-        check_embeddings(model, clean.floats()[:2].to(device), str(sidecar.get("arch")))
-        temperature = ((sidecar.get("ssl") or {}).get("simclr") or {}).get("temperature", 0.5)
-        loss_fn = simclr_loss(SimCLRAugment(), temperature)
-        loader = image_loader(clean, batch_size)
-    else:
-        loader = DataLoader(clean.tensor_dataset(), batch_size=batch_size, shuffle=True)
-    # Profiles along the curves use a fixed test subset to keep them cheap; before/after use all
-    # (encoders: what their sidecar records).
-    if is_encoder(sidecar):
-        profile = ProbeSettings(train_images=job.profile_train, test_images=job.profile_test,
-                                knn_k=0, seed=seed)
-        profile_eval = make_probe_evaluator(train, test, attack, profile)
-        full_eval = make_probe_evaluator(train, test, attack, probe_settings(sidecar))
+    loss_fn = objective.loss_fn(model, clean, sidecar, device)
+    loader = objective.loader(clean, batch_size)
+    # Profiles along the curves are cheap: a fixed test subset (encoders: a small probe);
+    # before and after use the whole test split (encoders: the probe their sidecar records).
+    full_eval = kind.evaluator(sidecar, train, test, attack)
+    if kind.needs_train_split:
+        profile_eval = kind.evaluator(sidecar, train, test, attack, ProbeSettings(
+            train_images=job.profile_train, test_images=job.profile_test, knn_k=0, seed=seed))
     else:
         profile_indices = torch.randperm(len(test),
                                          generator=torch.Generator().manual_seed(seed))
-        profile_eval = make_evaluator(test.subset(profile_indices[:job.profile_test]), attack)
-        full_eval = make_evaluator(test, attack)
+        profile_eval = kind.evaluator(sidecar, train, test.subset(
+            profile_indices[:job.profile_test]), attack)
 
     partial = out.parent / f".{out.name}.stages"
     # What the saved stages depend on besides the settings: resuming over stages of another
     # model, clean subset or numeric environment would mix two runs into one result.
-    identity = {"weights_sha256": weights_digest(Path(run)), "arch": sidecar.get("arch"),
+    identity = {"weights_sha256": weights_digest(Path(run)), "arch": sidecar.arch,
                 "clean_indices_sha256": hashlib.sha256(
                     indices.numpy().astype("int64").tobytes()).hexdigest(),
                 "loss": loss, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -315,15 +323,14 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                 {"before": model, "after": purified, "floor": floor_model}, train, test, attack,
                 retune, seed=derive_seed(seed, "retune"), progress=progress)
             report.seconds["retune"] = time.perf_counter() - began
-        report.source = {"run": source or str(run), "arch": sidecar.get("arch"),
-                         "kind": sidecar.get("kind", "classifier"), "loss": loss,
+        report.source = {"run": source or str(run), "arch": sidecar.arch,
+                         "kind": sidecar.kind, "loss": loss,
                          "attack": (attack.record() if attack else None)}
-        if is_encoder(sidecar):
-            report.source["evaluation"] = sidecar.get("evaluation")
-        save_model(purified, folder, {**{k: v for k, v in sidecar.items() if k != "format"},
-                                      "purified_by": {"defense": "tsc", "loss": loss,
-                                                      "settings": report.settings,
-                                                      "source": source or str(run)}})
+        if sidecar.evaluation is not None:
+            report.source["evaluation"] = sidecar.evaluation
+        save_model(purified, folder, replace(sidecar, purified_by={
+            "defense": "tsc", "loss": loss, "settings": report.settings,
+            "source": source or str(run)}))
         write_json(folder / "metrics.json", report.after)
         write_report(report, folder)
     shutil.rmtree(partial, ignore_errors=True)

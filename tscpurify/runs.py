@@ -31,16 +31,7 @@ from torch.utils.data import DataLoader
 from .attacks import attack_from_record, create_attack, poison_dataset
 from .attacks.base import Attack
 from .attacks.ctrl import CTRL
-from .checkpoint import (
-    SIDECAR,
-    SIDECAR_FORMAT,
-    WEIGHTS,
-    load_model,
-    load_weights,
-    read_json,
-    save_model,
-    write_json,
-)
+from .checkpoint import WEIGHTS, load_model, load_weights, save_model, write_json
 from .curve import recompute_bn_stats
 from .data import ImageData, load_dataset, select_clean_subset
 from .errors import CheckpointError, DataError, SettingsError
@@ -49,7 +40,9 @@ from .models import MODELS, create_model
 from .models.factory import is_factory_path
 from .outputs import atomic_folder
 from .retune import RetuneSettings, retune_profiles, retune_set
+from .run_kinds import kind_of
 from .seeding import derive_seed, seed_everything
+from .sidecar import SIDECAR, DataRef, Sidecar
 from .ssl import (
     BadEncoderSettings,
     ProbeSettings,
@@ -121,13 +114,11 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
             raise DataError("training diverged: the model's weights are NaN or infinite; "
                             "lower --lr")
         metrics = evaluate(net, test_data, attack_obj)
-        save_model(net, folder, {
-            "arch": MODELS.name_of(model), "kwargs": kwargs, "classes": list(train_data.classes),
-            "kind": "classifier", "dataset": {"name": data, "root": data_root},
-            "attack": attack_obj.record() if attack_obj is not None else None, "seed": seed,
-            "train": asdict(train),
-            "poisoned": len(indices), "tool_version": __version__,
-        })
+        save_model(net, folder, Sidecar(
+            arch=MODELS.name_of(model), kwargs=kwargs, classes=tuple(train_data.classes),
+            kind="classifier", dataset=DataRef(data, data_root),
+            attack=attack_obj.record() if attack_obj is not None else None, seed=seed,
+            train=asdict(train), poisoned=len(indices), tool_version=__version__))
         write_json(folder / "metrics.json", {**metrics.as_dict(), "train_seconds": seconds})
     log.info("wrote %s: %s", out, metrics)
     return metrics
@@ -278,54 +269,34 @@ def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: st
         began = time.perf_counter()
         metrics = encoder_metrics(encoder, train_data, test_data, trigger, probe)
         seconds["evaluation"] = time.perf_counter() - began
-        save_model(encoder, folder, {
-            "arch": "simclr", "kwargs": kwargs, "classes": list(train_data.classes),
-            "kind": "encoder", "dataset": {"name": data, "root": data_root},
-            "attack": trigger.record() if trigger is not None else None,
-            "ssl": {**record, "simclr": asdict(simclr), "run": asdict(run)},
-            "evaluation": {"protocol": "linear_probe", "probe": asdict(probe)},
-            "seed": seed, "tool_version": __version__,
-        })
+        save_model(encoder, folder, Sidecar(
+            arch="simclr", kwargs=kwargs, classes=tuple(train_data.classes), kind="encoder",
+            dataset=DataRef(data, data_root),
+            attack=trigger.record() if trigger is not None else None,
+            ssl={**record, "simclr": asdict(simclr), "run": asdict(run)},
+            evaluation={"protocol": "linear_probe", "probe": asdict(probe)},
+            seed=seed, tool_version=__version__))
         result = {**metrics, "simclr_loss": history, "seconds": seconds}
         write_json(folder / "metrics.json", result)
     log.info("wrote %s: %s", out, metrics)
     return result
 
 
-def is_encoder(sidecar: dict[str, Any]) -> bool:
-    """Whether a sidecar describes an encoder (older sidecars without "kind" are classifiers)."""
-    return sidecar.get("kind") == "encoder"
-
-
-def run_sidecar(folder: str | Path) -> dict[str, Any]:
-    """A run folder's model.json, without loading its weights."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"run folder {folder} does not exist")
-    sidecar = read_json(folder / SIDECAR)
-    if not isinstance(sidecar, dict):
-        raise CheckpointError(f"{folder / SIDECAR} is not a JSON object")
-    return sidecar
-
-
-def probe_settings(sidecar: dict[str, Any]) -> ProbeSettings:
-    """How an encoder run says it is evaluated (defaults for a sidecar that does not say)."""
-    recorded = (sidecar.get("evaluation") or {}).get("probe") or {}
-    try:
-        return ProbeSettings(**recorded)
-    except TypeError as err:
-        raise SettingsError(f"the sidecar's evaluation.probe is not valid: {err}") from None
+def dataset_of(sidecar: Sidecar, folder: str | Path) -> DataRef:
+    """The data set a run folder's model was trained on, which it must say."""
+    if sidecar.dataset is None:
+        raise DataError(f"{folder} does not say which data set it was trained on (model.json "
+                        f"\"dataset\")")
+    return sidecar.dataset
 
 
 def load_run(folder: str | Path, device: str = "cpu", trusted_arch: str | None = None
-             ) -> tuple[torch.nn.Module, dict, Attack | None]:
+             ) -> tuple[torch.nn.Module, Sidecar, Attack | None]:
     """Model, sidecar and (if recorded) the attack of a run folder (`trusted_arch`: the user's
     own importable architecture, see `checkpoint.build_model`)."""
     model, sidecar = load_model(folder, device, trusted_arch)
-    record = sidecar.get("attack")
-    attack = attack_from_record(record) if record else None
-    classes = sidecar.get("classes") or []
-    count = len(classes) or sidecar.get("kwargs", {}).get("num_classes")
+    attack = attack_from_record(sidecar.attack) if sidecar.attack else None
+    count = len(sidecar.classes or ()) or sidecar.kwargs.get("num_classes")
     if attack is not None and isinstance(count, int) and not attack.all_to_all \
             and not 0 <= attack.target < count:
         # Scored against a class the model cannot output, ASR would read 0% for any model.
@@ -339,29 +310,26 @@ def evaluate_run(folder: str | Path, device: str = "cpu", trusted_arch: str | No
     """Recompute a run folder's metrics on its data set's test split: ACC/ASR/RA of a
     classifier, or linear-probe ACC/ASR/RA and kNN accuracy of an encoder."""
     model, sidecar, attack = load_run(folder, device, trusted_arch)
-    dataset = sidecar.get("dataset") or {}
-    if "name" not in dataset:
-        raise DataError(f"{folder} does not say which data set it was trained on")
-    test_data = load_dataset(dataset["name"], "test", dataset.get("root"))
-    if is_encoder(sidecar):
-        train_data = load_dataset(dataset["name"], "train", dataset.get("root"))
-        return encoder_metrics(model, train_data, test_data, attack, probe_settings(sidecar))
-    return evaluate(model, test_data, attack).as_dict()
+    dataset = dataset_of(sidecar, folder)
+    kind = kind_of(sidecar)
+    test_data = load_dataset(dataset.name, "test", dataset.root)
+    train_data = (load_dataset(dataset.name, "train", dataset.root)
+                  if kind.needs_train_split else None)
+    return kind.metrics(model, sidecar, train_data, test_data, attack)
 
 
-def load_retune_floor(floor: str | Path, sidecar: dict[str, Any], device: str = "cpu"
+def load_retune_floor(floor: str | Path, sidecar: Sidecar, device: str = "cpu"
                       ) -> torch.nn.Module:
     """The re-tuning floor: a classifier trained without poison on the data set `sidecar`
     names (so the floor and the model are re-tuned on the same images)."""
     model, floor_sidecar, floor_attack = load_run(floor, device)
-    if floor_attack is not None or is_encoder(floor_sidecar):
+    if floor_attack is not None or not kind_of(floor_sidecar).retunable:
         raise SettingsError(f"the re-tune floor {floor} must be a classifier trained without "
                             f"poison (tscpurify attack --attack none); its model.json records "
-                            f"{floor_attack.name if floor_attack else 'an encoder'}")
-    if floor_sidecar.get("dataset") != sidecar.get("dataset"):
+                            f"{floor_attack.name if floor_attack else 'an ' + floor_sidecar.kind}")
+    if floor_sidecar.dataset != sidecar.dataset:
         raise SettingsError(f"the re-tune floor {floor} was trained on "
-                            f"{floor_sidecar.get('dataset')}, the model on "
-                            f"{sidecar.get('dataset')}")
+                            f"{floor_sidecar.dataset}, the model on {sidecar.dataset}")
     return model
 
 
@@ -371,17 +339,15 @@ def retune_run(folder: str | Path, settings: RetuneSettings, floor: str | Path |
     """Re-tuning profiles (tscpurify.retune) of a classifier run folder whose attack is recorded,
     and of `floor`, the same architecture trained without poison, on the same images."""
     model, sidecar, attack = load_run(folder, device)
-    if attack is None or is_encoder(sidecar):
+    if attack is None or not kind_of(sidecar).retunable:
         raise SettingsError(f"re-tuning needs a classifier whose model.json records its attack; "
-                            f"{folder} has {'an encoder' if is_encoder(sidecar) else 'none'}")
-    dataset = sidecar.get("dataset") or {}
-    if "name" not in dataset:
-        raise DataError(f"{folder} does not say which data set it was trained on")
+                            f"{folder} has {'none' if attack is None else 'an ' + sidecar.kind}")
+    dataset = dataset_of(sidecar, folder)
     models = {"model": model}
     if floor is not None:
         models["floor"] = load_retune_floor(floor, sidecar, device)
-    train = load_dataset(dataset["name"], "train", dataset.get("root"))
-    test = load_dataset(dataset["name"], "test", dataset.get("root"))
+    train = load_dataset(dataset.name, "train", dataset.root)
+    test = load_dataset(dataset.name, "test", dataset.root)
     retune_set(train, attack, settings, derive_seed(seed, "retune"))  # too small: fail now
     return retune_profiles(models, train, test, attack, settings,
                            seed=derive_seed(seed, "retune"), progress=progress)
@@ -413,8 +379,7 @@ def write_own_run(folder: str | Path, weights: str | Path, arch: str, *,
             shutil.copyfile(weights, target)
     else:
         save_file({k: v.contiguous() for k, v in load_weights(weights).items()}, str(target))
-    write_json(folder / SIDECAR, {"format": SIDECAR_FORMAT, "arch": arch, "kwargs": kwargs,
-                                  "kind": "classifier",
-                                  "dataset": {"name": data, "root": data_root},
-                                  "attack": None, "tool_version": __version__})
+    write_json(folder / SIDECAR, Sidecar(arch=arch, kwargs=kwargs, kind="classifier",
+                                         dataset=DataRef(data, data_root), attack=None,
+                                         tool_version=__version__).to_json())
     return folder

@@ -15,6 +15,7 @@ from tscpurify.errors import DataError, SettingsError
 from tscpurify.models import MODELS, create_model
 from tscpurify.models.clip import SPECIALS, Tokenizer
 from tscpurify.permutation import derive_spec, max_output_change, random_permutation, verify_spec
+from tscpurify.sidecar import Sidecar
 from tscpurify.ssl.captions import TEMPLATES, CaptionedImages, all_captions, captions
 
 TOKENIZER = Tokenizer.from_texts(all_captions(FASHION_MNIST_CLASSES))
@@ -66,7 +67,7 @@ def test_a_vocabulary_must_start_with_the_specials_and_be_unique():
 
 def test_a_saved_clip_rebuilds_its_tokenizer_from_the_sidecar(tmp_path):
     model = tiny_clip()
-    save_model(model, tmp_path, {"arch": "clip", "kwargs": model.config})
+    save_model(model, tmp_path, Sidecar(arch="clip", kwargs=model.config, kind="clip"))
     sidecar = json.loads((tmp_path / "model.json").read_text())
     assert sidecar["kwargs"]["vocab"] == list(TOKENIZER.vocab)  # plain JSON, no pickle
     loaded, _ = load_model(tmp_path)

@@ -9,6 +9,7 @@ from tscpurify.checkpoint import load_model, save_model
 from tscpurify.errors import SettingsError
 from tscpurify.models import MODELS, create_model
 from tscpurify.permutation import derive_spec, max_output_change, random_permutation, verify_spec
+from tscpurify.sidecar import Sidecar
 
 
 @pytest.mark.parametrize("trunk, feature_dim", [("cnn", 8), ("resnet18", 32)])
@@ -49,7 +50,7 @@ def test_a_saved_encoder_loads_back_with_the_same_outputs(tmp_path):
     kwargs = {"trunk": "resnet18", "width": 4, "proj_dim": 16}
     torch.manual_seed(0)
     model = create_model("simclr", **kwargs).eval()
-    save_model(model, tmp_path, {"arch": "simclr", "kwargs": kwargs, "kind": "encoder"})
+    save_model(model, tmp_path, Sidecar(arch="simclr", kwargs=kwargs, kind="encoder"))
     loaded, sidecar = load_model(tmp_path)
     x = torch.rand(2, 1, 28, 28)
-    assert sidecar["kind"] == "encoder" and torch.equal(loaded(x), model(x))
+    assert sidecar.kind == "encoder" and torch.equal(loaded(x), model(x))
