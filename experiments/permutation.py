@@ -1,9 +1,11 @@
 """Benchmark the permutation engine against the cost of one training epoch.
 
-For each architecture: time to derive the spec, to collect the activation statistics of two
-models (one pass, 2 forwards per batch), to solve the assignments, and one SGD epoch
-(forward + backward) over the same images. TSC runs matching twice per round next to hundreds of
-curve epochs, so matching/epoch below 1 means matching is never the bottleneck.
+For each architecture: the groups `derive_spec` finds and their coverage (the share of the
+state dict's floating-point entries that some group moves), then the time to derive the spec,
+to collect the activation statistics of two models (one pass, 2 forwards per batch), to solve
+the assignments, and one SGD epoch (forward + backward) over the same images. TSC runs
+matching twice per round next to hundreds of curve epochs, so matching/epoch below 1 means
+matching is never the bottleneck.
 
     python experiments/permutation.py                 # 3,000 random 1×28×28 images
     python experiments/permutation.py --real          # Fashion-MNIST training images
@@ -39,6 +41,12 @@ ARCHS = {
     "vgg11": ("vgg", {"depth": 11, "width": 16}),
     "preactresnet18": ("preactresnet18", {"width": 16}),
     "resnet18": ("resnet18", {"width": 16}),
+    # Issue #20's architectures: attention (the issue's ViT: patch 4, dim 64, 4 heads, 4 blocks),
+    # concatenation (DenseNet), channels-last LayerNorm (ConvNeXt) and GroupNorm.
+    "vit": ("vit", {}),
+    "densenet": ("densenet", {"width": 16, "growth": 8}),
+    "convnext": ("convnext", {"width": 16}),
+    "gn_cnn": ("gn_cnn", {"width": 16}),
 }
 
 
@@ -94,6 +102,7 @@ def bench(arch: str, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int,
         "model": arch,
         "params": sum(p.numel() for p in model.parameters()),
         "groups": len(spec.groups),
+        "coverage": spec.coverage(model.state_dict()),
         "derive": t_derive,
         "collect": t_collect,
         "solve": t_solve,
@@ -120,17 +129,18 @@ def main() -> None:
     print(f"{args.n} {data} 1×28×28 images, batch {args.batch}, {args.threads} threads, "
           f"best of {args.repeats}, torch {torch.__version__}, load average {load} "
           f"on {os.cpu_count()} CPUs\n")
-    print("| model | params | groups | derive (s) | collect (s) | solve (s) | epoch (s) "
-          "| matching/epoch | max abs Δ after unalign |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | params | groups | coverage | derive (s) | collect (s) | solve (s) "
+          "| epoch (s) | matching/epoch | max abs Δ after unalign |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arch in args.archs:
         r = bench(arch, x, y, args.batch, args.seed, args.repeats)
-        print(f"| {r['model']} | {r['params']:,} | {r['groups']} | {r['derive']:.3f} "
-              f"| {r['collect']:.2f} | {r['solve']:.4f} | {r['epoch']:.2f} | {r['ratio']:.2f} "
-              f"| {r['delta']:.1e} |", flush=True)
+        print(f"| {r['model']} | {r['params']:,} | {r['groups']} | {r['coverage']:.4f} "
+              f"| {r['derive']:.3f} | {r['collect']:.2f} | {r['solve']:.4f} | {r['epoch']:.2f} "
+              f"| {r['ratio']:.2f} | {r['delta']:.1e} |", flush=True)
     print("\nmatching = collect + solve (the spec is derived once per model); collect runs both "
-          "models (2 forwards per batch); max abs Δ: output change of B after applying the "
-          "unalign permutation.")
+          "models (2 forwards per batch); coverage: share of floating-point state-dict entries "
+          "that some group moves; max abs Δ: output change of B after applying the unalign "
+          "permutation.")
 
 
 if __name__ == "__main__":
