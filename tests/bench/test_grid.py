@@ -72,7 +72,7 @@ def test_grid_cells_and_errors(tmp_path, fmnist_root):
                                        "clean_fraction = 0")
     with pytest.raises(SettingsError, match="clean_fraction must be > 0"):
         read_grid(tmp_path / "bad.toml")
-    for shipped in ("quick", "full", "fair", "deep", "ablations"):
+    for shipped in ("quick", "full", "fair", "deep", "ablations", "vit"):
         assert len(read_grid(shipped).cells) > 0
 
 
