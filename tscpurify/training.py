@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .curve.train import device_of  # one definition, shared by training and curves
 from .data.augment import random_crop_flip
 from .errors import SettingsError
@@ -37,14 +38,21 @@ class TrainSettings:
 def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettings, *,
                      callbacks: Sequence[Callable[[int, nn.Module], None]] = (),
                      progress: bool = True, desc: str = "train",
-                     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
-                     ) -> list[float]:
+                     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+                     distributed: bool = False) -> list[float]:
     """Train in place; returns the mean loss of each epoch.
 
     The loss is cross-entropy on (images, labels) batches with the settings' augmentation,
     or `loss_fn(model, batch)` (e.g. a label-free objective, which then owns augmentation
     and devices). The learning rate follows a cosine from `lr` to 0 over all steps.
     `callbacks(epoch, model)` run after each epoch so the loop stays plain.
+
+    `distributed`: `loader` is this process's shard (tscpurify.distributed) and the model starts
+    equal on every process: gradients are averaged over the processes after each backward
+    (DistributedDataParallel's rule, done by hand so that any `loss_fn`, including functional
+    calls of the module, is averaged alike), BatchNorm normalises with each process's own
+    batch statistics (as under DDP), and the running statistics are averaged at the end
+    (`distributed.average_buffers`). The returned losses are this process's.
     """
     validate_settings(settings)  # NaN rates and string counts fail here, not as NaN weights
     device = device_of(model)
@@ -65,6 +73,8 @@ def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettin
                 loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed:
+                dist.all_reduce_gradients(model.parameters())
             optimizer.step()
             scheduler.step()
             total += loss.item()
@@ -73,5 +83,7 @@ def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettin
         bar.set_postfix(loss=f"{history[-1]:.3f}", sec=f"{time.perf_counter() - start:.0f}")
         for callback in callbacks:
             callback(epoch, model)
+    if distributed:
+        dist.average_buffers(model)
     model.eval()
     return history

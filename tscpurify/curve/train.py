@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..errors import DataError, SettingsError
 from .bezier import BezierCurve, CurveFunction
 
@@ -153,7 +154,8 @@ def _squared_norm(weights: dict[str, Tensor]) -> Tensor:
 
 def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
                 settings: CurveSettings, *, callbacks: Sequence[Callback] = (),
-                progress: bool = True, generator: torch.Generator | None = None) -> list[dict]:
+                progress: bool = True, generator: torch.Generator | None = None,
+                distributed: bool = False) -> list[dict]:
     """Train `curve.mid` in place; returns one log entry per epoch (epoch, loss, lr, seconds).
 
     `loss` is the epoch's mean over mini-batches of the full objective (task loss + L2 term);
@@ -162,6 +164,12 @@ def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
     `generator` (a CPU generator) draws the t of each mini-batch, so two runs with equal seeds,
     equal data order and equal augmentation randomness give identical control points.
     `callbacks(epoch, entry)` run after each epoch (evaluation, profiles, checkpoints).
+
+    `distributed`: this process is one of several, each with its shard of the batches (see
+    tscpurify.distributed): the control point's gradient is averaged over the processes after
+    each backward, so each step follows the union batch's gradient (the L2 term, the same on
+    every process, counts once), and the logged loss is the processes' mean. `generator` must
+    then be seeded alike on every process, so all take the same t.
     """
     params = list(curve.parameters())
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
@@ -186,11 +194,15 @@ def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
                 loss = loss + half_l2 * _squared_norm(weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed:
+                dist.all_reduce_gradients(params)
             optimizer.step()
             total += loss.detach()
             steps += 1
         if steps == 0:
             raise DataError("curve training needs data: the loader gave no batches")
+        if distributed:
+            dist.all_reduce_mean(total)
         scheduler.step()
         entry = {"epoch": epoch, "loss": float(total) / steps, "lr": lr,
                  "seconds": time.perf_counter() - began}

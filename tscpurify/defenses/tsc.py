@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from .. import distributed as dist
 from ..curve import (
     BezierCurve,
     CurveSettings,
@@ -320,13 +321,20 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, loader: DataLoader, loss_fn: LossFn) -> float:
-    """The curve's own objective at a point, on the clean data: the defender's one gauge."""
+def mean_loss(model: nn.Module, loader: DataLoader, loss_fn: LossFn,
+              distributed: bool = False) -> float:
+    """The curve's own objective at a point, on the clean data: the defender's one gauge.
+    `distributed`: the mean over every process's shard batches (over equal shards, the union
+    batches' mean)."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
         total += float(loss_fn(model, batch))
         count += 1
+    if distributed and dist.active():
+        sums = dist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64,
+                                                device=device_of(model)))
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
@@ -337,11 +345,17 @@ class _Stages:
                  loss_fn: LossFn, evaluate: Evaluate | None, seed: int, progress: bool,
                  resume_dir: Path | None, spec: PermutationSpec | None,
                  resume_identity: dict[str, Any] | None = None,
-                 leaf_modules: tuple = ()) -> None:
+                 leaf_modules: tuple = (), distributed: bool = False) -> None:
         self.template, self.clean, self.settings = template, clean, settings
+        # One of several processes, each with its shard of `clean` (tscpurify.distributed):
+        # every step's statistics are the union's, rank 0 alone evaluates, reads and writes.
+        self.distributed = distributed
+        self.main = dist.is_main() if distributed else True
         self.loss_fn, self.evaluate, self.seed, self.progress = loss_fn, evaluate, seed, progress
         self.resume_dir = resume_dir
         self.resume_identity = dict(resume_identity or {})
+        if distributed:  # other shards make other curves: never resumed across process counts
+            self.resume_identity["processes"] = dist.world_size()
         self.seconds = {"permutation": 0.0, "curve": 0.0, "batchnorm": 0.0, "finetune": 0.0,
                         "evaluation": 0.0, "profile": 0.0}
         example = example_batch(clean)[:4].to(device_of(template))
@@ -362,12 +376,24 @@ class _Stages:
                           f"far end lies close to the model, which weakens the purification",
                           UserWarning, stacklevel=4)
         if resume_dir is not None:
-            self.check_resume_dir()
+            self.on_main(self.check_resume_dir)
 
     def model_from(self, state: dict[str, torch.Tensor]) -> nn.Module:
         model = self._copy_template()
         model.load_state_dict(state)
         return model.eval()
+
+    def on_main(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function` on rank 0 alone, its result (or its refusal) passed to every process."""
+        return dist.on_main(function, *args) if self.distributed else function(*args)
+
+    def seed_process(self, *parts: Any) -> None:
+        """Distributed: every rank but 0 re-seeds the global RNG apart, so that the processes'
+        augmentations of their shards are independent draws. Whatever all processes must
+        draw alike (t, the control point, permutations, shuffles) has its own seeded
+        generator."""
+        if self.distributed and dist.rank() > 0:
+            seed_everything(derive_seed(self.seed, *parts, "rank", dist.rank()))
 
     def _copy_template(self) -> nn.Module:
         return copy.deepcopy(self.template)
@@ -381,8 +407,9 @@ class _Stages:
 
     def measure(self, model: nn.Module, phase: str = "evaluation") -> dict[str, float]:
         """Clean loss (the defender's own) plus whatever the caller's evaluator reports."""
-        metrics = {"loss": self.timed(phase, mean_loss, model, self.clean, self.loss_fn)}
-        if self.evaluate is not None:
+        metrics = {"loss": self.timed(phase, mean_loss, model, self.clean, self.loss_fn,
+                                      self.distributed)}
+        if self.evaluate is not None and self.main:  # distributed: rank 0 evaluates
             metrics.update(self.timed(phase, self.evaluate, model))
         return metrics
 
@@ -398,11 +425,13 @@ class _Stages:
         seconds_before = dict(self.seconds) if began is None else began
         curve = BezierCurve(self._copy_template(), start, end,
                             self.initial_mid(round_, stage, end))
+        self.seed_process(round_, stage, "curve")  # a fresh control point seeds the global RNG
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_, stage, "t"))
         self.timed("curve", train_curve, curve, self.clean, self.loss_fn, self.settings.curve,
-                   progress=self.progress, generator=generator)
+                   progress=self.progress, generator=generator, distributed=self.distributed)
         point = curve.point(t)
-        self.timed("batchnorm", recompute_bn_stats, point, self.clean)
+        self.timed("batchnorm", recompute_bn_stats, point, self.clean,
+                   distributed=self.distributed)
         check_finite(point.state_dict(), f"round {round_}, stage {stage}'s curve")
         metrics = self.measure(point)
         # The profile is for people reading the report; its cost is booked apart ("profile").
@@ -410,7 +439,8 @@ class _Stages:
         for value in default_ts(self.settings.profile_points) if profile else ():
             if value != t:
                 other = curve.point(value)
-                self.timed("profile", recompute_bn_stats, other, self.clean)
+                self.timed("profile", recompute_bn_stats, other, self.clean,
+                           distributed=self.distributed)
                 profile.append({"t": value, **self.measure(other, phase="profile")})
         profile.sort(key=lambda row: row["t"])
         record = StageRecord(round_, stage, t, metrics, profile, self.since(seconds_before))
@@ -513,7 +543,7 @@ class _Stages:
             else:
                 model = self.model_from(current)
                 perm = self.timed("permutation", match, model, model, self.spec, self.clean,
-                                  mode="unalign")
+                                  mode="unalign", distributed=self.distributed)
             far_copy = apply_permutation(current, self.spec, perm)
         return self.connect(current, far_copy, self.settings.t, round_, 1, began)
 
@@ -522,7 +552,8 @@ class _Stages:
         aligned = current
         if self.settings.permutation != "identity":
             perm = self.timed("permutation", match, self.model_from(theta_1),
-                              self.model_from(current), self.spec, self.clean, mode="align")
+                              self.model_from(current), self.spec, self.clean, mode="align",
+                              distributed=self.distributed)
             aligned = apply_permutation(current, self.spec, perm)
         t2 = self.settings.t if self.settings.t2 is None else self.settings.t2
         state, record = self.connect(aligned, theta_1, t2, round_, 2, began)
@@ -548,14 +579,16 @@ class _Stages:
                 # The suspect model, its units aligned to this point, is the anchor the
                 # fine-tune is pushed away from (curve.path_aware_loss).
                 perm = self.timed("permutation", match, model, self.template, self.spec,
-                                  self.clean, mode="align")
+                                  self.clean, mode="align", distributed=self.distributed)
                 anchor = apply_permutation(self.template.state_dict(), self.spec, perm)
                 loss_fn = path_aware_loss(loss_fn, anchor, settings.final_ft_path_aware)
             self.timed("finetune", train_classifier, model, self.clean, ft,
-                       progress=self.progress, desc="fine-tune", loss_fn=loss_fn)
+                       progress=self.progress, desc="fine-tune", loss_fn=loss_fn,
+                       distributed=self.distributed)
             if last and settings.final_ft_path_aware > 0:
                 # Its batches were normalised at the shifted point: statistics for this one.
-                self.timed("batchnorm", recompute_bn_stats, model, self.clean)
+                self.timed("batchnorm", recompute_bn_stats, model, self.clean,
+                           distributed=self.distributed)
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             check_finite(state, f"round {round_}'s fine-tune")
             record = replace(record, finetuned=self.measure(model.eval()),
@@ -567,14 +600,18 @@ class _Stages:
         for round_ in range(self.settings.rounds):
             theta_1 = None
             for stage in (1, 2):
-                finished = self.load_finished(round_, stage)
+                finished = self.on_main(self.load_finished, round_, stage)
                 if finished is None:
                     seed_everything(derive_seed(self.seed, round_, stage))
+                    self.seed_process(round_, stage)
+                    dist.reseed_shards(self.clean, derive_seed(self.seed, round_, stage, "shards"))
                     if stage == 1:
                         state, record = self.stage_one(current, round_)
                     else:
                         state, record = self.stage_two(current, theta_1, round_)
-                    self.save_finished(round_, stage, state, record)
+                    if self.distributed:  # every process goes on from rank 0's very weights
+                        state = dist.broadcast_state(state)
+                    self.on_main(self.save_finished, round_, stage, state, record)
                 else:
                     state, record = finished
                     log.info("resumed round %d stage %d from %s", round_, stage, self.resume_dir)
@@ -590,7 +627,8 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
            loss_fn: LossFn | None = None, evaluate: Evaluate | None = None, seed: int = 0,
            progress: bool = True, resume_dir: str | Path | None = None,
            spec: PermutationSpec | None = None, resume_identity: dict[str, Any] | None = None,
-           leaf_modules: tuple = (), **overrides: Any) -> tuple[nn.Module, PurifyReport]:
+           leaf_modules: tuple = (), distributed: bool = False,
+           **overrides: Any) -> tuple[nn.Module, PurifyReport]:
     """Purify `model` with TSC on the clean data in `clean`; the input model is not modified.
 
     Args:
@@ -612,6 +650,12 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
             derived from the model); either way it is verified before use, and one with no
             groups is refused (TSC would permute nothing).
         leaf_modules: module types or paths the derived spec keeps opaque (`derive_spec`).
+        distributed: run as one of the processes of a launched job (torchrun, or a process
+            group you initialised; docs/scaling.md): every process calls purify alike; the
+            clean data is sharded, its global batch (`batch_size`, or your loader's) split
+            evenly over the processes; gradients and statistics are all-reduced; `evaluate`
+            runs on rank 0 only, rank 0 alone reads and writes `resume_dir`, and every process
+            returns the same weights and rank 0's report.
 
     Returns:
         (purified model in eval mode, PurifyReport)
@@ -637,15 +681,22 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         raise DataError("the clean data loader is empty")
     if resume_dir is not None and Path(resume_dir).exists() and not Path(resume_dir).is_dir():
         raise SettingsError(f"resume_dir {resume_dir} is a file, not a folder of stages")
-    clean = rebatched(clean, settings.batch_size)
+    if distributed:
+        dist.require(device_of(model))
+        progress = progress and dist.is_main()  # one progress bar, rank 0's
+        clean = dist.sharded(clean, settings.batch_size, derive_seed(seed, "shards"))
+    else:
+        clean = rebatched(clean, settings.batch_size)
     check_inputs(model, clean, loss_fn)
     if loss_fn is None:
         loss_fn = cross_entropy_loss(random_crop_flip)
     began = time.perf_counter()
     template = copy.deepcopy(model).eval()
+    if distributed:  # every process starts from rank 0's weights
+        dist.broadcast_state(template.state_dict())
     stages = _Stages(template, clean, settings, loss_fn, evaluate, seed, progress,
                      Path(resume_dir) if resume_dir else None, spec, resume_identity,
-                     tuple(leaf_modules))
+                     tuple(leaf_modules), distributed)
     final_state, records = stages.run({k: v.detach().clone()
                                        for k, v in template.state_dict().items()})
     purified = stages.model_from(final_state)
@@ -655,6 +706,8 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         before=stages.measure(template), after=stages.measure(purified), stages=records,
         seconds=stages.seconds, steps=settings.planned_steps(len(clean)),
         symmetry={"groups": len(stages.spec.groups), "coverage": stages.coverage})
+    if distributed:  # rank 0's, with its evaluations, on every process
+        report = dist.broadcast_object(report)
     return purified, report
 
 

@@ -29,6 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
+from .. import distributed as dist
 from ..errors import DataError, SettingsError, SpecError
 from .apply import Permutation
 from .spec import Axis, PermutationGroup, PermutationSpec
@@ -78,6 +79,31 @@ class CorrelationStats:
         self.sq_a = self.sq_a + (a * a).sum((0, 2)).double()
         self.sq_b = self.sq_b + (b * b).sum((0, 2)).double()
         self.cross = self.cross + torch.bmm(a, b.transpose(1, 2)).sum(0).double()
+
+    def all_reduce(self) -> None:
+        """Sum the accumulators over the processes of a distributed job (each saw its shard of
+        the data), so `correlation` is the union's. Each process's moments are first re-centred
+        on rank 0's shift, exactly (in float64): x − c = (x − s) + (s − c)."""
+        if not dist.active():
+            return
+        if self.shift_a is None or self.shift_b is None:
+            raise DataError("no observations were collected on this process")
+        common_a = dist.broadcast_state({"a": self.shift_a.clone()})["a"]
+        common_b = dist.broadcast_state({"b": self.shift_b.clone()})["b"]
+        d_a = (self.shift_a - common_a).flatten().double()
+        d_b = (self.shift_b - common_b).flatten().double()
+        n = float(self.count)
+        sum_a, sum_b = self.sum_a, self.sum_b
+        self.cross = (self.cross + torch.outer(d_a, sum_b) + torch.outer(sum_a, d_b)
+                      + n * torch.outer(d_a, d_b))
+        self.sq_a = self.sq_a + 2 * d_a * sum_a + n * d_a * d_a
+        self.sq_b = self.sq_b + 2 * d_b * sum_b + n * d_b * d_b
+        self.sum_a, self.sum_b = sum_a + n * d_a, sum_b + n * d_b
+        self.shift_a, self.shift_b = common_a, common_b
+        count = torch.tensor([n], dtype=torch.float64, device=self.cross.device)
+        for tensor in (count, self.sum_a, self.sum_b, self.sq_a, self.sq_b, self.cross):
+            dist.all_reduce_sum(tensor)
+        self.count = int(count.item())
 
     def correlation(self) -> torch.Tensor:
         """C[i, j] = cov(a_i, b_j) / ((std a_i + eps)(std b_j + eps)), population moments."""
@@ -160,21 +186,23 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                 loader: Iterable[Any], *, progress: bool = False) -> dict[str, torch.Tensor]:
+                 loader: Iterable[Any], *, progress: bool = False,
+                 distributed: bool = False) -> dict[str, torch.Tensor]:
     """For every group, C[i, j]: correlation of A's unit i with B's unit j, summed over probes.
 
     One pass over `loader` (tensors, or tuples/lists whose first element is the input), models
     in eval mode and no gradients; training flags are restored afterwards. If `model_b` is
     `model_a`, one forward per batch serves both. Units within attention heads are scored
-    across the heads that aligning would pair (see `match`).
+    across the heads that aligning would pair (see `match`). `distributed`: `loader` is this
+    process's shard (tscpurify.distributed) and the statistics are summed over the processes.
     """
-    stats, keys = _probe_correlations(model_a, model_b, spec, loader, progress)
+    stats, keys = _probe_correlations(model_a, model_b, spec, loader, progress, distributed)
     scorer = _Scorer(spec, stats, keys, "align")
     return {name: scorer.score(name) for name in spec.groups}
 
 
 def _probe_correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                        loader: Iterable[Any], progress: bool
+                        loader: Iterable[Any], progress: bool, distributed: bool = False
                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every probe's correlation matrix (A's units × B's), and the key indexing its units."""
     for model in {id(model_a): model_a, id(model_b): model_b}.values():
@@ -242,6 +270,9 @@ def _probe_correlations(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
             module.training = training
     if any(s.count == 0 for s in stats.values()):
         raise DataError("the loader yielded no batches (or a probe never ran)")
+    if distributed:
+        for path in probes:  # the same order on every process
+            stats[path].all_reduce()
     return ({path: s.correlation() for path, s in stats.items()},
             {path: _probe_key(modules_a[path], path) for path in probes})
 
@@ -371,7 +402,8 @@ def solve(corr: torch.Tensor, mode: Mode = "align") -> torch.Tensor:
 
 
 def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, loader: Iterable[Any],
-          *, mode: Mode = "align", progress: bool = False) -> Permutation:
+          *, mode: Mode = "align", progress: bool = False,
+          distributed: bool = False) -> Permutation:
     """The permutation to apply to model B's state dict (apply_permutation) for the given mode.
 
     Args:
@@ -381,6 +413,8 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, loader:
         loader: clean batches; tensors or (input, label, ...) tuples.
         mode: "align" pairs each unit of A with the most correlated unit of B, "unalign" with
             the least correlated one.
+        distributed: `loader` is this process's shard of the data (tscpurify.distributed); the
+            correlation moments are summed over the processes, which all get one permutation.
 
     Example:
         >>> perm = match(model, model, spec, loader, mode="unalign")
@@ -388,6 +422,9 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, loader:
     """
     if mode not in ("align", "unalign"):
         raise SettingsError(f"mode must be 'align' or 'unalign', got {mode!r}")
-    stats, keys = _probe_correlations(model_a, model_b, spec, loader, progress)
+    stats, keys = _probe_correlations(model_a, model_b, spec, loader, progress, distributed)
     scorer = _Scorer(spec, stats, keys, mode)
-    return {name: scorer.perm(name) for name in spec.groups}
+    perm = {name: scorer.perm(name) for name in spec.groups}
+    # Equal statistics give equal solutions; rank 0's is taken all the same, so no tie broken
+    # differently can leave two processes permuting differently.
+    return dist.broadcast_object(perm) if distributed else perm
