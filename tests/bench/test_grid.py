@@ -289,3 +289,44 @@ def test_shards_split_a_grid_and_their_rows_merge(tmp_path, fmnist_root, monkeyp
     folder = cache.cached_backdoored(tmp_path / "cache", attack="badnets", model="cnn", seed=9,
                                      train=TrainSettings(epochs=1))
     assert len(calls) == 2 and (folder / "metrics.json").exists()
+
+
+def test_model_and_attack_aliases_run_one_architecture_at_several_settings(tmp_path):
+    """The width and poisoning-rate studies: [models.X] arch = ... and [attack_args.Y]
+    attack = ... name entries of registered ones; the names label rows, never change a run."""
+    path = tmp_path / "aliases.toml"
+    path.write_text("""
+seeds = [120]
+attacks = ["badnets", "badnets_r01"]
+defenses = ["ft"]
+[models.cnn_w4]
+arch = "cnn"
+width = 4
+[models.cnn_w8]
+arch = "cnn"
+width = 8
+[attack_args.badnets_r01]
+attack = "badnets"
+rate = 0.01
+""")
+    cells = read_grid(path).cells
+    assert {(c.attack, c.attack_label, c.model, c.model_label, c.model_args["width"])
+            for c in cells} == {("badnets", label, "cnn", f"cnn_w{w}", w)
+                                for label in ("", "badnets_r01") for w in (4, 8)}
+    assert len({c.key for c in cells}) == 4
+    rate = [c for c in cells if c.attack_label][0]
+    assert rate.attack_args == {"rate": 0.01}
+    # A label names a run; it is not part of it: the same cell without labels is the same run.
+    import dataclasses
+
+    assert dataclasses.replace(rate, attack_label="", model_label="").key == rate.key
+    rows = [{"cell": dataclasses.asdict(c), "before": {"acc": 90.0, "asr": 100.0},
+             "after": {"acc": 89.0, "asr": 1.0, "ra": 80.0}, "der": 0.9} for c in cells]
+    table = markdown_table(rows)
+    assert "| badnets_r01 | cnn_w8 | 120 | ft |" in table and "| badnets | cnn_w4 |" in table
+    path.write_text(path.read_text().replace('arch = "cnn"\nwidth = 8', 'arch = "cnn9"'))
+    with pytest.raises(SettingsError, match="cnn9"):
+        read_grid(path)
+    path.write_text('attacks = ["nope"]\ndefenses = ["ft"]\n')
+    with pytest.raises(SettingsError, match="nope"):
+        read_grid(path)

@@ -34,11 +34,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..attacks import ATTACKS
 from ..data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
 from ..errors import SettingsError
 from ..evaluation import Metrics, der, evaluate
+from ..models import MODELS
 from ..outputs import check_resumable_out, output_lock
 from ..permutation import model_distances
 from ..retune import RetuneSettings, retune_profile
@@ -85,13 +87,19 @@ class Cell:
     budget_steps: int | None = None
     retune: dict[str, Any] | None = None  # RetuneSettings as a dict; None = no re-tune column
     setting: str = "default"  # "default", "tuned", or a tuning candidate's name
+    # The grid's names of the model and attack entries when they are aliases of registered
+    # ones ([models.cnn_w32] arch = "cnn"; [attack_args.badnets_r01] attack = "badnets"):
+    # labels in tables, never part of what runs ("" = the registered name itself).
+    model_label: str = ""
+    attack_label: str = ""
 
     @property
     def key(self) -> str:
         """Everything that decides the result, and nothing else: two rows that run the same
         thing (a tuned choice equal to the default, say) share one run."""
         fields = asdict(self)
-        fields.pop("setting")
+        for label in ("setting", "model_label", "attack_label"):
+            fields.pop(label)
         if self.base:  # a reference row ("none", "clean_floor") is told apart by its name only
             fields.pop("defense")
         return settings_hash(fields)
@@ -121,6 +129,27 @@ def _require(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise SettingsError(f"grid: {what} must be a {names}, got {value!r}")
     return value
+
+
+def model_arch(name: str, config: dict[str, Any]) -> str:
+    """The registered model a [models.NAME] entry builds: its `arch`, or NAME itself. An alias
+    lets one grid hold the same architecture at several sizes (the width study)."""
+    arch = _require(config.get("arch", name), str, f"[models.{name}] arch")
+    MODELS.get(arch)  # an unknown name fails now, with the registered ones listed
+    return arch
+
+
+def attack_entries(table: dict[str, Any]) -> tuple[dict[str, dict[str, Any]],
+                                                     Callable[[str], str]]:
+    """[attack_args] as {entry: arguments} and a function from an entry's name to its
+    registered attack: an entry may be an alias with `attack = "badnets"` (the poisoning-rate
+    study runs BadNets at three rates as three entries)."""
+    arguments, bases = {}, {}
+    for name, spec in table.items():
+        spec = dict(_require(spec, dict, f"[attack_args.{name}]"))
+        bases[name] = _require(spec.pop("attack", name), str, f"[attack_args.{name}] attack")
+        arguments[name] = spec
+    return arguments, lambda name: bases.get(name, name)
 
 
 def _check_settings(base: str, args: dict[str, Any], what: str) -> None:
@@ -223,7 +252,11 @@ def read_grid(source: str | Path) -> Grid:
     if "tuned" in rows and tuning is None:
         raise SettingsError("grid: tuned rows need a [tuning] section")
 
-    attack_args = _require(grid.get("attack_args", {}), dict, "[attack_args]")
+    attack_args, attack_of = attack_entries(
+        _require(grid.get("attack_args", {}), dict, "[attack_args]"))
+    for model_cfg in models.values():  # unknown attacks fail now, not after hours of runs
+        for attack in _require(model_cfg, dict, "[models.*]").get("attacks", attacks):
+            ATTACKS.get(attack_of(_require(attack, str, "an attack name")))
     common = dict(data=_require(data.get("name", "fashion-mnist"), str, "data.name"),
                   data_root=data.get("root"),
                   clean_fraction=_require(data.get("clean_fraction", CLEAN_FRACTION), (int, float),
@@ -234,16 +267,19 @@ def read_grid(source: str | Path) -> Grid:
     for setting in rows:
         for model, model_cfg in models.items():
             _require(model_cfg, dict, f"[models.{model}]")
+            arch = model_arch(model, model_cfg)
             model_args = {k: v for k, v in model_cfg.items()
-                          if k not in ("epochs", "attacks", "seeds")}
+                          if k not in ("epochs", "attacks", "seeds", "arch")}
             for attack in model_cfg.get("attacks", attacks):
                 for seed in model_cfg.get("seeds", seeds):
                     _require(seed, int, "a seed")
                     for name, (base, _, _) in rows_of.items():
                         fixed, overrides = row_args[name]
                         cells.append(Cell(
-                            attack=attack, model=model, seed=seed, defense=name, base=base,
-                            attack_args=attack_args.get(attack, {}),
+                            attack=attack_of(attack), model=arch, seed=seed, defense=name,
+                            base=base, attack_args=attack_args.get(attack, {}),
+                            model_label=model if model != arch else "",
+                            attack_label=attack if attack != attack_of(attack) else "",
                             model_args=model_args,
                             train_epochs=model_cfg.get("epochs", TRAIN_EPOCHS),
                             defense_args={**fixed, **overrides}, retune=retune_dict,
@@ -251,22 +287,27 @@ def read_grid(source: str | Path) -> Grid:
     tuning_cells = []
     if tuning is not None:
         model_cfg = models[tuning.model]
-        model_args = {k: v for k, v in model_cfg.items() if k not in ("epochs", "attacks", "seeds")}
+        model_args = {k: v for k, v in model_cfg.items()
+                      if k not in ("epochs", "attacks", "seeds", "arch")}
         # The deep rule re-tunes every candidate, and compares with each tuning model's floor.
-        tuning_common = dict(model=tuning.model, model_args=model_args,
+        arch = model_arch(tuning.model, model_cfg)
+        tuning_common = dict(model=arch, model_label=tuning.model if tuning.model != arch else "",
+                             model_args=model_args,
                              train_epochs=model_cfg.get("epochs", TRAIN_EPOCHS),
                              retune=retune_dict if tuning.deep else None, **common)
         if tuning.deep:
-            tuning_cells += [Cell(attack=attack, seed=seed, defense="clean_floor",
+            tuning_cells += [Cell(attack=attack_of(attack), seed=seed, defense="clean_floor",
                                   attack_args=attack_args.get(attack, {}), setting=FLOOR,
+                                  attack_label=attack if attack != attack_of(attack) else "",
                                   **tuning_common) for attack, seed in tuning.models]
         for name, listed in tuning.candidates.items():
             fixed, overrides = row_args[name]
             for candidate, chosen in listed.items():
                 for attack, seed in tuning.models:
                     tuning_cells.append(Cell(
-                        attack=attack, seed=seed, defense=name, base=rows_of[name][0],
-                        attack_args=attack_args.get(attack, {}),
+                        attack=attack_of(attack), seed=seed, defense=name,
+                        base=rows_of[name][0], attack_args=attack_args.get(attack, {}),
+                        attack_label=attack if attack != attack_of(attack) else "",
                         defense_args={**fixed, **chosen, **overrides}, setting=candidate,
                         **{**tuning_common, **row_data.get(name, {})}))
     return Grid(cells, tuning, tuning_cells, row_args)

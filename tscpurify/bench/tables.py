@@ -17,6 +17,16 @@ from .tuning import retune_asr  # noqa: E402
 RETUNE_EPOCH = 2  # the re-tune column of the summary: ASR after this many epochs
 
 
+def attack_name(cell: dict) -> str:
+    """The grid's name for a row's attack (an alias such as badnets_r01, or the attack)."""
+    return cell.get("attack_label") or cell["attack"]
+
+
+def model_name(cell: dict) -> str:
+    """The grid's name for a row's model (an alias such as cnn_w32, or the model)."""
+    return cell.get("model_label") or cell["model"]
+
+
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -83,7 +93,7 @@ def _cells_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, b, a = r["cell"], r["before"], r["after"]
-        lines.append(f"| {c['attack']} | {c['model']} | {c['seed']} | {c['defense']} | "
+        lines.append(f"| {attack_name(c)} | {model_name(c)} | {c['seed']} | {c['defense']} | "
                      f"{fmt(b['acc'])} | {fmt(b['asr'])} | {fmt(a['acc'])} | {fmt(a['asr'])} | "
                      f"{fmt(a['ra'])} | {r['der']:.3f} | {_retune_cell(r)} | "
                      f"{r.get('steps', 0)} | {r.get('seconds', 0.0):.0f} |")
@@ -152,11 +162,12 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     (mean ASR against re-tune epochs per defense)."""
     folder.mkdir(parents=True, exist_ok=True)
     defenses = list(dict.fromkeys(r["cell"]["defense"] for r in rows))
-    settings = list(dict.fromkeys(f"{r['cell']['attack']} / {r['cell']['model']}" for r in rows))
+    settings = list(dict.fromkeys(f"{attack_name(r['cell'])} / {model_name(r['cell'])}"
+                                  for r in rows))
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
         if r["after"]["asr"] is not None:
-            values[(f"{r['cell']['attack']} / {r['cell']['model']}",
+            values[(f"{attack_name(r['cell'])} / {model_name(r['cell'])}",
                     r["cell"]["defense"])].append(r["after"]["asr"])
     grid = [[mean(values[(s, d)]) if values[(s, d)] else float("nan") for d in defenses]
             for s in settings]

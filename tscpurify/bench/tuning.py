@@ -165,7 +165,7 @@ def retune_asr(row: dict, epoch: int) -> float | None:
 
 
 def _model(row: dict) -> str:
-    return f"{row['cell']['attack']}:{row['cell']['seed']}"
+    return f"{row['cell'].get('attack_label') or row['cell']['attack']}:{row['cell']['seed']}"
 
 
 def summarise(rows: list[dict], spec: TuningSpec) -> dict[str, list[dict[str, Any]]]:
