@@ -7,6 +7,9 @@ the reference's configured schedule, so that a step budget resizes the run witho
 shape and TSC can be compared with fine-tuning at an equal number of gradient steps.
 With `label_smoothing` 0.1 and lr 0.03 it is TSC's last fine-tune on its own (the bench's
 `last_ft_alone` row): what TSC's removal owes to that fine-tune rather than to its curves.
+With `reinit` it trains the architecture from a fresh initialisation on the clean data alone:
+not a purification but its floor, what re-training on the defender's data gives without the
+suspect weights (the accuracy study of docs/ablations.md).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..curve import cross_entropy_loss
+from ..curve import cross_entropy_loss, fresh_control_point
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
+from ..seeding import derive_seed
 from ..training import TrainSettings, train_classifier
 from .base import DefenseResult
 from .budget import epochs_for
@@ -34,6 +38,9 @@ class FineTuneSettings:
     augment: bool = field(default=True, metadata={"help": "random crop and flip"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "label smoothing of the cross-entropy (0 = none; TSC's last fine-tune: 0.1)"})
+    reinit: bool = field(default=False, metadata={
+        "help": "start from a fresh, seeded initialisation of the architecture instead of the "
+                "suspect weights: training from scratch on the clean data (a reference row)"})
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or not 0 <= self.label_smoothing < 1:
@@ -50,6 +57,12 @@ class FineTuneSettings:
 @DEFENSES.register("ft", settings=FineTuneSettings, needs_labels=True)
 def fine_tune(model: nn.Module, clean: DataLoader, settings: FineTuneSettings, *, seed: int,
               progress: bool, callbacks: dict) -> DefenseResult:
+    if settings.reinit:
+        model.load_state_dict({**model.state_dict(),
+                               **fresh_control_point(model, derive_seed(seed, "scratch"))})
+        for module in model.modules():  # fresh BatchNorm statistics too
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, augment=settings.augment,
                           batch_size=clean.batch_size or 1)
