@@ -265,6 +265,7 @@ def print_report_summary(report, out: str) -> None:
 
 
 def run_purify(args: argparse.Namespace) -> int:
+    from .distributed import is_main
     from .job import JobSettings
     from .purification import purify_run
     from .runs import write_own_run
@@ -294,7 +295,8 @@ def run_purify(args: argparse.Namespace) -> int:
                             retune=retune_settings(args), retune_floor=args.retune_floor,
                             trusted_arch=args.arch, leaf_modules=args.leaf_module or (),
                             **more)
-        print_report_summary(report, args.out)
+        if is_main():  # under torchrun: one summary, rank 0's
+            print_report_summary(report, args.out)
         return 0
 
     if args.weights is None:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import distributed as dist
 from .checkpoint import WEIGHTS, save_model, write_json
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
@@ -228,7 +229,8 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                retune_floor: str | Path | None = None,
                source: str | None = None, trusted_arch: str | None = None,
                more_inputs: Sequence[str | Path] = (),
-               leaf_modules: Sequence[str] = ()) -> PurifyReport:
+               leaf_modules: Sequence[str] = (),
+               distributed: bool | None = None) -> PurifyReport:
     """Purify the model of run folder `run` with TSC and write the purified run folder `out`.
 
     Args:
@@ -248,12 +250,25 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
             own weights file and data, when `run` is a temporary folder made from them).
         leaf_modules: module paths or class names the symmetry tracer keeps opaque
             (`resolve_leaf_modules`), as a SpecError's hint may ask.
+        distributed: one purification on the processes of a launched job (docs/scaling.md);
+            None (default): when this process was launched by torchrun. Every process calls
+            purify_run alike; each computes on its shard of the clean data (on
+            cuda:LOCAL_RANK when the device is CUDA), rank 0 alone evaluates, re-tunes and
+            writes `out` (atomically, with the same resume rules), and every process returns
+            rank 0's report once the folder is in place.
     """
     job = job if job is not None else JobSettings()
     device, seed = resolve_device(job.device), job.seed
     job.apply_threads()  # before anything computes: the count is part of the resume identity
+    distributed = dist.launched() if distributed is None else distributed
+    if distributed:
+        device = dist.init(device)
+        progress = progress and dist.is_main()
+    main = dist.is_main() if distributed else True
     inputs = [run, *more_inputs] + ([retune_floor] if retune_floor is not None else [])
-    out = check_out(out, overwrite, inputs)  # before anything is loaded
+    # before anything is loaded; distributed, rank 0 checks and every process follows
+    out = dist.on_main(check_out, out, overwrite, inputs) if distributed else \
+        check_out(out, overwrite, inputs)
     model, sidecar, attack = load_run(run, device, trusted_arch)
     leaves = resolve_leaf_modules(model, leaf_modules)
     kind = kind_of(sidecar)
@@ -306,34 +321,52 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                     indices.numpy().astype("int64").tobytes()).hexdigest(),
                 "loss": loss, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "leaf_modules": sorted(leaf_modules)}
-    with atomic_folder(out, overwrite, inputs) as folder, keep_stages_on_error(partial):
-        if partial.exists() and not resume:  # under the lock: no other run is using them
-            shutil.rmtree(partial)
+    with contextlib.ExitStack() as stack:
+        def enter() -> Path:
+            folder = stack.enter_context(atomic_folder(out, overwrite, inputs))
+            stack.enter_context(keep_stages_on_error(partial))
+            if partial.exists() and not resume:  # under the lock: no other run is using them
+                shutil.rmtree(partial)
+            return folder
+
+        # Distributed: rank 0 holds the lock and builds the folder, the others compute their
+        # shares alongside and wait for its report; a refusal or failure on rank 0 stops all.
+        folder = dist.on_main(enter) if distributed else enter()
         purified, report = purify(model, loader, settings, loss_fn=loss_fn,
                                   evaluate=profile_eval, seed=seed, progress=progress,
                                   resume_dir=partial, resume_identity=identity,
-                                  leaf_modules=leaves)
-        report.before, report.after = full_eval(model), full_eval(purified)
-        report.clean_indices = indices.tolist()
-        report.environment = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                              "device": str(device)}
-        if retuning:
-            began = time.perf_counter()
-            report.retune = retune_profiles(
-                {"before": model, "after": purified, "floor": floor_model}, train, test, attack,
-                retune, seed=derive_seed(seed, "retune"), progress=progress)
-            report.seconds["retune"] = time.perf_counter() - began
-        report.source = {"run": source or str(run), "arch": sidecar.arch,
-                         "kind": sidecar.kind, "loss": loss,
-                         "attack": (attack.record() if attack else None)}
-        if sidecar.evaluation is not None:
-            report.source["evaluation"] = sidecar.evaluation
-        save_model(purified, folder, replace(sidecar, purified_by={
-            "defense": "tsc", "loss": loss, "settings": report.settings,
-            "source": source or str(run)}))
-        write_json(folder / "metrics.json", report.after)
-        write_report(report, folder)
-    shutil.rmtree(partial, ignore_errors=True)
+                                  leaf_modules=leaves, distributed=distributed)
+
+        def finish() -> PurifyReport:  # rank 0's part: evaluation, re-tuning, the folder
+            report.before, report.after = full_eval(model), full_eval(purified)
+            report.clean_indices = indices.tolist()
+            report.environment = {"threads": torch.get_num_threads(),
+                                  "torch": torch.__version__, "device": str(device)}
+            if distributed:
+                report.environment["processes"] = dist.world_size()
+            if retuning:
+                began = time.perf_counter()
+                report.retune = retune_profiles(
+                    {"before": model, "after": purified, "floor": floor_model}, train, test,
+                    attack, retune, seed=derive_seed(seed, "retune"), progress=progress)
+                report.seconds["retune"] = time.perf_counter() - began
+            report.source = {"run": source or str(run), "arch": sidecar.arch,
+                             "kind": sidecar.kind, "loss": loss,
+                             "attack": (attack.record() if attack else None)}
+            if sidecar.evaluation is not None:
+                report.source["evaluation"] = sidecar.evaluation
+            save_model(purified, folder, replace(sidecar, purified_by={
+                "defense": "tsc", "loss": loss, "settings": report.settings,
+                "source": source or str(run)}))
+            write_json(folder / "metrics.json", report.after)
+            write_report(report, folder)
+            if distributed:  # the folder in place before any process returns
+                stack.close()
+            return report
+
+        report = dist.on_main(finish) if distributed else finish()
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
     return report
 
 
