@@ -53,3 +53,12 @@ def test_the_gpu_timing_script_runs(tmp_path):
                           capture_output=True, text=True, timeout=300, check=True)
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("| cpu | 4 | 64 | 9 |")
+
+
+def test_the_step_time_script_runs(tmp_path):
+    """scripts/step_time.py at toy size: the cost estimate users run works."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "step_time.py"),
+                           "cnn:width=4", "mlp", "--batch-size", "8", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| cnn:width=4 |" in done.stdout and "| mlp |" in done.stdout

@@ -417,6 +417,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def shipped_grids() -> list[str]:
+    """The grids in tscpurify/bench/grids/, by name, for the help text."""
+    return sorted(p.stem for p in (Path(__file__).parent / "bench" / "grids").glob("*.toml"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="tscpurify",
@@ -512,9 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="run a grid of attacks × models × defenses × seeds",
-        description="Run a benchmark grid (a TOML file, or a shipped grid: quick, full, fair, "
-                    "deep, ablations). Finished cells are skipped, so an interrupted run resumes "
-                    "where it stopped; "
+        description="Run a benchmark grid (a TOML file, or a shipped grid: "
+                    f"{', '.join(shipped_grids())}). Finished cells are skipped, so an "
+                    "interrupted run resumes where it stopped; "
                     "backdoored models are cached and shared between defenses. Writes "
                     "results.jsonl, results.md (ACC / ASR / RA / DER) and plots/.")
     bench.add_argument("grid", help="grid TOML file, or a shipped grid's name")
