@@ -100,16 +100,16 @@ def test_without_ray_the_executor_is_one_error_line(tmp_path, fmnist_root, monke
     assert not (tmp_path / "o").exists()
 
 
-def test_the_throughput_script_runs_serially(tmp_path):
-    """scripts/grid_throughput.py at toy size, serial executor only (Ray's part is the same
-    run_grid call with ray= options, which the tests above cover)."""
-    import subprocess
+def test_the_throughput_script_runs_serially(monkeypatch, capsys, one_thread):
+    """scripts/grid_throughput.py at toy size in this process, serial executor only (Ray's part
+    is the same run_grid call with ray= options, which the tests above cover)."""
+    import runpy
     import sys
     from pathlib import Path
 
     script = Path(__file__).parents[2] / "scripts" / "grid_throughput.py"
-    done = subprocess.run([sys.executable, str(script), "--ray-workers", "", "--train-images",
-                           "300", "--epochs", "1"], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
-    assert "| serial | 1 |" in done.stdout and "cells per hour" in done.stdout
+    monkeypatch.setattr(sys, "argv", ["grid_throughput.py", "--ray-workers", "",
+                                      "--train-images", "300", "--epochs", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| serial | 1 |" in out and "cells per hour" in out
