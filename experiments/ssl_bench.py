@@ -38,12 +38,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tscpurify.attacks import attack_from_record, create_attack
+from tscpurify.attacks.badencoder import BadEncoderSettings
+from tscpurify.attacks.poisoned_pairs import poison_pairs
 from tscpurify.checkpoint import load_model, save_model, write_json
+from tscpurify.curve.contrastive import simclr_loss
 from tscpurify.data import ImageData, load_dataset, select_clean_subset
+from tscpurify.data.views import SimCLRAugment
 from tscpurify.defenses import defend
 from tscpurify.defenses.mcr import MCRSettings, mcr
 from tscpurify.defenses.tsc import PRESETS, TSCSettings, purify
 from tscpurify.defenses.tsc_clip import frozen_text_loss, purify_clip
+from tscpurify.evaluation import ProbeSettings, encoder_metrics
+from tscpurify.evaluation.zero_shot import zero_shot_metrics
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer
 from tscpurify.purification import image_loader, unlabelled_subset
@@ -52,18 +58,8 @@ from tscpurify.runs import EncoderRunSettings, load_run, train_encoder
 from tscpurify.seeding import derive_seed, seed_everything
 from tscpurify.settings import replace_settings
 from tscpurify.sidecar import Sidecar
-from tscpurify.ssl import (
-    BadEncoderSettings,
-    ProbeSettings,
-    SimCLRAugment,
-    SimCLRSettings,
-    encoder_metrics,
-    simclr_loss,
-    train_clip,
-)
+from tscpurify.ssl import SimCLRSettings, train_clip
 from tscpurify.ssl.captions import CaptionedImages, all_captions
-from tscpurify.ssl.poisoned_pairs import poison_pairs
-from tscpurify.ssl.zero_shot import zero_shot_metrics
 
 SETTINGS = ("badencoder", "ctrl", "ctrl400", "clip")
 # ctrl400 runs only when named: an hour of pre-training per seed.

@@ -43,3 +43,19 @@ def fmnist_root(tmp_path_factory) -> Path:
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images[:, 0])
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def band_data(n: int, seed: int):
+    """Learnable 28×28 grey ImageData: class c lights up its own horizontal band (plus noise);
+    the encoders' tests (ssl, probes, BadEncoder) learn from it."""
+    from tscpurify.data import ImageData
+
+    images, labels = synthetic_images(n, 10, 28, 1, seed)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels).long(),
+                     tuple(str(c) for c in range(10)))
+
+
+@pytest.fixture(scope="session")
+def bands():
+    """300 training and 200 test band images."""
+    return band_data(300, 0), band_data(200, 1)

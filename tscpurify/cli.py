@@ -126,8 +126,10 @@ def run_attack(args: argparse.Namespace) -> int:
 
 
 def add_encoder_flags(parser: argparse.ArgumentParser) -> None:
+    from .attacks.badencoder import BadEncoderSettings
+    from .evaluation import ProbeSettings
     from .runs import ENCODER_ATTACKS, EncoderRunSettings
-    from .ssl import BadEncoderSettings, ProbeSettings, SimCLRSettings
+    from .ssl import SimCLRSettings
 
     parser.add_argument("--data", default="fashion-mnist",
                         help="fashion-mnist, cifar10 or folder (default: fashion-mnist)")
@@ -157,8 +159,10 @@ def add_encoder_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_encoder(args: argparse.Namespace) -> int:
+    from .attacks.badencoder import BadEncoderSettings
+    from .evaluation import ProbeSettings
     from .runs import EncoderRunSettings, train_encoder
-    from .ssl import BadEncoderSettings, ProbeSettings, SimCLRSettings
+    from .ssl import SimCLRSettings
 
     attack_args = parse_pairs(args.attack_arg, "--attack-arg")
     if args.rate is not None:

@@ -38,11 +38,14 @@ from torch.utils.data import DataLoader
 
 from . import distributed as dist
 from .checkpoint import WEIGHTS, save_model, write_json
+from .curve.contrastive import simclr_loss
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
 from .data.subset import subset_size
+from .data.views import SimCLRAugment
 from .defenses.tsc import PRESETS, TSCSettings, purify
 from .errors import DataError, OutputError, SettingsError, TscpurifyError
+from .evaluation import ProbeSettings
 from .job import JobSettings, resolve_device
 from .outputs import atomic_folder, check_out
 from .report.markdown import render_markdown
@@ -54,7 +57,6 @@ from .runs import dataset_of, load_retune_floor, load_run
 from .seeding import derive_seed
 from .settings import replace_settings
 from .sidecar import Sidecar
-from .ssl import ProbeSettings, SimCLRAugment, simclr_loss
 
 log = logging.getLogger(__name__)
 

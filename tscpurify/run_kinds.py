@@ -27,10 +27,8 @@ import torch
 from .attacks.base import Attack
 from .data import ImageData
 from .errors import SettingsError
-from .evaluation import evaluate
+from .evaluation import ProbeSettings, encoder_metrics, evaluate, zero_shot_metrics
 from .sidecar import Sidecar
-from .ssl import ProbeSettings, encoder_metrics
-from .ssl.zero_shot import zero_shot_metrics
 
 Evaluate = Callable[[torch.nn.Module], dict[str, float]]
 

@@ -29,13 +29,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .attacks import attack_from_record, create_attack, poison_dataset
+from .attacks.badencoder import BadEncoderSettings, badencoder
 from .attacks.base import Attack
 from .attacks.ctrl import CTRL
 from .checkpoint import WEIGHTS, load_model, load_weights, save_model, write_json
 from .curve import recompute_bn_stats
 from .data import ImageData, load_dataset, select_clean_subset
 from .errors import CheckpointError, DataError, SettingsError
-from .evaluation import Metrics, evaluate
+from .evaluation import Metrics, ProbeSettings, encoder_metrics, evaluate, extract_features
 from .models import MODELS, create_model
 from .models.factory import is_factory_path
 from .outputs import atomic_folder
@@ -43,15 +44,7 @@ from .retune import RetuneSettings, retune_profiles, retune_set
 from .run_kinds import kind_of
 from .seeding import derive_seed, seed_everything
 from .sidecar import SIDECAR, DataRef, Sidecar
-from .ssl import (
-    BadEncoderSettings,
-    ProbeSettings,
-    SimCLRSettings,
-    badencoder,
-    encoder_metrics,
-    extract_features,
-    pretrain_simclr,
-)
+from .ssl import SimCLRSettings, pretrain_simclr
 from .training import TrainSettings, train_classifier
 from .version import __version__
 

@@ -1,13 +1,9 @@
-"""Tiny encoders and data for the self-supervised tests (width 4, a few dozen 28×28 images)."""
+"""The self-supervised tests run single-threaded (their band images: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from tscpurify.data import ImageData
-
-from ..conftest import synthetic_images
 
 
 @pytest.fixture(autouse=True)
@@ -18,15 +14,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def band_data(n: int, seed: int) -> ImageData:
-    """Learnable 28×28 grey images: class c lights up its own horizontal band (plus noise)."""
-    images, labels = synthetic_images(n, 10, 28, 1, seed)
-    return ImageData(torch.from_numpy(images), torch.from_numpy(labels).long(),
-                     tuple(str(c) for c in range(10)))
-
-
-@pytest.fixture(scope="session")
-def bands() -> tuple[ImageData, ImageData]:
-    return band_data(300, 0), band_data(200, 1)

@@ -12,15 +12,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from tscpurify import TSCSettings
+from tscpurify.curve.contrastive import clip_loss
 from tscpurify.data import ImageData
 from tscpurify.defenses.tsc_clip import CLIPView, frozen_text_loss, purify_clip
 from tscpurify.errors import DataError, SettingsError
+from tscpurify.evaluation.zero_shot import zero_shot_metrics
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer, logit_multiplier
 from tscpurify.settings import replace_settings
 from tscpurify.ssl.captions import CaptionedImages, all_captions
-from tscpurify.ssl.losses import clip_loss
-from tscpurify.ssl.zero_shot import zero_shot_metrics
 
 TINY = replace_settings(TSCSettings(), rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
 CLASSES = ("bag", "coat", "dress", "shirt")

@@ -13,14 +13,14 @@ from torch.utils.data import DataLoader
 from tscpurify.attacks import attack_from_record
 from tscpurify.attacks.badnets import BadNets
 from tscpurify.attacks.base import Attack
+from tscpurify.attacks.poisoned_pairs import poison_pairs
 from tscpurify.data import ImageData
 from tscpurify.errors import DataError, SettingsError
+from tscpurify.evaluation.zero_shot import class_embeddings, zero_shot_classifier, zero_shot_metrics
 from tscpurify.models import create_model
 from tscpurify.models.clip import Tokenizer, logit_multiplier
 from tscpurify.ssl.captions import CaptionedImages, all_captions, captions
 from tscpurify.ssl.clip import CLIPSettings, image_text, train_clip
-from tscpurify.ssl.poisoned_pairs import poison_pairs
-from tscpurify.ssl.zero_shot import class_embeddings, zero_shot_classifier, zero_shot_metrics
 
 SHADES = ("black", "grey", "silver", "white")
 

@@ -16,9 +16,9 @@ from tscpurify.attacks import attack_from_record, poison_dataset
 from tscpurify.attacks.ctrl import CHROMA_TO_RGB, CTRL, block_dct
 from tscpurify.data import ImageData
 from tscpurify.errors import SettingsError
-from tscpurify.ssl import probe_metrics
+from tscpurify.evaluation import probe_metrics
 
-from .conftest import band_data
+from ..conftest import band_data
 
 
 def mid_grey(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:

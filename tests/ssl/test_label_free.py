@@ -8,10 +8,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tscpurify import TSCSettings, purify
+from tscpurify.curve.contrastive import simclr_loss
+from tscpurify.data.views import SimCLRAugment
 from tscpurify.defenses.base import loader_has_labels
 from tscpurify.models import create_model
 from tscpurify.settings import replace_settings
-from tscpurify.ssl import SimCLRAugment, simclr_loss
 
 TINY = replace_settings(TSCSettings(), rounds=1, epochs=1, profile_points=0, final_ft_epochs=0)
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tscpurify.curve.contrastive import simclr_loss
+from tscpurify.data.views import SimCLRAugment
 from tscpurify.errors import SettingsError
 from tscpurify.models import create_model
-from tscpurify.ssl import SimCLRAugment, SimCLRSettings, pretrain_simclr, simclr_loss
+from tscpurify.ssl import SimCLRSettings, pretrain_simclr
 
-from .conftest import band_data
+from ..conftest import band_data
 
 
 def fixed_view_loss(model: torch.nn.Module, loader: DataLoader) -> float:

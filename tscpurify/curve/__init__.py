@@ -1,8 +1,10 @@
 """The curve engine: a quadratic Bezier curve over any model's parameters, its training,
-BatchNorm re-estimation at a point, and metric profiles along t."""
+BatchNorm re-estimation at a point, metric profiles along t, and the curve objectives (task
+losses in train.py; the label-free contrastive ones, SimCLR's and CLIP's, in contrastive.py)."""
 
 from .batchnorm import recompute_bn_stats
 from .bezier import BezierCurve, CurveFunction, fresh_control_point
+from .contrastive import bare_images, clip_loss, nt_xent, simclr_loss
 from .profile import curve_profile, default_ts
 from .train import (
     CurveSettings,
@@ -18,6 +20,10 @@ from .train import (
 
 __all__ = [
     "BezierCurve",
+    "bare_images",
+    "clip_loss",
+    "nt_xent",
+    "simclr_loss",
     "CurveFunction",
     "CurveSettings",
     "LossFn",

@@ -2,7 +2,7 @@
 
 TSC (Peng et al., ICML 2025, arXiv 2506.07467), self-supervised variant: the image encoder lies
 on the curve and the curve's loss is CLIP's contrastive objective (Radford et al., ICML 2021;
-`ssl.losses.clip_loss`) between the curve's image features and the **frozen clean** text
+`curve.contrastive.clip_loss`) between the curve's image features and the **frozen clean** text
 encoder's features of the captions, with the frozen model's logit scale, so the curve can
 neither move the text side nor rescale its way out.
 
@@ -20,13 +20,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..curve.contrastive import Augment, clip_loss
 from ..curve.train import LossFn, ModelFn, device_of
 from ..data.augment import random_crop_flip
 from ..errors import DataError, SettingsError
 from ..models.clip import logit_multiplier
 from ..report.schema import PurifyReport
 from ..ssl.clip import image_text
-from ..ssl.losses import Augment, clip_loss
 from .tsc import PRESETS, TSCSettings, purify
 
 Evaluate = Callable[[nn.Module], dict[str, float]]

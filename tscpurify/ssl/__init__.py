@@ -1,6 +1,8 @@
-"""TSC's self-supervised variant: label-free curve objectives (SimCLR's NT-Xent, CLIP's
-contrastive loss), SimCLR augmentations and pre-training, the BadEncoder and CTRL attacks, and
-linear/kNN probes that judge an encoder by ACC and ASR on clean labelled downstream data.
+"""Self-supervised training: SimCLR pre-training and CLIP training on image-caption pairs,
+with the captions they use. Their curve objectives live with the other losses
+(`tscpurify.curve.contrastive`), their views with the data (`tscpurify.data.views`), the
+attacks on them with the attacks (`tscpurify.attacks.ctrl`, `badencoder`, `poisoned_pairs`)
+and their probes with the evaluation (`tscpurify.evaluation.probes`, `zero_shot`).
 
 Purifying a SimCLR encoder without labels:
     encoder = create_model("simclr", width=16)              # forward = projection
@@ -9,41 +11,7 @@ Purifying a SimCLR encoder without labels:
     probe_metrics(purified, downstream_train, downstream_test, attack)
 """
 
-from .augment import SimCLRAugment
-from .badencoder import BadEncoderSettings, badencoder, badencoder_loss
-from .clip import CLIPSettings, train_clip  # noqa: F401
-from .losses import bare_images, clip_loss, nt_xent, simclr_loss
-from .probes import (
-    ProbeClassifier,
-    ProbeSettings,
-    encoder_features,
-    encoder_metrics,
-    extract_features,
-    knn_accuracy,
-    linear_probe,
-    probe_metrics,
-    train_probe,
-)
+from .clip import CLIPSettings, train_clip
 from .simclr import SimCLRSettings, pretrain_simclr
 
-__all__ = [
-    "BadEncoderSettings",
-    "ProbeClassifier",
-    "ProbeSettings",
-    "SimCLRAugment",
-    "SimCLRSettings",
-    "badencoder",
-    "badencoder_loss",
-    "bare_images",
-    "clip_loss",
-    "encoder_features",
-    "encoder_metrics",
-    "extract_features",
-    "knn_accuracy",
-    "linear_probe",
-    "nt_xent",
-    "pretrain_simclr",
-    "probe_metrics",
-    "simclr_loss",
-    "train_probe",
-]
+__all__ = ["CLIPSettings", "SimCLRSettings", "pretrain_simclr", "train_clip"]

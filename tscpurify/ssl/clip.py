@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..curve.contrastive import Augment, clip_loss
 from ..curve.train import device_of
 from ..data.augment import random_crop_flip
 from ..errors import DataError, SettingsError
 from ..models.clip import logit_multiplier
-from .losses import Augment, clip_loss
 from .simclr import train_on_loss
 
 

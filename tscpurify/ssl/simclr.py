@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..curve.contrastive import Augment, simclr_loss
 from ..curve.train import LossFn
 from ..errors import DataError, SettingsError
-from .losses import Augment, simclr_loss
 
 
 @dataclass(frozen=True)

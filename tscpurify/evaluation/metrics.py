@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attacks.base import Attack
-from .data.images import ImageData
-from .training import device_of
+from ..attacks.base import Attack
+from ..data.images import ImageData
+from ..training import device_of
 
 
 @dataclass(frozen=True)

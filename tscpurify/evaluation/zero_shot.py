@@ -23,10 +23,10 @@ from torch.nn import functional as F
 from ..attacks.base import Attack
 from ..data.images import ImageData
 from ..errors import SettingsError
-from ..evaluation import Metrics, evaluate
 from ..models.clip import logit_multiplier
+from ..ssl.captions import TEMPLATES, captions
 from ..training import device_of
-from .captions import TEMPLATES, captions
+from .metrics import Metrics, evaluate
 
 Tokenize = Callable[[list[str]], Tensor]
 

@@ -25,8 +25,8 @@ from ..attacks.base import Attack
 from ..data.images import ImageData
 from ..data.subset import select_clean_subset
 from ..errors import SettingsError
-from ..evaluation import Metrics, evaluate
 from ..training import device_of
+from .metrics import Metrics, evaluate
 
 Features = Callable[[Tensor], Tensor]
 

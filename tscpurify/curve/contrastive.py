@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..curve.train import LossFn, ModelFn, device_of
+from ..data.views import SimCLRAugment
 from ..errors import DataError, SettingsError
-from .augment import SimCLRAugment
+from .train import LossFn, ModelFn, device_of
 
 Augment = Callable[[Tensor], Tensor]
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from tscpurify.attacks.badnets import BadNets
 from tscpurify.errors import SettingsError
-from tscpurify.ssl import extract_features, knn_accuracy, linear_probe, probe_metrics
+from tscpurify.evaluation import extract_features, knn_accuracy, linear_probe, probe_metrics
 
 ATTACK = BadNets(target=3, size=3)
 

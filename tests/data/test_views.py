@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tscpurify.data.views import SimCLRAugment
 from tscpurify.errors import SettingsError
-from tscpurify.ssl import SimCLRAugment
 
 IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, jitter=0.0)
 

@@ -9,12 +9,12 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from tscpurify.attacks.badencoder import badencoder
 from tscpurify.attacks.badnets import BadNets
 from tscpurify.errors import DataError
 from tscpurify.models import create_model
-from tscpurify.ssl import badencoder
 
-from .conftest import band_data
+from ..conftest import band_data
 
 TRIGGER = BadNets(size=4).trigger
 
@@ -59,7 +59,7 @@ def test_reference_must_be_a_batch_of_images():
 
 
 def test_standardised_cosines_are_raw_cosines_of_standardised_features():
-    from tscpurify.ssl.badencoder import badencoder_loss, feature_statistics
+    from tscpurify.attacks.badencoder import badencoder_loss, feature_statistics
 
     torch.manual_seed(0)
     bad, clean = create_model("simclr", width=4).eval(), create_model("simclr", width=4).eval()

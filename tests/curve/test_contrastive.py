@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from tscpurify.curve.contrastive import bare_images, clip_loss, nt_xent, simclr_loss
+from tscpurify.data.views import SimCLRAugment
 from tscpurify.errors import DataError, SettingsError
-from tscpurify.ssl import SimCLRAugment, bare_images, clip_loss, nt_xent, simclr_loss
 
 
 def nt_xent_loop(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:

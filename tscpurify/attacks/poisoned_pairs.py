@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..attacks.base import Attack, poison_dataset
 from ..data.images import ImageData
 from ..models.clip import Tokenizer
-from .captions import TEMPLATES, CaptionedImages
+from ..ssl.captions import TEMPLATES, CaptionedImages
+from .base import Attack, poison_dataset
 
 
 @dataclass(frozen=True)

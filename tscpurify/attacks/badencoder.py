@@ -48,10 +48,10 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..curve.batchnorm import recompute_bn_stats
+from ..curve.contrastive import bare_images
 from ..errors import DataError, SettingsError
+from ..evaluation.probes import encoder_features
 from ..training import device_of
-from .losses import bare_images
-from .probes import encoder_features
 
 Trigger = Callable[[Tensor], Tensor]
 
