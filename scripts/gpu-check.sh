@@ -7,3 +7,4 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: PyTorch sees no CUDA device (install a CUDA build: make setup TORCH_SPEC=torch)')"
 "$PYTHON" -m pytest -m cuda
 "$PYTHON" scripts/gpu_timing.py --device cuda "$@"
+"$PYTHON" scripts/gpu_timing.py --device cuda --bf16 "$@"   # the same in bfloat16 autocast

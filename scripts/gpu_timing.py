@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2500, help="clean images (5%% of CIFAR-10)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="curve epochs (default: TSC's default, 30); smaller for a smoke run")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast in the curves and fine-tunes (CurveSettings.bf16); "
+                             "t_step stays float32's")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.rand(args.images, 3, 32, 32)
@@ -64,6 +67,7 @@ def main() -> None:
     if args.epochs is not None:
         settings = replace_settings(TSCSettings(), profile_points=0, epochs=args.epochs,
                                     ft_epochs=1, final_ft_epochs=1)
+    settings = replace_settings(settings, bf16=args.bf16)
     steps = settings.planned_steps(len(loader))
     t_step = step_seconds(create_model("preactresnet18", in_channels=3, width=args.width)
                           .to(args.device).train(), (x[:256], y[:256]), args.device)
@@ -73,6 +77,7 @@ def main() -> None:
     synchronize(args.device)
     total = time.perf_counter() - began
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    name += " (bf16)" if args.bf16 else ""
     print("| device | width | images | steps | t_step (s) | TSC (s) | TSC / (steps × t_step) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {name} | {args.width} | {args.images} | {steps} | {t_step:.4f} | {total:.1f} | "

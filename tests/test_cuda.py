@@ -35,24 +35,26 @@ def test_attack_purify_evaluate_on_cuda(fmnist_root, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_purify_keeps_a_cuda_model_on_cuda():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_purify_keeps_a_cuda_model_on_cuda(bf16):
     from torch.utils.data import DataLoader, TensorDataset
 
     model = create_model("cnn", width=4).cuda()
     data = TensorDataset(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
     settings = replace_settings(TSCSettings(), rounds=1, epochs=1, ft_epochs=0,
-                                final_ft_epochs=1, profile_points=0)
+                                final_ft_epochs=1, profile_points=0, bf16=bf16)
     purified, _ = purify(model, DataLoader(data, batch_size=32), settings, progress=False)
-    assert all(p.device.type == "cuda" for p in purified.parameters())
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32
+               for p in purified.parameters())
 
 
 def test_the_gpu_timing_script_runs(tmp_path):
     """scripts/gpu_timing.py on the CPU at toy size: the script a GPU machine runs works."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_timing.py"), "--device",
-                           "cpu", "--width", "4", "--images", "64", "--epochs", "1"],
+                           "cpu", "--width", "4", "--images", "64", "--epochs", "1", "--bf16"],
                           capture_output=True, text=True, timeout=300, check=True)
     last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("| cpu | 4 | 64 | 9 |")
+    assert last.startswith("| cpu (bf16) | 4 | 64 | 9 |")
 
 
 def test_the_step_time_script_runs(monkeypatch, capsys):

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from tscpurify.attacks import create_attack, poison_dataset
@@ -22,3 +24,17 @@ def test_a_tiny_model_learns_the_backdoor_and_the_task(fmnist_root):
     metrics = evaluate(model, test, attack)
     assert metrics.acc > 60, metrics  # ten bands of light: easy for a CNN
     assert metrics.asr > 60, metrics  # chance is 10%
+
+
+def test_bf16_training_autocasts_and_keeps_float32_weights():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = create_model("cnn", width=4)
+    seen = []
+    model[-1].register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    data = TensorDataset(torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+    losses = train_classifier(model, DataLoader(data, batch_size=16),
+                              TrainSettings(epochs=2, bf16=True), progress=False)
+    assert set(seen) == {torch.bfloat16} and all(math.isfinite(v) for v in losses)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

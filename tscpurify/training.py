@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .curve.train import device_of  # one definition, shared by training and curves
+from .curve.train import bf16_autocast, device_of  # shared by training and curves
 from .data.augment import random_crop_flip
 from .errors import SettingsError
 from .settings import validate_settings
@@ -28,6 +28,8 @@ class TrainSettings:
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     batch_size: int = field(default=128, metadata={"help": "mini-batch size"})
     augment: bool = field(default=True, metadata={"help": "random crop (pad 2) and flip"})
+    bf16: bool = field(default=False, metadata={
+        "help": "bfloat16 autocast for the forward pass and the loss (weights stay float32)"})
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
@@ -66,11 +68,13 @@ def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettin
         model.train()
         total, count, start = 0.0, 0, time.perf_counter()
         for batch in loader:
-            if loss_fn is None:
-                x, y = (t.to(device, non_blocking=True) for t in batch)
-                loss = F.cross_entropy(model(random_crop_flip(x) if settings.augment else x), y)
-            else:
-                loss = loss_fn(model, batch)
+            with bf16_autocast(device, settings.bf16):
+                if loss_fn is None:
+                    x, y = (t.to(device, non_blocking=True) for t in batch)
+                    loss = F.cross_entropy(model(random_crop_flip(x) if settings.augment else x),
+                                           y)
+                else:
+                    loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if distributed:

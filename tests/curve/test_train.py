@@ -199,3 +199,20 @@ def test_label_smoothing_raises_the_loss_of_confident_right_answers():
         plain = distillation_loss(teacher, weight=0.5)(confident, (x, y))
         smoothed = distillation_loss(teacher, weight=0.5, label_smoothing=0.2)(confident, (x, y))
     assert float(smoothed) > float(plain)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_autocasts_the_forward_and_keeps_the_control_point_float32(bf16):
+    dtypes = []
+    base = cross_entropy_loss()
+
+    def recording(model_fn, batch):
+        dtypes.append(model_fn(batch[0][:1]).dtype)
+        return base(model_fn, batch)
+
+    curve = mlp_curve()
+    log = train_curve(curve, separable(), recording, CurveSettings(epochs=3, lr=0.1, bf16=bf16),
+                      progress=False)
+    assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
+    assert all(p.dtype == torch.float32 for p in curve.parameters())
+    assert all(math.isfinite(e["loss"]) for e in log) and log[-1]["loss"] < log[0]["loss"]

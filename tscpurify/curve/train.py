@@ -42,6 +42,10 @@ class CurveSettings:
     l2_reg: float = field(default=1e-4, metadata={
         "help": "curve L2 regulariser: adds 0.5·l2_reg·‖θ(t)‖² to the loss "
                 "(the reference's wd, 1e-4 for CIFAR-10)"})
+    bf16: bool = field(default=False, metadata={
+        "help": "bfloat16 autocast for the forward pass and the loss (the control point, its "
+                "gradient and the optimiser stay float32): faster on GPUs with bf16 "
+                "(Ampere and later); results differ slightly from float32"})
     cosine_t_max: int | None = field(default=100, metadata={
         "help": "T_max of the per-epoch cosine schedule; None means epochs. The reference uses "
                 "100 with 200 epochs, so the rate reaches 0 at epoch 100 and climbs back"})
@@ -55,6 +59,14 @@ class CurveSettings:
                                 f"{self.momentum}, {self.weight_decay}, {self.l2_reg}")
         if self.cosine_t_max is not None and self.cosine_t_max < 1:
             raise SettingsError(f"cosine_t_max must be ≥ 1 or None, got {self.cosine_t_max}")
+
+
+def bf16_autocast(device: torch.device | str, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on `device` when `enabled` (a no-op context otherwise): matrix products
+    and convolutions run in bfloat16, reductions and the loss in float32, parameters stay
+    float32. One definition for the curves and every fine-tune."""
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=enabled)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -189,7 +201,8 @@ def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
         for batch in loader:
             t = float(torch.rand((), generator=generator))
             weights = curve.weights(t)
-            loss = loss_fn(curve.as_function(t, weights), batch)
+            with bf16_autocast(curve.device, settings.bf16):
+                loss = loss_fn(curve.as_function(t, weights), batch)
             if half_l2:
                 loss = loss + half_l2 * _squared_norm(weights)
             optimizer.zero_grad(set_to_none=True)

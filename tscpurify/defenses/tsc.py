@@ -562,7 +562,8 @@ class _Stages:
                       else (settings.ft_epochs, settings.ft_lr))
         if epochs > 0:
             model = self.model_from(state)
-            ft = TrainSettings(epochs=epochs, lr=lr, batch_size=self.clean.batch_size or 1)
+            ft = TrainSettings(epochs=epochs, lr=lr, batch_size=self.clean.batch_size or 1,
+                               bf16=self.settings.curve.bf16)  # the curves' precision too
             # The curve's own objective, so a label-free purification stays label-free; the
             # last fine-tune's extras (distillation, label smoothing) exist for cross-entropy
             # only, and purify() switches them off for a custom loss.
