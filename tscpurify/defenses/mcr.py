@@ -115,7 +115,7 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
     endpoint = copy.deepcopy(model)
     train = TrainSettings(epochs=settings.ft_epochs, lr=settings.ft_lr,
                           momentum=settings.curve.momentum,
-                          weight_decay=settings.curve.weight_decay,
+                          weight_decay=settings.curve.weight_decay, bf16=settings.curve.bf16,
                           augment=settings.augment, batch_size=clean.batch_size or 1)
     if loss_fn is None:
         ft_losses = train_classifier(endpoint, clean, train, progress=progress, desc="fine-tune")
