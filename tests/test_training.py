@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from tscpurify.attacks import create_attack, poison_dataset
@@ -38,3 +39,20 @@ def test_bf16_training_autocasts_and_keeps_float32_weights():
                               TrainSettings(epochs=2, bf16=True), progress=False)
     assert set(seen) == {torch.bfloat16} and all(math.isfinite(v) for v in losses)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_adamw_trains_and_an_unknown_optimizer_is_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tscpurify.errors import SettingsError
+
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=2, image_size=4, hidden=(8,))
+    x = torch.rand(64, 1, 4, 4)
+    y = (x[:, 0, 0, 0] > 0.5).long()
+    losses = train_classifier(model, DataLoader(TensorDataset(x, y), batch_size=16),
+                              TrainSettings(epochs=20, lr=0.01, optimizer="adamw",
+                                            augment=False), progress=False)
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(SettingsError, match="optimizer must be one of"):
+        TrainSettings(optimizer="lamb")

@@ -19,6 +19,8 @@ from .data.augment import random_crop_flip
 from .errors import SettingsError
 from .settings import validate_settings
 
+OPTIMIZERS = ("sgd", "adamw")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -30,8 +32,14 @@ class TrainSettings:
     augment: bool = field(default=True, metadata={"help": "random crop (pad 2) and flip"})
     bf16: bool = field(default=False, metadata={
         "help": "bfloat16 autocast for the forward pass and the loss (weights stay float32)"})
+    optimizer: str = field(default="sgd", metadata={
+        "help": "sgd (momentum, weight decay) or adamw (decoupled weight decay; momentum "
+                "unused): transformers train poorly with SGD at these budgets"})
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                                f"{self.optimizer!r}")
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
             raise SettingsError(f"training needs epochs ≥ 0, lr > 0, batch_size ≥ 1; got "
                                 f"{self.epochs}, {self.lr}, {self.batch_size}")
@@ -58,8 +66,13 @@ def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettin
     """
     validate_settings(settings)  # NaN rates and string counts fail here, not as NaN weights
     device = device_of(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr,
+                                    momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
     steps = max(1, settings.epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     history = []

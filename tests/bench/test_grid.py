@@ -332,3 +332,28 @@ rate = 0.01
     path.write_text('attacks = ["nope"]\ndefenses = ["ft"]\n')
     with pytest.raises(SettingsError, match="nope"):
         read_grid(path)
+
+
+def test_a_model_entry_may_set_its_training(tmp_path, fmnist_root):
+    """[models.X.train] (a ViT's AdamW): part of the model's cache name and of the cell's key
+    only when set, so the rows and models of grids without it keep theirs."""
+    import dataclasses
+
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), defenses=("ft",))
+    plain = read_grid(grid).cells[0]
+    assert plain.train_args == {}
+    text = grid.read_text().replace("[models.cnn]\nwidth = 4\nepochs = 2",
+                                    '[models.cnn]\nwidth = 4\nepochs = 2\n'
+                                    '[models.cnn.train]\noptimizer = "adamw"\nlr = 0.001')
+    grid.write_text(text)
+    tuned = read_grid(grid).cells[0]
+    assert tuned.train_args == {"optimizer": "adamw", "lr": 0.001}
+    assert tuned.key != plain.key == dataclasses.replace(tuned, train_args={}).key
+    assert grid_module.models_needed(tuned) != grid_module.models_needed(plain)
+    rows = run_grid(grid, tmp_path / "out", progress=False)
+    sidecar = json.loads(next((tmp_path / "out" / "models").glob("badnets-*/model.json"))
+                         .read_text())
+    assert sidecar["train"]["optimizer"] == "adamw" and rows[0]["steps"] > 0
+    grid.write_text(text.replace('"adamw"', '"lamb"'))
+    with pytest.raises(SettingsError, match=r"\[models.cnn.train\].*optimizer must be one of"):
+        read_grid(grid)

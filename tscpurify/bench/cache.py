@@ -16,6 +16,17 @@ from ..training import TrainSettings
 WAIT_SECONDS = 5.0
 
 
+# TrainSettings fields added after models were cached, with the value every earlier model was
+# trained with: left out of the key at that value, so those caches keep their names.
+LATER_TRAIN_FIELDS = {"bf16": False, "optimizer": "sgd"}
+
+
+def train_key(train: TrainSettings) -> dict[str, Any]:
+    """The training settings as they enter a cached model's name."""
+    return {k: v for k, v in asdict(train).items()
+            if k not in LATER_TRAIN_FIELDS or v != LATER_TRAIN_FIELDS[k]}
+
+
 def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed: int,
                       train: TrainSettings, attack_args: dict[str, Any] | None = None,
                       model_args: dict[str, Any] | None = None, data: str = "fashion-mnist",
@@ -24,7 +35,7 @@ def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed
     """The run folder of this backdoored model, training it first if it is not cached
     (attack None: the same model trained on clean data)."""
     key = {"attack": attack, "attack_args": attack_args or {}, "model": model,
-           "model_args": model_args or {}, "seed": seed, "train": asdict(train), "data": data}
+           "model_args": model_args or {}, "seed": seed, "train": train_key(train), "data": data}
     if data_root is not None:  # only when set, so caches made before the option stay valid
         key["data_root"] = str(data_root)
     folder = Path(cache) / f"{attack or 'clean'}-{model}-s{seed}-{settings_hash(key)}"

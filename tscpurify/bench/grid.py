@@ -79,6 +79,7 @@ class Cell:
     attack_args: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
     train_epochs: int = TRAIN_EPOCHS
+    train_args: dict[str, Any] = field(default_factory=dict)  # other TrainSettings of the model
     defense_args: dict[str, Any] = field(default_factory=dict)
     data: str = "fashion-mnist"
     data_root: str | None = None
@@ -100,6 +101,8 @@ class Cell:
         fields = asdict(self)
         for label in ("setting", "model_label", "attack_label"):
             fields.pop(label)
+        if not self.train_args:  # keys of rows made before models could set their training
+            fields.pop("train_args")
         if self.base:  # a reference row ("none", "clean_floor") is told apart by its name only
             fields.pop("defense")
         return settings_hash(fields)
@@ -137,6 +140,20 @@ def model_arch(name: str, config: dict[str, Any]) -> str:
     arch = _require(config.get("arch", name), str, f"[models.{name}] arch")
     MODELS.get(arch)  # an unknown name fails now, with the registered ones listed
     return arch
+
+
+def model_training(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A [models.NAME] entry's `train` table: TrainSettings besides the epochs (e.g. a ViT's
+    optimizer = "adamw"), checked now."""
+    train = dict(_require(config.get("train", {}), dict, f"[models.{name}.train]"))
+    if "epochs" in train:
+        raise SettingsError(f"grid: [models.{name}] sets its training epochs as epochs = N, "
+                            f"not in its train table")
+    try:
+        replace_settings(TrainSettings(), **train)
+    except SettingsError as err:
+        raise SettingsError(f"grid: [models.{name}.train]: {err}") from None
+    return train
 
 
 def attack_entries(table: dict[str, Any]) -> tuple[dict[str, dict[str, Any]],
@@ -269,7 +286,8 @@ def read_grid(source: str | Path) -> Grid:
             _require(model_cfg, dict, f"[models.{model}]")
             arch = model_arch(model, model_cfg)
             model_args = {k: v for k, v in model_cfg.items()
-                          if k not in ("epochs", "attacks", "seeds", "arch")}
+                          if k not in ("epochs", "attacks", "seeds", "arch", "train")}
+            train_args = model_training(model, model_cfg)
             for attack in model_cfg.get("attacks", attacks):
                 for seed in model_cfg.get("seeds", seeds):
                     _require(seed, int, "a seed")
@@ -282,18 +300,20 @@ def read_grid(source: str | Path) -> Grid:
                             attack_label=attack if attack != attack_of(attack) else "",
                             model_args=model_args,
                             train_epochs=model_cfg.get("epochs", TRAIN_EPOCHS),
+                            train_args=train_args,
                             defense_args={**fixed, **overrides}, retune=retune_dict,
                             setting=setting, **{**common, **row_data.get(name, {})}))
     tuning_cells = []
     if tuning is not None:
         model_cfg = models[tuning.model]
         model_args = {k: v for k, v in model_cfg.items()
-                      if k not in ("epochs", "attacks", "seeds", "arch")}
+                      if k not in ("epochs", "attacks", "seeds", "arch", "train")}
         # The deep rule re-tunes every candidate, and compares with each tuning model's floor.
         arch = model_arch(tuning.model, model_cfg)
         tuning_common = dict(model=arch, model_label=tuning.model if tuning.model != arch else "",
                              model_args=model_args,
                              train_epochs=model_cfg.get("epochs", TRAIN_EPOCHS),
+                             train_args=model_training(tuning.model, model_cfg),
                              retune=retune_dict if tuning.deep else None, **common)
         if tuning.deep:
             tuning_cells += [Cell(attack=attack_of(attack), seed=seed, defense="clean_floor",
@@ -370,7 +390,8 @@ def read_results(path: Path) -> dict[str, dict]:
 
 
 def _model_options(cell: Cell, device: str, progress: bool) -> dict[str, Any]:
-    return dict(model=cell.model, seed=cell.seed, train=TrainSettings(epochs=cell.train_epochs),
+    train = replace_settings(TrainSettings(epochs=cell.train_epochs), **cell.train_args)
+    return dict(model=cell.model, seed=cell.seed, train=train,
                 model_args=cell.model_args, data=cell.data, data_root=cell.data_root,
                 device=device, progress=progress)
 
@@ -390,7 +411,8 @@ def models_needed(cell: Cell) -> list[tuple[str, str]]:
     """(which, key) of the cached models the cell reads, "backdoored" and, for the clean_floor
     row, "clean": what a parallel executor trains once before the cells that share it."""
     shared = {k: v for k, v in asdict(cell).items()
-              if k in ("model", "seed", "train_epochs", "model_args", "data", "data_root")}
+              if k in ("model", "seed", "train_epochs", "model_args", "data", "data_root")
+              or k == "train_args" and v}
     needed = [("backdoored", settings_hash({**shared, "attack": cell.attack,
                                             "attack_args": cell.attack_args}))]
     if cell.defense == "clean_floor":
