@@ -19,7 +19,6 @@ from . import (  # noqa: F401
     convnext,
     densenet,
     encoder,
-    gn_cnn,
     mlp,
     preact_resnet,
     resnet,

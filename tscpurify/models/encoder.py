@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SettingsError
-from .cnn import conv_bn_relu
+from .cnn import conv_norm_relu
 from .normalize import default_normalize
 from .registered import MODELS
 from .resnet import ResNet18
@@ -44,8 +44,8 @@ class CNNTrunk(nn.Sequential):
         w = width
         super().__init__(
             default_normalize(in_channels, mean, std),
-            *conv_bn_relu(in_channels, w), *conv_bn_relu(w, w), nn.MaxPool2d(2),
-            *conv_bn_relu(w, 2 * w), *conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2),
+            *conv_norm_relu(in_channels, w), *conv_norm_relu(w, w), nn.MaxPool2d(2),
+            *conv_norm_relu(w, 2 * w), *conv_norm_relu(2 * w, 2 * w), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.out_dim = 2 * w

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .cnn import conv_bn_relu
+from .cnn import conv_norm_relu
 from .normalize import default_normalize
 from .registered import MODELS
 
@@ -37,7 +37,7 @@ def vgg(num_classes: int = 10, in_channels: int = 1, depth: int = 11, width: int
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
         else:
             cout = int(item) * width // 64
-            layers += conv_bn_relu(cin, cout)
+            layers += conv_norm_relu(cin, cout)
             cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
