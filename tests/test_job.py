@@ -75,3 +75,16 @@ def test_a_bad_flag_value_is_one_error_line(capsys):
     assert main(["purify", "nowhere", "--out", "x", "--threads", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "threads must be ≥ 1" in err and err.count("\n") == 1
+
+
+def test_the_library_entry_points_default_to_the_same_device_as_the_cli():
+    import inspect
+
+    from tscpurify.bench.grid import run_grid
+    from tscpurify.purification import purify_run
+    from tscpurify.runs import evaluate_run, retune_run, train_backdoored, train_encoder
+
+    assert purify_run.__kwdefaults__["job"] is None  # JobSettings() inside: device "auto"
+    for entry in (run_grid, evaluate_run, retune_run, train_backdoored, train_encoder):
+        default = inspect.signature(entry).parameters["device"].default
+        assert default == JobSettings().device, entry.__name__

@@ -358,13 +358,11 @@ def run_bench(args: argparse.Namespace) -> int:
     status = 0
     ray = None
     if args.executor == "ray":
-        from .bench.executors import RayOptions, import_ray
+        from .bench.executors import RayOptions, check_device, import_ray
 
         ray = RayOptions(address=args.address, cpus_per_cell=args.cpus_per_cell or 1.0,
                          gpus_per_cell=args.gpus_per_cell or 0.0)
-        if resolve_device(args.device).startswith("cuda") and not ray.gpus_per_cell:
-            raise SettingsError("--executor ray on --device cuda needs --gpus-per-cell (e.g. 1 "
-                                "or 0.5), so that Ray places each run on a GPU; or --device cpu")
+        check_device(ray, resolve_device(args.device))
         import_ray()  # missing: one error line naming the extra, before any work
     elif any(v is not None for v in (args.address, args.cpus_per_cell, args.gpus_per_cell)):
         raise SettingsError("--address, --cpus-per-cell and --gpus-per-cell need --executor ray")

@@ -37,6 +37,7 @@ from .curve import recompute_bn_stats
 from .data import ImageData, load_dataset, select_clean_subset
 from .errors import CheckpointError, DataError, SettingsError
 from .evaluation import Metrics, ProbeSettings, encoder_metrics, evaluate, extract_features
+from .job import AUTO_DEVICE, resolve_device
 from .models import MODELS, create_model
 from .models.factory import is_factory_path
 from .outputs import atomic_folder
@@ -72,13 +73,14 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
                      attack_args: dict[str, Any] | None = None,
                      model: str = "cnn", model_args: dict[str, Any] | None = None,
                      train: TrainSettings | None = None, seed: int = 0,
-                     device: str = "cpu", progress: bool = True,
+                     device: str = AUTO_DEVICE, progress: bool = True,
                      overwrite: bool = False) -> Metrics:
     """Train a backdoored model and write its run folder; returns its metrics.
 
     `attack=None` trains the same model on clean data: the floor a re-tuning evaluation
     compares purified models with (its run folder records no attack)."""
     train = train or TrainSettings()
+    device = resolve_device(device)
     seed_everything(seed)
     attack_obj = create_attack(attack, **(attack_args or {})) if attack is not None else None
     kwargs_extra = dict(model_args or {})
@@ -198,7 +200,7 @@ def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: st
                   model_args: dict[str, Any] | None = None,
                   run: EncoderRunSettings | None = None, simclr: SimCLRSettings | None = None,
                   bad: BadEncoderSettings | None = None, probe: ProbeSettings | None = None,
-                  seed: int = 0, device: str = "cpu", progress: bool = True,
+                  seed: int = 0, device: str = AUTO_DEVICE, progress: bool = True,
                   overwrite: bool = False) -> dict[str, Any]:
     """Pre-train a SimCLR encoder, optionally backdoored, and write its run folder.
 
@@ -216,6 +218,7 @@ def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: st
     """
     run, simclr = run or EncoderRunSettings(), simclr or SimCLRSettings()
     bad, probe = bad or BadEncoderSettings(), probe or ProbeSettings()
+    device = resolve_device(device)
     seed_everything(seed)
     encoder_trigger(attack, target, dict(attack_args or {}))  # bad arguments fail before data
     with atomic_folder(out, overwrite) as folder:
@@ -298,11 +301,11 @@ def load_run(folder: str | Path, device: str = "cpu", trusted_arch: str | None =
     return model, sidecar, attack
 
 
-def evaluate_run(folder: str | Path, device: str = "cpu", trusted_arch: str | None = None
+def evaluate_run(folder: str | Path, device: str = AUTO_DEVICE, trusted_arch: str | None = None
                  ) -> dict[str, float | None]:
     """Recompute a run folder's metrics on its data set's test split: ACC/ASR/RA of a
     classifier, or linear-probe ACC/ASR/RA and kNN accuracy of an encoder."""
-    model, sidecar, attack = load_run(folder, device, trusted_arch)
+    model, sidecar, attack = load_run(folder, resolve_device(device), trusted_arch)
     dataset = dataset_of(sidecar, folder)
     kind = kind_of(sidecar)
     test_data = load_dataset(dataset.name, "test", dataset.root)
@@ -327,10 +330,11 @@ def load_retune_floor(floor: str | Path, sidecar: Sidecar, device: str = "cpu"
 
 
 def retune_run(folder: str | Path, settings: RetuneSettings, floor: str | Path | None = None,
-               seed: int = 0, device: str = "cpu", progress: bool = False
+               seed: int = 0, device: str = AUTO_DEVICE, progress: bool = False
                ) -> dict[str, dict[str, Any]]:
     """Re-tuning profiles (tscpurify.retune) of a classifier run folder whose attack is recorded,
     and of `floor`, the same architecture trained without poison, on the same images."""
+    device = resolve_device(device)
     model, sidecar, attack = load_run(folder, device)
     if attack is None or not kind_of(sidecar).retunable:
         raise SettingsError(f"re-tuning needs a classifier whose model.json records its attack; "

@@ -59,6 +59,13 @@ class RayOptions:
         return max(1, int(self.cpus_per_cell))
 
 
+def check_device(options: RayOptions, device: str) -> None:
+    """Ray places a task on a GPU only when it reserves one: CUDA runs need gpus_per_cell."""
+    if device.startswith("cuda") and not options.gpus_per_cell:
+        raise SettingsError("--executor ray on --device cuda needs --gpus-per-cell (e.g. 1 or "
+                            "0.5), so that Ray places each run on a GPU; or --device cpu")
+
+
 def import_ray() -> Any:
     """The ray module, or one error line naming the extra that installs it."""
     try:

@@ -40,6 +40,7 @@ from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
 from ..errors import SettingsError
 from ..evaluation import Metrics, der, evaluate
+from ..job import AUTO_DEVICE, resolve_device
 from ..models import MODELS
 from ..outputs import check_resumable_out, output_lock
 from ..permutation import model_distances
@@ -50,7 +51,7 @@ from ..settings import replace_settings, settings_hash
 from ..training import TrainSettings
 from ..version import __version__
 from .cache import cached_backdoored, run_metrics
-from .executors import RayOptions, run_ray, run_serial
+from .executors import RayOptions, check_device, run_ray, run_serial
 from .tuning import FLOOR, TuningSpec, choose, parse_tuning, write_tuned
 
 if sys.version_info >= (3, 11):
@@ -534,7 +535,7 @@ def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
     return choice
 
 
-def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
+def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
              progress: bool = True, phase: str = "all", shard: str | None = None,
              ray: RayOptions | None = None) -> list[dict]:
     """Run every unfinished cell of `phase` ('tune', 'default', 'tuned' or 'all'); returns the
@@ -542,6 +543,9 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = "cpu",
     so N processes (or machines sharing the folder) split a grid; each writes its own file.
     `ray` runs the cells as tasks on a Ray cluster instead of in this process (executors.py)."""
     part = parse_shard(shard)
+    device = resolve_device(device)
+    if ray is not None:
+        check_device(ray, device)
     grid = read_grid(source)
     out = check_resumable_out(out)
     out.mkdir(parents=True, exist_ok=True)
