@@ -89,7 +89,9 @@ def test_purify_writes_model_report_and_plots(backdoored_run, tmp_path, capsys):
     assert "## Does the backdoor come back?" in (out / "report.md").read_text()
     assert len(report["clean_indices"]) == 120 and len(report["stages"]) == 2
     assert report["settings"]["rounds"] == 1 and report["after"]["asr"] is not None
-    assert "report.md" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report.md" in printed
+    assert f"permutation symmetry: {report['symmetry']['groups']} groups, moving " in printed
     # The purified folder is itself a run folder: it evaluates like any other.
     assert main(["evaluate", str(out)]) == 0
     assert not list(tmp_path.glob(".*")), "no staging folder may be left behind"

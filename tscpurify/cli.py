@@ -259,6 +259,9 @@ def print_report_summary(report, out: str) -> None:
         line += f"   ASR {before['asr']:.2f}% → {after['asr']:.2f}%"
     line = KINDS[report.source.get("kind", "classifier")].label + line
     print(f"purified model written to {out}: {line}")
+    if report.symmetry:
+        print(f"permutation symmetry: {report.symmetry['groups']} groups, moving "
+              f"{100 * report.symmetry['coverage']:.1f}% of the weights")
     if report.retune:
         at = report.retune["after"]["epochs"]
         print("re-tuned on a few poisoned samples, ASR after epochs "
