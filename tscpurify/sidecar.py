@@ -54,10 +54,6 @@ class Sidecar:
     purified_by: dict[str, Any] | None = None
     format: str = SIDECAR_FORMAT
 
-    @property
-    def is_encoder(self) -> bool:
-        return self.kind == "encoder"
-
     def to_json(self) -> dict[str, Any]:
         """The model.json object: "format" first; "attack" and "dataset" always (null says
         something), other fields when set."""
