@@ -12,39 +12,15 @@ images: time does not depend on their content.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from tscpurify import TSCSettings, purify
+from tscpurify.bench.timing import step_seconds, synchronize
 from tscpurify.models import create_model
 from tscpurify.settings import replace_settings
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def step_seconds(model: torch.nn.Module, batch: tuple, device: str) -> float:
-    """Median seconds of one plain SGD step (forward, backward, update) at this batch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = (t.to(device) for t in batch)
-    times = []
-    for i in range(25):
-        synchronize(device)
-        began = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        synchronize(device)
-        if i >= 5:
-            times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from types import SimpleNamespace
 
 import torch
@@ -25,26 +24,6 @@ def parse_model(text: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def step_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up: allocations, kernel choice
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - began) / repeats
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="NAME[:KEY=VALUE,...], a registered model")
@@ -57,6 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
+    from tscpurify.bench.timing import step_seconds
     from tscpurify.models import MODELS, create_model
     from tscpurify.runs import model_kwargs
 
@@ -72,8 +52,8 @@ def main() -> None:
     for text in args.models:
         name, extra = parse_model(text)
         MODELS.get(name)
-        model = create_model(name, **model_kwargs(name, shape, extra)).to(args.device).train()
-        seconds = step_seconds(model, x, y, args.repeats)
+        model = create_model(name, **model_kwargs(name, shape, extra)).to(args.device)
+        seconds = step_seconds(model, (x, y), args.device, repeats=args.repeats, warmup=1)
         first = first or seconds
         print(f"| {text} | {seconds:.3f} | {seconds / first:.1f} |")
 

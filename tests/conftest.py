@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 # One thread: tiny models gain nothing from two, and spin-waiting threads slow a busy machine 10×.
 torch.set_num_threads(1)
@@ -59,3 +60,29 @@ def band_data(n: int, seed: int):
 def bands():
     """300 training and 200 test band images."""
     return band_data(300, 0), band_data(200, 1)
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fresh norms (weight 1, bias 0, mean 0, var 1), attention biases (0) and ConvNeXt's layer
+    scale (1e-6) are constant or nearly silent, so every permutation leaves them unchanged and
+    a wrongly permuted axis would stay hidden: random values, seeded. Returns the model, in
+    eval mode."""
+    g = torch.Generator().manual_seed(seed)
+
+    def fill(t: torch.Tensor, centre: float, spread: float) -> None:
+        t.copy_(centre + spread * torch.randn(t.shape, generator=g))
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+                fill(m.weight, 1.0, 0.3)
+                fill(m.bias, 0.0, 0.3)
+            if isinstance(m, nn.BatchNorm2d):
+                fill(m.running_mean, 0.0, 0.3)
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            if isinstance(m, nn.MultiheadAttention):
+                fill(m.in_proj_bias, 0.0, 0.3)
+                fill(m.out_proj.bias, 0.0, 0.3)
+            if hasattr(m, "gamma"):
+                fill(m.gamma, 1.0, 0.3)
+    return model.eval()

@@ -151,7 +151,7 @@ class CrossEntropyObjective:
 
 
 @dataclass(frozen=True)
-class SimCLRObjective(CrossEntropyObjective):
+class SimCLRObjective:
     """TSC's self-supervised variant: NT-Xent between two augmented views of each clean image.
     The subset is drawn without looking at labels and enters as images alone, so nothing
     downstream can read one; the points default to the SSL preset's t = 0.25."""
@@ -175,7 +175,9 @@ class SimCLRObjective(CrossEntropyObjective):
         return simclr_loss(SimCLRAugment(), temperature)
 
 
-OBJECTIVES = {o.name: o for o in (CrossEntropyObjective(), SimCLRObjective())}
+Objective = CrossEntropyObjective | SimCLRObjective
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (CrossEntropyObjective(),
+                                                        SimCLRObjective())}
 
 
 @contextlib.contextmanager

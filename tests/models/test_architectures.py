@@ -18,6 +18,8 @@ from tscpurify.permutation import (
     weight_distance,
 )
 
+from ..conftest import randomize_norms
+
 # Tiny sizes; the groups each should give: the residual streams, the MLPs' hidden units, and
 # per attention layer its heads, Q·K units and V units (ViT); one group per conv (DenseNet,
 # GroupNorm CNN) plus the CNN's hidden Linear.
@@ -39,36 +41,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fresh norms (weight 1, bias 0), attention biases (0) and ConvNeXt's layer scale (1e-6)
-    are constant or nearly silent, which would hide a wrongly permuted axis: random values."""
-    g = torch.Generator().manual_seed(seed)
-
-    def fill(t: torch.Tensor, centre: float, spread: float) -> None:
-        t.copy_(centre + spread * torch.randn(t.shape, generator=g))
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
-                fill(m.weight, 1.0, 0.3)
-                fill(m.bias, 0.0, 0.3)
-            if isinstance(m, nn.BatchNorm2d):
-                fill(m.running_mean, 0.0, 0.3)
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-            if isinstance(m, nn.MultiheadAttention):
-                fill(m.in_proj_bias, 0.0, 0.3)
-                fill(m.out_proj.bias, 0.0, 0.3)
-            if hasattr(m, "gamma"):
-                fill(m.gamma, 1.0, 0.3)
-    return model.eval()
-
-
 def build(arch: str, channels: int, size: int, seed: int = 0) -> nn.Module:
     kwargs = dict(ARCHS[arch][0], num_classes=7, in_channels=channels)
     if arch in ("vit", "gn_cnn"):
         kwargs["image_size"] = size
     torch.manual_seed(seed)
-    return randomize(create_model(arch, **kwargs), seed)
+    return randomize_norms(create_model(arch, **kwargs), seed)
 
 
 @pytest.mark.parametrize("arch,channels,size", CASES, ids=[f"{a}-{c}x{s}" for a, c, s in CASES])

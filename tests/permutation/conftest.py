@@ -10,6 +10,8 @@ from torch import nn
 
 from tscpurify.models import create_model
 
+from ..conftest import randomize_norms
+
 # Every registered architecture the engine must handle, at width 4-8.
 ARCHS: dict[str, tuple[str, dict]] = {
     "mlp": ("mlp", {"hidden": (16, 8)}),
@@ -29,20 +31,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("case", cases, ids=[f"{a}-{c}x{s}" for a, c, s in cases])
     elif "arch" in metafunc.fixturenames:
         metafunc.parametrize("arch", list(ARCHS))
-
-
-def randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    """Fresh norm layers hold constant vectors (weight 1, bias 0, mean 0, var 1), which every
-    permutation leaves unchanged; random values make a wrongly permuted axis visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
 
 
 def build(arch: str, channels: int = 1, size: int = 28, seed: int = 0) -> nn.Module:
@@ -73,7 +61,7 @@ def output_scale(model: nn.Module, x: torch.Tensor) -> float:
 
 @pytest.fixture
 def kit() -> SimpleNamespace:
-    """The helpers above, as a fixture (test modules cannot import conftest reliably)."""
+    """The helpers above, as a fixture."""
     return SimpleNamespace(build=build, images=images, batches=batches,
                            output_scale=output_scale, randomize_norms=randomize_norms)
 

@@ -23,6 +23,8 @@ from tscpurify.permutation import (
 )
 from tscpurify.permutation.apply import invert
 
+from ..conftest import randomize_norms
+
 
 class DenseLayer(nn.Module):
     """BN-ReLU-conv1x1-BN-ReLU-conv3x3, its output concatenated to its input."""
@@ -63,16 +65,7 @@ class DenseNet(nn.Module):
 
 def dense_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = DenseNet()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-    return model.eval()
+    return randomize_norms(DenseNet(), seed)
 
 
 def test_each_concatenated_input_keeps_its_group_and_its_segments():

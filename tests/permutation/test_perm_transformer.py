@@ -23,6 +23,8 @@ from tscpurify.permutation import (
 )
 from tscpurify.permutation.apply import invert
 
+from ..conftest import randomize_norms
+
 DIM, HEADS, PATCH = 12, 3, 4
 
 
@@ -121,19 +123,6 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0] if self.pool == "token" else x.mean(1))
-
-
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, nn.MultiheadAttention):  # its biases start at 0
-                m.in_proj_bias.copy_(0.3 * torch.randn(m.in_proj_bias.shape, generator=g))
-                m.out_proj.bias.copy_(0.3 * torch.randn(m.out_proj.bias.shape, generator=g))
-    return model.eval()
 
 
 def vit(attention: type[nn.Module] = TorchAttention, seed: int = 0, **kwargs) -> nn.Module:

@@ -456,16 +456,23 @@ def _matmul(p: Propagator, n: fx.Node, result: Any) -> Axes:
         if ax or bx:
             raise p.unsupported(n, "multiplies a vector holding hidden units")
         return {}
-    nd = result.dim()
     k = [axes[d] for axes, d in ((ax, len(sa) - 1), (bx, len(sb) - 2)) if d in axes]
     _join(p, k, pinned=len(k) < 2)
-    out = _batch_dims(p, [({d: v for d, v in ax.items() if d < len(sa) - 2}, sa[:-2]),
-                          ({d: v for d, v in bx.items() if d < len(sb) - 2}, sb[:-2])],
-                      tuple(result.shape[:-2]))
-    if len(sa) - 2 in ax:
-        out[nd - 2] = ax[len(sa) - 2]
-    if len(sb) - 1 in bx:
-        out[nd - 1] = bx[len(sb) - 1]
+    return _product_output(p, [(ax, sa), (bx, sb)], (ax, sa), (bx, sb), result)
+
+
+def _product_output(p: Propagator, operands: list[tuple[Axes, tuple[int, ...]]],
+                    rows: tuple[Axes, tuple[int, ...]], columns: tuple[Axes, tuple[int, ...]],
+                    result: Any) -> Axes:
+    """The axes of a batched matrix product's (..., n, m) output: the operands' batch dims
+    meet as in a sum, the rows are `rows`' second-to-last dim, the columns `columns`' last."""
+    out = _batch_dims(p, [({d: v for d, v in axes.items() if d < len(shape) - 2}, shape[:-2])
+                          for axes, shape in operands], tuple(result.shape[:-2]))
+    (rx, sr), (cx, sc), nd = rows, columns, result.dim()
+    if len(sr) - 2 in rx:
+        out[nd - 2] = rx[len(sr) - 2]
+    if len(sc) - 1 in cx:
+        out[nd - 1] = cx[len(sc) - 1]
     return out
 
 
@@ -474,21 +481,13 @@ def _attention(p: Propagator, n: fx.Node, result: Any) -> Axes:
     (heads): q and k share head_dim, k and v share tokens, the output follows q's tokens and
     v's units; masks hold no units."""
     q, k, v = (_operand(p, _arg(n, i, name)) for i, name in enumerate(("query", "key", "value")))
-    (qx, sq), _, (vx, sv) = q, k, v
     if any(len(shape) < 2 for _, shape in (q, k, v)):
         raise p.unsupported(n, "attends over tensors of fewer than 2 dims")
     found = [axes[len(shape) - 1] for axes, shape in (q, k) if len(shape) - 1 in axes]
     _join(p, found, pinned=len(found) < 2)
     found = [axes[len(shape) - 2] for axes, shape in (k, v) if len(shape) - 2 in axes]
     _join(p, found, pinned=len(found) < 2)
-    nd = result.dim()
-    out = _batch_dims(p, [({d: x for d, x in axes.items() if d < len(shape) - 2}, shape[:-2])
-                          for axes, shape in (q, k, v)], tuple(result.shape[:-2]))
-    if len(sq) - 2 in qx:
-        out[nd - 2] = qx[len(sq) - 2]
-    if len(sv) - 1 in vx:
-        out[nd - 1] = vx[len(sv) - 1]
-    return out
+    return _product_output(p, [q, k, v], q, v, result)
 
 
 def _multihead_attention(p: Propagator, n: fx.Node, result: Any) -> Axes:
