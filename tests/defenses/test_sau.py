@@ -74,7 +74,7 @@ def test_unlearning_steps_take_adam_on_the_objective_against_the_frozen_suspect(
 
     # Oracle: h₀ stays the input model throughout; BatchNorm in eval mode.
     model, reference = copy.deepcopy(trained_cnn).eval(), copy.deepcopy(trained_cnn).eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
     for xb, yb in two_batches:
         delta = shared_perturbation(model, reference, xb, yb, bound=0.2, steps=5,
                                     step_size=0.2)

@@ -1,8 +1,8 @@
 """CLP: Channel Lipschitzness-based Pruning. Data-free: prune the channels whose upper bound
 on the Lipschitz constant is an outlier within their layer.
 
-Zheng, Zhang, Wang, Zhao & Zhang, "Data-free Backdoor Defense via Channel Lipschitzness
-Pruning", ECCV 2022, https://arxiv.org/abs/2208.03111.
+Zheng, Tang, Li & Liu, "Data-free Backdoor Removal based on Channel Lipschitzness", ECCV 2022,
+https://arxiv.org/abs/2208.03111.
 
 Plan, for every Conv2d:
   1. Its channel k maps the input to one output map; with the BatchNorm that alone reads the

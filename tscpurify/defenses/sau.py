@@ -17,7 +17,7 @@ Plan: h₀ is a frozen copy of the suspect model, h starts from it; per clean mi
      its clean prediction) and likewise for h₀; L_share = mean Jensen–Shannon divergence of
      h(x+δ) and h₀(x+δ) over the images that are not yet shared (both fooled, same label);
      project δ onto ‖δ‖∞ ≤ bound; stop early once every image is shared.
-  2. Unlearning, one Adam step on
+  2. Unlearning, one Adam (AMSGrad) step on
          clean_weight · CE(h(x), y) + at_weight · CE(h(x+δ), y) + unlearn_weight · L_sar,
      L_sar = mean over the batch of −log(1 − p_h(ŷ₀ | x+δ)) for the images whose h₀ label
      ŷ₀ = argmax h₀(x+δ) is wrong (≠ y and ≠ h₀'s clean label), 0 for the others: h must not
@@ -29,12 +29,14 @@ gradient exactly where h is most confident in h₀'s adversarial class; only the
 defaults of L∞ ball and +bound start are offered. The bound needs no rescaling: the reference
 also perturbs [0, 1] pixels (it de-normalises first) and does not clip x + δ to [0, 1].
 
-Settings (defaults, the reference's config, as in the paper's experiments): epochs 100, Adam
-lr 1e-4 (the config names a cosine schedule the loop never steps, so constant), bound 0.2,
-pgd_steps 5, pgd_step_size 0.2, adv_weight 0.01 and share_weight 1 (beta_1, beta_2; the
-paper's λ3, λ4), clean_weight 1, at_weight 0, unlearn_weight 1 (lmd_1..lmd_3; the paper's λ1,
-λ2), train_mode False. The clean data are the caller's loader (the reference takes 5% of the
-training set); like the reference, SAU does not augment them.
+Settings (defaults, the reference's config, as in the paper's experiments): epochs 100,
+Adam with AMSGrad, lr 1e-4 (the config names a cosine schedule the loop never steps, so
+constant), bound 0.2, pgd_steps 5, pgd_step_size 0.2, adv_weight 0.01 and share_weight 1
+(beta_1, beta_2; the paper's λ3, λ4), clean_weight 1, at_weight 0, unlearn_weight 1
+(lmd_1..lmd_3; the paper's λ1, λ2), train_mode False. The clean data are the caller's loader
+(the reference takes 5% of the training set); like the reference, SAU does not augment them.
+A bench grid's `budget_steps` resizes the epochs (budget.py): the fair grid's 2,460 steps are
+about 2.5 times the reference's 100 rounds of about 10 batches.
 
 Example:
     >>> result = defend("sau", model, clean_loader)
@@ -175,7 +177,9 @@ def sau(model: nn.Module, clean: DataLoader, settings: SAUSettings, *, seed: int
     device = device_of(model)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    # AMSGrad, no weight decay: the reference's Adam (BackdoorBench's optimizer factory with
+    # SAU's config, wd 0).
+    optimizer = torch.optim.Adam(params, lr=settings.lr, amsgrad=True)
     seconds = {"pgd": 0.0, "unlearn": 0.0}
     history: dict[str, list[float]] = {"losses": [], "clean": [], "sar": [], "shared": []}
     steps = 0
