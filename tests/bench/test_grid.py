@@ -115,6 +115,10 @@ epochs = [1, 2]"""
     assert by["tsc"]["settings"]["curve"]["epochs"] == 10 and by["ft"]["settings"]["epochs"] == 20
     assert by["ft_ls"]["settings"]["label_smoothing"] == 0.1
     assert by["tsc_identity"]["settings"]["permutation"] == "identity"
+    # TSC's rows record ACC / ASR at each stage (the harness's evaluator); others have none.
+    assert [(s["round"], s["stage"]) for s in by["tsc"]["stages"]] == [(0, 1), (0, 2)]
+    assert {"acc", "asr", "loss"} <= set(by["tsc"]["stages"][0]["metrics"])
+    assert "stages" not in by["ft"]
     assert by["none"]["after"] == by["none"]["before"] and by["none"]["steps"] == 0
     assert by["none"]["distance"] == {"raw": 0.0, "aligned": 0.0}
     assert 0 < by["ft"]["distance"]["aligned"] <= by["ft"]["distance"]["raw"] + 1e-9

@@ -52,6 +52,24 @@ def test_stage_two_records_the_metrics_after_its_fine_tune(setup):
     assert all(not s.finetuned for s in report.stages)
 
 
+def test_an_evaluator_never_changes_the_result(setup):
+    """The caller's evaluator may draw random numbers and switch modes; the purified weights
+    must be those of a run without it (bench rows record stages through one)."""
+    model, loader = setup
+
+    def noisy_evaluator(m):
+        m.train()  # a careless evaluator: the run must not depend on the mode it leaves
+        torch.rand(1000)
+        return {"drawn": float(torch.rand(1))}
+
+    plain, _ = purify(model, loader, TINY, progress=False)
+    evaluated, report = purify(model, loader, TINY, progress=False, evaluate=noisy_evaluator)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, evaluated.state_dict()[key]), key
+    assert all("drawn" in s.metrics for s in report.stages)
+    assert report.seconds["caller_evaluation"] > 0
+
+
 class Interrupt(Exception):
     pass
 

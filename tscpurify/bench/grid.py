@@ -433,7 +433,7 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     train = load_dataset(cell.data, "train", cell.data_root)
     test = load_dataset(cell.data, "test", cell.data_root)
     before = Metrics(**{k: v for k, v in run_metrics(folder).items() if k in ("acc", "asr", "ra")})
-    settings, steps, seconds = None, 0, 0.0
+    settings, steps, seconds, stages = None, 0, 0.0, None
     suspect = model
     clean = train.subset(select_clean_subset(train.labels, cell.clean_fraction,
                                              derive_seed(cell.seed, "clean")))
@@ -445,9 +445,18 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
         own_batch = getattr(settings, "batch_size", None) or cell.batch_size
         batches = math.ceil(len(clean) / own_batch)
         settings = at_budget(settings, cell.budget_steps, batches)
-        result = defend(cell.base, model, loader, settings, seed=cell.seed, progress=progress)
+        # TSC records its stages (ACC / ASR at each curve point and after each fine-tune) through
+        # the harness's evaluator: where the removal and the accuracy cost arise
+        # (docs/ablations.md). TSC only calls it, undoes its random draws and books its time
+        # apart, so the weights, steps and seconds are those of a run without it.
+        stage_eval = {"evaluate": lambda m: evaluate(m, test, attack).as_dict()}
+        result = defend(cell.base, model, loader, settings, seed=cell.seed, progress=progress,
+                        callbacks=stage_eval if cell.base == "tsc" else None)
         model, steps = result.model, result.steps
-        seconds = result.seconds.get("total", 0.0)
+        seconds = (result.seconds.get("total", 0.0)
+                   - result.seconds.get("caller_evaluation", 0.0))
+        if "report" in result.details:
+            stages = [asdict(record) for record in result.details["report"].stages]
         if steps != planned_steps(settings, batches):
             raise RuntimeError(f"{cell.base} took {steps} steps but planned "
                                f"{planned_steps(settings, batches)}")  # a bug, not user error
@@ -462,6 +471,7 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
            "after": after.as_dict(), "der": der(before, after), "steps": steps,
            "seconds": seconds, "settings": asdict(settings) if settings is not None else {},
            "distance": distance,
+           **({"stages": stages} if stages is not None else {}),
            # Floating-point sums, and so results, depend on these: recorded with every row.
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "tool_version": __version__}

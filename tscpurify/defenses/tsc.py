@@ -357,7 +357,7 @@ class _Stages:
         if distributed:  # other shards make other curves: never resumed across process counts
             self.resume_identity["processes"] = dist.world_size()
         self.seconds = {"permutation": 0.0, "curve": 0.0, "batchnorm": 0.0, "finetune": 0.0,
-                        "evaluation": 0.0, "profile": 0.0}
+                        "evaluation": 0.0, "caller_evaluation": 0.0, "profile": 0.0}
         example = example_batch(clean)[:4].to(device_of(template))
         self.spec = (spec if spec is not None
                      else derive_spec(template, example, leaf_modules=leaf_modules))
@@ -410,7 +410,15 @@ class _Stages:
         metrics = {"loss": self.timed(phase, mean_loss, model, self.clean, self.loss_fn,
                                       self.distributed)}
         if self.evaluate is not None and self.main:  # distributed: rank 0 evaluates
-            metrics.update(self.timed(phase, self.evaluate, model))
+            # The caller's evaluation must not change the run: its random draws are undone
+            # and its time is booked apart ("caller_evaluation"), so that a run with an
+            # evaluator ends with the same weights as one without (a bench row that records
+            # its stages stays comparable with one that does not).
+            device = device_of(model)
+            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda"
+                                       else []):
+                metrics.update(self.timed("caller_evaluation" if phase == "evaluation" else phase,
+                                          self.evaluate, model))
         return metrics
 
     def since(self, before: dict[str, float]) -> dict[str, float]:
