@@ -7,7 +7,7 @@ import pytest
 
 from tscpurify.bench import grid as grid_module
 from tscpurify.bench.grid import finished_rows, read_grid, run_grid
-from tscpurify.bench.tables import markdown_table, plot_bench, summary
+from tscpurify.bench.tables import markdown_table, plot_bench, stage_points, summary
 from tscpurify.errors import OutputBusyError, SettingsError
 
 TSC_ARGS = """[defense_args.tsc]
@@ -132,7 +132,16 @@ epochs = [1, 2]"""
     assert (tmp_path / "out" / "models").exists()
     assert len(list((tmp_path / "out" / "models").iterdir())) == 2  # backdoored + clean twin
     plots = plot_bench(rows, tmp_path / "plots")
-    assert [p.name for p in plots] == ["asr_heatmap.png", "acc_vs_asr.png", "retune.png"]
+    assert [p.name for p in plots] == ["asr_heatmap.png", "acc_vs_asr.png", "stages.png",
+                                       "retune.png"]
+    # TSC's and its ablation's stages: before, the stage-1 and stage-2 points (no fine-tunes
+    # here), the last point being the result the row reports.
+    assert [p[0] for p in stage_points(by["tsc"])] == ["before", "R1 S1", "R1 S2"]
+    assert stage_points(by["tsc"])[-1][1:] == (by["tsc"]["after"]["acc"],
+                                                by["tsc"]["after"]["asr"])
+    assert stage_points(by["ft"]) == []
+    assert "| tsc (default) | cells | before | R1 S1 | R1 S2 |" in table
+    assert "| tsc_identity (default) |" in table
 
 
 def test_tuning_picks_by_the_rule_and_tuned_rows_share_identical_runs(tmp_path, fmnist_root):

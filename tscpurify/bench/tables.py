@@ -45,7 +45,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per cell, then each defense's means over all its cells; a grid with default
-    and tuned rows gets one section per setting."""
+    and tuned rows gets one section per setting. Rows that recorded their stages (TSC's) get
+    the stage tables after them."""
     settings = list(dict.fromkeys(r["cell"].get("setting", "default") for r in rows))
     parts = []
     for setting in settings:
@@ -55,7 +56,60 @@ def markdown_table(rows: list[dict]) -> str:
         parts.append(_cells_table(group))
         parts.append(_summary_table(group))
         parts.append(_diagnostic_line(group))
+    parts.append(stages_table(rows))
     return "\n".join(parts)
+
+
+def stage_points(row: dict) -> list[tuple[str, float | None, float | None]]:
+    """(label, ACC, ASR) along a row's recorded stages: before, each round's stage-1 point
+    (S1), stage-2 point (S2) and, when one ran, the fine-tune after it (FT); [] without
+    stages. "R2 S1" is round 2's stage-1 point, the model far from the suspect one."""
+    if not row.get("stages"):
+        return []
+    points = [("before", row["before"]["acc"], row["before"]["asr"])]
+    for stage in row["stages"]:
+        name = f"R{stage['round'] + 1} S{stage['stage']}"
+        points.append((name, stage["metrics"].get("acc"), stage["metrics"].get("asr")))
+        if stage.get("finetuned"):
+            points.append((f"R{stage['round'] + 1} FT", stage["finetuned"].get("acc"),
+                           stage["finetuned"].get("asr")))
+    return points
+
+
+def _staged_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows with stages by (defense, setting), each group's rows sharing one stage layout."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        if stage_points(r):
+            groups[(r["cell"]["defense"], r["cell"].get("setting", "default"))].append(r)
+    return {key: [r for r in group if [p[0] for p in stage_points(r)]
+                  == [p[0] for p in stage_points(group[0])]]
+            for key, group in groups.items()}
+
+
+def stages_table(rows: list[dict]) -> str:
+    """Where a staged defense's removal and its accuracy cost arise: mean ACC / ASR at every
+    stage point, per defense and setting, then per cell; "" when no row has stages."""
+    groups = _staged_groups(rows)
+    if not groups:
+        return ""
+    lines = ["", "### Along the stages (mean ACC / ASR at each point; R = round, S1 / S2 = "
+                 "the stage's curve point, FT = the fine-tune after it)", ""]
+    for (defense, setting), group in groups.items():
+        labels = [p[0] for p in stage_points(group[0])]
+        lines += [f"| {defense} ({setting}) | cells | " + " | ".join(labels) + " |",
+                  "|---|---|" + "---|" * len(labels)]
+        means = [(_mean([stage_points(r)[i][1] for r in group]),
+                  _mean([stage_points(r)[i][2] for r in group])) for i in range(len(labels))]
+        lines.append(f"| mean | {len(group)} | "
+                     + " | ".join(f"{fmt(a)} / {fmt(b)}" for a, b in means) + " |")
+        for r in group:
+            cell = r["cell"]
+            lines.append(f"| {attack_name(cell)}:{model_name(cell)}:{cell['seed']} | 1 | "
+                         + " | ".join(f"{fmt(a)} / {fmt(b)}" for _, a, b in stage_points(r))
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def distance_vs_retune(rows: list[dict], epoch: int = RETUNE_EPOCH) -> dict[str, Any] | None:
@@ -158,8 +212,9 @@ def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
 
 def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     """asr_heatmap.png (attack × model rows, defense columns, mean over seeds),
-    acc_vs_asr.png (one colour per defense) and, when rows were re-tuned, retune.png
-    (mean ASR against re-tune epochs per defense)."""
+    acc_vs_asr.png (one colour per defense), stages.png when rows recorded their stages (mean
+    ACC and ASR at each stage point) and, when rows were re-tuned, retune.png (mean ASR
+    against re-tune epochs per defense)."""
     folder.mkdir(parents=True, exist_ok=True)
     defenses = list(dict.fromkeys(r["cell"]["defense"] for r in rows))
     settings = list(dict.fromkeys(f"{attack_name(r['cell'])} / {model_name(r['cell'])}"
@@ -201,6 +256,31 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     fig.savefig(scatter, dpi=110)
     plt.close(fig)
     plots = [heatmap, scatter]
+
+    staged = _staged_groups(rows)
+    if staged:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for (defense, setting), group in staged.items():
+            labels = [p[0] for p in stage_points(group[0])]
+            for ax, column in zip(axes, (1, 2), strict=True):
+                ax.plot(range(len(labels)),
+                        [_mean([stage_points(r)[i][column] for r in group])
+                         for i in range(len(labels))],
+                        marker="o", label=f"{defense} ({setting}, {len(group)} cells)")
+                ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        axes[0].set_ylabel("mean ACC (%)")
+        axes[1].set_ylabel("mean ASR (%)")
+        axes[1].set_ylim(-2, 102)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.suptitle("Along the stages (R = round, S1 / S2 = curve points, FT = fine-tune)",
+                     fontsize=10)
+        fig.tight_layout()
+        path = folder / "stages.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        plots.append(path)
 
     retuned = [r for r in rows if r.get("retune")]
     if retuned:
