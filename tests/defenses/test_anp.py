@@ -128,9 +128,10 @@ def test_exactly_the_neurons_at_or_below_the_threshold_are_pruned(trained_cnn, b
 
 def test_the_adversarial_term_is_what_drives_masks_down(trained_cnn, band_data):
     # On a well-fit model the clean loss alone (alpha = 1) barely moves the masks; with ANP's
-    # alpha the perturbed loss pushes the sensitive neurons' masks down.
+    # alpha the perturbed loss pushes the sensitive neurons' masks down. (Unaugmented: the
+    # tiny model was fit to these very images, not to their crops.)
     def total_drop(alpha):
-        result = run(trained_cnn, band_data, alpha=alpha)
+        result = run(trained_cnn, band_data, alpha=alpha, augment=False)
         masks = torch.cat([torch.tensor(m) for m in result.details["masks"].values()])
         return float((1 - masks).sum())
 
@@ -151,3 +152,23 @@ def test_steps_are_mask_updates_and_follow_the_budget(trained_cnn, band_data):
                 dict(iterations=-1)):
         with pytest.raises(SettingsError):
             ANPSettings(**bad)
+
+
+def test_each_batch_is_cropped_and_flipped_once_as_the_reference_data(trained_cnn, band_data,
+                                                                      monkeypatch):
+    # The reference learns masks on its transform_train data: one augmentation per batch,
+    # seen alike by the noise's ascent and the mask step.
+    import tscpurify.defenses.anp as anp_module
+
+    calls = []
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape)
+        return x
+
+    monkeypatch.setattr(anp_module, "random_crop_flip", spy)
+    result = run(trained_cnn, band_data)
+    assert len(calls) == result.steps == 25
+    calls.clear()
+    run(trained_cnn, band_data, augment=False)
+    assert calls == []

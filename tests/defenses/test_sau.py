@@ -131,3 +131,17 @@ def test_steps_taken_match_the_plan_and_a_budget_resizes_the_epochs(trained_cnn,
 def test_bad_settings_are_refused(bad):
     with pytest.raises(SettingsError):
         SAUSettings(**bad)
+
+
+def test_the_unlearning_optimiser_is_backdoorbenchs_amsgrad_adam(trained_cnn, band_data,
+                                                                monkeypatch):
+    made = []
+    real = torch.optim.Adam
+
+    def recording(params, **kwargs):
+        made.append(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", recording)
+    defend("sau", trained_cnn, DataLoader(band_data, batch_size=32), progress=False, epochs=1)
+    assert made == [{"lr": 1e-4, "amsgrad": True}]

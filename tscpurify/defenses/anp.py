@@ -14,10 +14,11 @@ shift b_k (β_k, or the Linear's bias b_k).
 Plan:
   1. Every neuron k gets a mask m_k = 1 and perturbations δ_k (scale) and ξ_k (shift):
      w_k → (m_k + δ_k)·w_k, b_k → (1 + ξ_k)·b_k.
-  2. For `iterations` mini-batches, the model in train mode (BatchNorm on batch statistics):
-     draw δ, ξ uniformly in [-eps, eps]; take `steps` signed gradient-ascent steps of size
-     eps/steps on the CE loss, not projected back (inner maximisation); then one SGD step on the
-     masks for alpha·CE(m) + (1 − alpha)·CE(m + δ, 1 + ξ), and clip the masks to [0, 1].
+  2. For `iterations` mini-batches (randomly cropped and flipped, as the reference's clean
+     data), the model in train mode (BatchNorm on batch statistics): draw δ, ξ uniformly in
+     [-eps, eps]; take `steps` signed gradient-ascent steps of size eps/steps on the CE loss,
+     not projected back (inner maximisation); then one SGD step on the masks for
+     alpha·CE(m) + (1 − alpha)·CE(m + δ, 1 + ξ), and clip the masks to [0, 1].
   3. Prune a copy of the original weights: every neuron with m_k ≤ threshold gets w_k = 0 (its
      shift stays, as in the reference); every other tensor is left exactly as it was.
 
@@ -29,7 +30,8 @@ returned model must keep the input's running statistics (the reference prunes a 
 
 Settings (defaults, the authors' code; BackdoorBench's config uses a mask lr of 0.01): eps 0.4,
 steps 1, alpha 0.2, mask_lr 0.2, momentum 0.9, iterations 2000, threshold 0.2 (fixed in advance,
-never tuned on ASR).
+never tuned on ASR), augment True (crop and flip; the fair grid's first ANP runs, before
+2026-12-04, learnt masks on un-augmented batches: docs/fair-fight.md).
 
 Example:
     >>> result = defend("anp", model, clean_loader)
@@ -50,6 +52,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.augment import random_crop_flip
 from ..errors import SettingsError, SpecError
 from ..training import device_of
 from ._common import BatchNorm, endless, inputs_of, module_calls
@@ -72,6 +75,9 @@ class ANPSettings:
         "help": "mask updates, one clean mini-batch each (the step budget)"})
     threshold: float = field(default=0.2, metadata={
         "help": "neurons whose mask ends at or below this are pruned (fixed, paper default)"})
+    augment: bool = field(default=True, metadata={
+        "help": "random crop and flip of each clean batch, as the reference's clean data "
+                "(its transform_train)"})
 
     def __post_init__(self) -> None:
         if self.eps < 0 or self.steps < 1 or not 0 <= self.alpha <= 1 or self.iterations < 0:
@@ -180,6 +186,8 @@ def anp(model: nn.Module, clean: DataLoader, settings: ANPSettings, *, seed: int
         for x, y, *_ in tqdm(batches, total=s.iterations, desc="anp", disable=not progress,
                              leave=False):
             x, y = x.to(device), y.to(device)
+            if s.augment:  # one draw per batch: the noise and the mask step see the same images
+                x = random_crop_flip(x)
             natural = F.cross_entropy(neuron_forward(model, layers, x, mask, buffers=buffers), y)
             loss = s.alpha * natural
             if s.eps > 0:  # with eps = 0 the reference drops the perturbed term altogether
