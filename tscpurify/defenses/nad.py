@@ -7,8 +7,9 @@ Deep Neural Networks", ICLR 2021, https://arxiv.org/abs/2101.05930.
 Plan:
   1. Teacher: a copy of the backdoored model fine-tuned on the clean data (`teacher_epochs`).
   2. Stages: the outputs of the model's last len(betas) resolution stages, found from one
-     forward pass (e.g. PreAct-ResNet18: layer2, layer3 and the final BN, close to the
-     reference's layer2-4; our CNN: its three stages).
+     forward pass (e.g. PreAct-ResNet18: layer2, layer3 and the final BN, where BackdoorBench
+     taps layer3, layer4 and its 1×1 average pool, whose attention term is always zero; our
+     CNN: its three stages).
   3. Student (the backdoored model itself): SGD on CE + Σ_i beta_i · AT(student_i, teacher_i),
      AT = mean squared difference of L2-normalised attention maps A(F) = mean_c |F_c|^p.
 
@@ -20,9 +21,11 @@ Adapted: AT is the squared-mean form of NAD's reference code (rather than the pa
 so the reference's betas keep their scale; the attention is averaged over channels with |F|
 (the same as F² for p = 2) so pre-activation maps are handled. Stages are found generically.
 
-Settings (defaults): teacher_epochs 10 (BackdoorBench te_epochs), epochs 20 (our FT budget;
-BackdoorBench: 100 at CIFAR-10 scale), lr 0.01 with cosine, momentum 0.9, weight decay 1e-4
-(BackdoorBench), betas "500,1000,1000" and p 2.0 (NAD / BackdoorBench), crop/flip augmentation.
+Settings (defaults): teacher_epochs 10 (BackdoorBench te_epochs), epochs 20 (the original NAD's;
+BackdoorBench trains its student for te_epochs too), lr 0.01 cosine to 0 over each phase (the
+original: 0.1 for two epochs, then 0.01, with Nesterov; BackdoorBench: a constant 0.01), momentum
+0.9, weight decay 1e-4 (the original NAD's; BackdoorBench's optimizer takes 5e-4), betas
+"500,1000,1000" and p 2.0 (NAD / BackdoorBench), crop/flip augmentation.
 
 Example:
     >>> result = defend("nad", model, clean_loader, epochs=20)
