@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from tscpurify.errors import OutputError
-from tscpurify.outputs import atomic_folder, check_out, is_tscpurify_folder, output_lock
+from tscpurify.outputs import (
+    atomic_folder,
+    check_out,
+    is_tscpurify_folder,
+    output_lock,
+    save_figure_atomic,
+    write_atomic,
+)
 
 
 def run_folder(path):
@@ -241,3 +248,31 @@ def test_an_empty_folder_may_be_the_output(tmp_path):
     with atomic_folder(out) as folder:
         (folder / "model.json").write_text("{}")
     assert (out / "model.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_file_written_in_place_is_whole_or_untouched(tmp_path, monkeypatch):
+    target = tmp_path / "results.md"
+    write_atomic(target, "old\n")
+    assert target.read_text() == "old\n"
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)  # the crash comes after the text is written
+    with pytest.raises(OSError):
+        write_atomic(target, "new, but never finished\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary left
+
+
+def test_a_figure_is_saved_whole_in_the_format_of_its_name(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, _ = plt.subplots()
+    save_figure_atomic(figure, tmp_path / "plot.png", dpi=20)
+    plt.close(figure)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]

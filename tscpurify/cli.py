@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import SettingsError, SpecError, TscpurifyError
 from .job import resolve_device
+from .outputs import write_atomic
 from .settings import add_settings_flags, finite_float, overrides_from_args, settings_from_args
 from .training import TrainSettings
 from .version import __version__
@@ -396,7 +397,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         table = ""
     if table:
-        (out / "tuning.md").write_text(table)
+        write_atomic(out / "tuning.md", table)
         print(table)
         print(f"tuning: {out / 'tuning.md'}")
     if args.phase == "tune":
@@ -404,7 +405,7 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = finished_rows(args.grid, out)  # every finished row, earlier phases' included
     table = markdown_table(rows)
     plots = plot_bench(rows, out / "plots")
-    (out / "results.md").write_text(table + "\n" + "\n".join(
+    write_atomic(out / "results.md", table + "\n" + "\n".join(
         f"![{p.name}](plots/{p.name})" for p in plots) + "\n")
     print(table)
     print(f"results: {out / 'results.jsonl'}, table: {out / 'results.md'}, plots: {out / 'plots'}")

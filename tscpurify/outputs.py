@@ -10,6 +10,9 @@ Every command that writes a folder (`attack`, `encoder`, `purify`, `demo`) goes 
      when it is complete: an existing run folder is swapped out only at that moment (with
      --overwrite), and a folder that appeared meanwhile is never replaced. Temporary folders,
      the lock and parent folders it created are removed on every exit path.
+Files written in place, where a folder cannot be swapped (a bench's tables and plots, TSC's
+saved stages), go through `write_atomic` / `save_figure_atomic`: a reader, or a crash, sees
+the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -198,3 +201,31 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         old.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _temporary_beside(path: Path) -> Path:
+    # Same folder, so the final os.replace is a rename within one file system; the same
+    # suffix, so writers that infer a format from it (matplotlib) still do.
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` whole: it appears (or replaces the old file) only once written."""
+    path = Path(path)
+    temporary = _temporary_beside(path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_figure_atomic(figure: object, path: str | Path, **savefig_kwargs: object) -> None:
+    """`figure.savefig(path)`, whole or not at all, as `write_atomic`."""
+    path = Path(path)
+    temporary = _temporary_beside(path)
+    try:
+        figure.savefig(temporary, **savefig_kwargs)  # type: ignore[attr-defined]
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

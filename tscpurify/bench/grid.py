@@ -42,7 +42,7 @@ from ..errors import SettingsError
 from ..evaluation import Metrics, der, evaluate
 from ..job import AUTO_DEVICE, resolve_device
 from ..models import MODELS
-from ..outputs import check_resumable_out, output_lock
+from ..outputs import check_resumable_out, output_lock, write_atomic
 from ..permutation import model_distances
 from ..retune import RetuneSettings, retune_profile
 from ..runs import load_run
@@ -540,7 +540,7 @@ def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
         return None  # sharded (other shards still running), or runs failed on Ray
     choice = choose(rows, grid.tuning)
     write_tuned(out / "tuned.toml", choice, grid.tuning)
-    (out / "tuning.json").write_text(json.dumps(
+    write_atomic(out / "tuning.json", json.dumps(
         {"rule": grid.tuning.rule, "models": grid.tuning.models, "choice": choice}, indent=1))
     return choice
 

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..outputs import save_figure_atomic  # noqa: E402
 from .tuning import retune_asr  # noqa: E402
 
 RETUNE_EPOCH = 2  # the re-tune column of the summary: ASR after this many epochs
@@ -236,7 +237,7 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     fig.colorbar(image, ax=ax, label="ASR after defense (%)")
     fig.tight_layout()
     heatmap = folder / "asr_heatmap.png"
-    fig.savefig(heatmap, dpi=110)
+    save_figure_atomic(fig, heatmap, dpi=110)
     plt.close(fig)
 
     # tab20 keeps up to 20 defenses apart; matplotlib's default cycle repeats after 10.
@@ -253,7 +254,7 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     scatter = folder / "acc_vs_asr.png"
-    fig.savefig(scatter, dpi=110)
+    save_figure_atomic(fig, scatter, dpi=110)
     plt.close(fig)
     plots = [heatmap, scatter]
 
@@ -278,7 +279,7 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
                      fontsize=10)
         fig.tight_layout()
         path = folder / "stages.png"
-        fig.savefig(path, dpi=110)
+        save_figure_atomic(fig, path, dpi=110)
         plt.close(fig)
         plots.append(path)
 
@@ -304,7 +305,7 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = folder / "retune.png"
-        fig.savefig(path, dpi=110)
+        save_figure_atomic(fig, path, dpi=110)
         plt.close(fig)
         plots.append(path)
     return plots

@@ -32,6 +32,7 @@ from statistics import mean
 from typing import Any
 
 from ..errors import SettingsError
+from ..outputs import write_atomic
 
 RULE = ("lowest mean ASR among candidates whose mean accuracy drop is <= {max_drop} points; "
         "ties (equal mean ASR to two decimals) to the smaller mean drop, then to the candidate "
@@ -261,6 +262,4 @@ def tuned_toml(choice: dict[str, dict[str, Any]], spec: TuningSpec) -> str:
 
 
 def write_tuned(path: Path, choice: dict[str, dict[str, Any]], spec: TuningSpec) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(tuned_toml(choice, spec))
-    temporary.replace(path)  # a reader never sees half a preset
+    write_atomic(path, tuned_toml(choice, spec))  # a reader never sees half a preset

@@ -52,6 +52,7 @@ from ..curve.profile import default_ts
 from ..curve.train import LossFn, distillation_loss, path_aware_loss
 from ..data.augment import random_crop_flip
 from ..errors import CheckpointError, DataError, SettingsError, SpecError
+from ..outputs import write_atomic
 from ..permutation import (
     PermutationSpec,
     apply_permutation,
@@ -532,11 +533,12 @@ class _Stages:
         if self.resume_dir is None:
             return
         self.resume_dir.mkdir(parents=True, exist_ok=True)
-        (self.resume_dir / "settings.json").write_text(json.dumps(self.resume_key()))
+        write_atomic(self.resume_dir / "settings.json", json.dumps(self.resume_key()))
         weights, record_path = self._paths(round_, stage)
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(weights) + ".tmp")
-        Path(str(weights) + ".tmp").rename(weights)  # the record is written last: it marks done
-        record_path.write_text(json.dumps(asdict(record)))
+        Path(str(weights) + ".tmp").rename(weights)
+        # The record is written last and whole: it marks the stage done.
+        write_atomic(record_path, json.dumps(asdict(record)))
 
     # --- the algorithm -----------------------------------------------------------------------
     def stage_one(self, current: dict, round_: int) -> tuple[dict, StageRecord]:
