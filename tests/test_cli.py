@@ -87,6 +87,9 @@ def test_purify_writes_model_report_and_plots(backdoored_run, tmp_path, capsys):
     assert report["retune"]["after"]["images"] == 200
     assert report["environment"]["threads"] >= 1 and report["environment"]["device"] == "cpu"
     assert "## Does the backdoor come back?" in (out / "report.md").read_text()
+    # How far TSC moved the model: aligning the units can only bring it closer.
+    assert 0 < report["distance"]["aligned"] <= report["distance"]["raw"] + 1e-9
+    assert "Moved from the suspect model" in (out / "report.md").read_text()
     assert len(report["clean_indices"]) == 120 and len(report["stages"]) == 2
     assert report["settings"]["rounds"] == 1 and report["after"]["asr"] is not None
     printed = capsys.readouterr().out

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from . import distributed as dist
 from .checkpoint import WEIGHTS, save_model, write_json
@@ -48,6 +48,7 @@ from .errors import DataError, OutputError, SettingsError, TscpurifyError
 from .evaluation import ProbeSettings
 from .job import JobSettings, resolve_device
 from .outputs import atomic_folder, check_out
+from .permutation import derive_spec, model_distances
 from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
@@ -348,6 +349,9 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
                                   "torch": torch.__version__, "device": str(device)}
             if distributed:
                 report.environment["processes"] = dist.world_size()
+            began = time.perf_counter()
+            report.distance = moved_from_suspect(model, purified, clean, device, leaves)
+            report.seconds["distance"] = time.perf_counter() - began
             if retuning:
                 began = time.perf_counter()
                 report.retune = retune_profiles(
@@ -372,6 +376,17 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     if main:
         shutil.rmtree(partial, ignore_errors=True)
     return report
+
+
+def moved_from_suspect(suspect: nn.Module, purified: nn.Module, clean: ImageData,
+                       device: torch.device, leaves: Sequence[Any] = ()) -> dict[str, float]:
+    """The relative distance of `purified` from `suspect`, raw and with its units aligned to
+    the suspect's on the clean images (in order, unaugmented): what a defender can measure
+    without the attack (docs/deep-purification.md)."""
+    images = DataLoader(TensorDataset(clean.floats()), batch_size=256)
+    example = clean.floats()[:2].to(device)
+    spec = derive_spec(suspect, example, leaf_modules=tuple(leaves))
+    return model_distances(suspect, purified, images, spec=spec)
 
 
 def summary(report: PurifyReport) -> dict[str, Any]:

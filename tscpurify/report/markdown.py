@@ -25,6 +25,12 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         if metrics:
             lines.append(f"| {name} | {fmt(metrics.get('acc'))} | {fmt(metrics.get('asr'))} | "
                          f"{fmt(metrics.get('ra'))} |")
+    if report.distance:
+        lines += ["", f"Moved from the suspect model (relative L2 over the parameters): "
+                      f"{report.distance['raw']:.3f} raw, {report.distance['aligned']:.3f} with "
+                      f"its units aligned to the suspect's. Measurable without knowing the attack; "
+                      f"whether it predicts a backdoor's return is under study "
+                      f"(docs/deep-purification.md)."]
     if report.retune:
         some = next(iter(report.retune.values()))
         epochs = some["epochs"]

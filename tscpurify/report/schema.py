@@ -45,6 +45,10 @@ class PurifyReport:
     environment: dict[str, Any] = field(default_factory=dict)
     # The permutation symmetry used: its group count and the share of the weights it moves.
     symmetry: dict[str, Any] = field(default_factory=dict)
+    # How far the purified model moved from the suspect one: relative L2 over the parameters,
+    # "raw" and "aligned" (its units first matched to the suspect's; permutation.model_distances).
+    # Needs no knowledge of the attack; whether it predicts depth is under study.
+    distance: dict[str, float] = field(default_factory=dict)
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
