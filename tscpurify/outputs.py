@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import OutputBusyError, OutputError
 
 # Files that mark a folder as tscpurify's own: a run folder's sidecar, a bench or demo folder.
-MARKERS = ("model.json", "results.jsonl", "tuning.jsonl", "backdoored/model.json",
+MARKERS = ("model.json", "results.jsonl", "tuning.jsonl", "bench.json", "backdoored/model.json",
            "purified/model.json")
 
 

@@ -370,3 +370,37 @@ def test_a_model_entry_may_set_its_training(tmp_path, fmnist_root):
     grid.write_text(text.replace('"adamw"', '"lamb"'))
     with pytest.raises(SettingsError, match=r"\[models.cnn.train\].*optimizer must be one of"):
         read_grid(grid)
+
+
+def test_a_tsc_row_cut_short_resumes_at_its_last_finished_stage(tmp_path, fmnist_root,
+                                                                monkeypatch):
+    from tscpurify.defenses import tsc as tsc_module
+
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",),
+                      defenses=("ft", "tsc"))
+    grid.write_text(grid.read_text().replace("rounds = 1", "rounds = 2")
+                    .replace("defenses = ['ft', 'tsc']", "defenses = ['tsc']")
+                    .replace("[defense_args.ft]\nepochs = 1\n", ""))
+    uninterrupted = run_grid(grid, tmp_path / "whole", progress=False)[0]
+
+    real = tsc_module._Stages.stage_one
+
+    def stop_in_round_two(self, current, round_):
+        if round_ == 1:
+            raise KeyboardInterrupt  # the session stops
+        return real(self, current, round_)
+
+    monkeypatch.setattr(tsc_module._Stages, "stage_one", stop_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tmp_path / "cut", progress=False)
+    partial = tmp_path / "cut" / "partial"
+    assert sorted(p.name for p in next(partial.iterdir()).iterdir() if p.suffix == ".json") == [
+        "round0_stage1.json", "round0_stage2.json", "settings.json"]
+    monkeypatch.setattr(tsc_module._Stages, "stage_one", real)
+    resumed = run_grid(grid, tmp_path / "cut", progress=False)[0]
+    assert resumed["resumed_stages"] == [[0, 1], [0, 2]]
+    assert resumed["after"] == uninterrupted["after"]  # the same weights, to the last digit
+    assert resumed["stages"] == [
+        {**s, "seconds": r["seconds"]} for s, r in
+        zip(uninterrupted["stages"], resumed["stages"], strict=True)]
+    assert resumed["seconds"] > 0 and not list(partial.iterdir())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,7 @@ from ..attacks import ATTACKS
 from ..data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
-from ..errors import SettingsError
+from ..errors import CheckpointError, SettingsError
 from ..evaluation import Metrics, der, evaluate
 from ..job import AUTO_DEVICE, resolve_device
 from ..models import MODELS
@@ -433,7 +434,7 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
     train = load_dataset(cell.data, "train", cell.data_root)
     test = load_dataset(cell.data, "test", cell.data_root)
     before = Metrics(**{k: v for k, v in run_metrics(folder).items() if k in ("acc", "asr", "ra")})
-    settings, steps, seconds, stages = None, 0, 0.0, None
+    settings, steps, seconds, stages, report = None, 0, 0.0, None, None
     suspect = model
     clean = train.subset(select_clean_subset(train.labels, cell.clean_fraction,
                                              derive_seed(cell.seed, "clean")))
@@ -448,15 +449,36 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
         # TSC records its stages (ACC / ASR at each curve point and after each fine-tune) through
         # the harness's evaluator: where the removal and the accuracy cost arise
         # (docs/ablations.md). TSC only calls it, undoes its random draws and books its time
-        # apart, so the weights, steps and seconds are those of a run without it.
-        stage_eval = {"evaluate": lambda m: evaluate(m, test, attack).as_dict()}
-        result = defend(cell.base, model, loader, settings, seed=cell.seed, progress=progress,
-                        callbacks=stage_eval if cell.base == "tsc" else None)
+        # apart, so the weights, steps and seconds are those of a run without it. It also saves
+        # each finished stage under partial/, so that a row cut short (a stopped session, a
+        # lost worker) resumes at its last finished stage, with the same result; the folder
+        # goes once the row is written (write_row).
+        tsc_services = {"evaluate": lambda m: evaluate(m, test, attack).as_dict(),
+                        "resume_dir": partial_folder(out, cell.key),
+                        "resume_identity": {"cell": cell.key, "torch": torch.__version__,
+                                            "threads": torch.get_num_threads()}}
+        services = tsc_services if cell.base == "tsc" else None
+        try:
+            result = defend(cell.base, model, loader, settings, seed=cell.seed,
+                            progress=progress, callbacks=services)
+        except (SettingsError, CheckpointError):
+            partial = partial_folder(out, cell.key)
+            if cell.base != "tsc" or not partial.exists():
+                raise
+            # Stages this row saved under other code or settings (TSC refuses to mix them in):
+            # the bench's own scratch, so it starts the row over.
+            shutil.rmtree(partial)
+            result = defend(cell.base, model, loader, settings, seed=cell.seed,
+                            progress=progress, callbacks=services)
         model, steps = result.model, result.steps
         seconds = (result.seconds.get("total", 0.0)
                    - result.seconds.get("caller_evaluation", 0.0))
         if "report" in result.details:
-            stages = [asdict(record) for record in result.details["report"].stages]
+            report = result.details["report"]
+            stages = [asdict(record) for record in report.stages]
+            # A resumed row's time: this run's, plus what its loaded stages took when they ran.
+            seconds += sum(sum(s["seconds"].values()) - s["seconds"].get("caller_evaluation", 0)
+                           for s in stages if [s["round"], s["stage"]] in report.resumed)
         if steps != planned_steps(settings, batches):
             raise RuntimeError(f"{cell.base} took {steps} steps but planned "
                                f"{planned_steps(settings, batches)}")  # a bug, not user error
@@ -472,6 +494,8 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
            "seconds": seconds, "settings": asdict(settings) if settings is not None else {},
            "distance": distance,
            **({"stages": stages} if stages is not None else {}),
+           **({"resumed_stages": report.resumed} if stages is not None and report.resumed
+              else {}),
            # Floating-point sums, and so results, depend on these: recorded with every row.
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "tool_version": __version__}
@@ -481,6 +505,17 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
         row["retune"] = retune_profile(model, train, test, attack, retune,
                                        seed=derive_seed(cell.seed, "retune"))
     return row
+
+
+def partial_folder(out: Path, key: str) -> Path:
+    """Where a row's defense keeps its finished stages until the row is written."""
+    return out / "partial" / key
+
+
+def write_row(path: Path, out: Path, row: dict) -> None:
+    """Append a finished row, then drop the stages it was resumable from."""
+    append_row(path, row)
+    shutil.rmtree(partial_folder(out, row["key"]), ignore_errors=True)
 
 
 def seed_major(cells: list[Cell]) -> list[Cell]:
@@ -517,9 +552,9 @@ def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: b
             # Re-read before each run: another shard may have finished this key meanwhile.
             run_serial(todo.values(), lambda cell: run_cell(cell, out, device, progress=False),
                        lambda key: key in read_all(out, stem),
-                       lambda row: append_row(path, row), progress, desc)
+                       lambda row: write_row(path, out, row), progress, desc)
         else:
-            run_ray(todo.values(), out, device, lambda row: append_row(path, row), ray,
+            run_ray(todo.values(), out, device, lambda row: write_row(path, out, row), ray,
                     progress, desc, models_needed)
     done = read_all(out, stem)
     # Rows carry their own labels: a shared run appears under every row that asked for it.
@@ -552,6 +587,8 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
     benchmark rows of the phases run, in grid order. `shard` 'I/N' runs every N-th run only,
     so N processes (or machines sharing the folder) split a grid; each writes its own file.
     `ray` runs the cells as tasks on a Ray cluster instead of in this process (executors.py)."""
+    if phase not in PHASES:
+        raise SettingsError(f"unknown phase {phase!r}; choices: {', '.join(PHASES)}")
     part = parse_shard(shard)
     device = resolve_device(device)
     if ray is not None:
@@ -559,8 +596,11 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
     grid = read_grid(source)
     out = check_resumable_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    if phase not in PHASES:
-        raise SettingsError(f"unknown phase {phase!r}; choices: {', '.join(PHASES)}")
+    if not (out / "bench.json").exists():
+        # Marks the folder as a bench's from the start, so that one stopped before its first
+        # row (models trained, stages saved) is still resumed, not refused as foreign.
+        write_atomic(out / "bench.json", json.dumps({"grid": str(source),
+                                                     "tool_version": __version__}) + "\n")
     cells = grid.cells
     if grid.tuning is not None and phase in ("tune", "tuned", "all"):
         choice = run_tuning(grid, out, device, progress, part, ray)

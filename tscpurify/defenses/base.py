@@ -41,7 +41,9 @@ def defend(name: str, model: nn.Module, clean: DataLoader, settings: Any = None,
 
     `settings` is the defense's settings dataclass (default: its defaults); keyword
     `overrides` replace single fields. `callbacks` are evaluation hooks the caller may pass
-    (e.g. to profile a curve); the defense only calls them and never uses their results.
+    (e.g. to profile a curve); the defense only calls them and never uses their results. TSC
+    also takes a `loss_fn` there, and a `resume_dir` (with a `resume_identity`) for its
+    finished stages.
     """
     function = DEFENSES.get(name)
     meta = DEFENSES.meta[DEFENSES.name_of(name)]

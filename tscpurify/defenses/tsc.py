@@ -359,6 +359,7 @@ class _Stages:
             self.resume_identity["processes"] = dist.world_size()
         self.seconds = {"permutation": 0.0, "curve": 0.0, "batchnorm": 0.0, "finetune": 0.0,
                         "evaluation": 0.0, "caller_evaluation": 0.0, "profile": 0.0}
+        self.resumed: list[StageRecord] = []  # stages loaded from resume_dir, not run here
         example = example_batch(clean)[:4].to(device_of(template))
         self.spec = (spec if spec is not None
                      else derive_spec(template, example, leaf_modules=leaf_modules))
@@ -625,6 +626,7 @@ class _Stages:
                     self.on_main(self.save_finished, round_, stage, state, record)
                 else:
                     state, record = finished
+                    self.resumed.append(record)
                     log.info("resumed round %d stage %d from %s", round_, stage, self.resume_dir)
                 records.append(record)
                 if stage == 1:
@@ -716,7 +718,8 @@ def purify(model: nn.Module, clean: DataLoader, settings: TSCSettings | None = N
         tool_version=__version__, defense="tsc", settings=asdict(settings), seed=seed,
         before=stages.measure(template), after=stages.measure(purified), stages=records,
         seconds=stages.seconds, steps=settings.planned_steps(len(clean)),
-        symmetry={"groups": len(stages.spec.groups), "coverage": stages.coverage})
+        symmetry={"groups": len(stages.spec.groups), "coverage": stages.coverage},
+        resumed=[[record.round, record.stage] for record in stages.resumed])
     if distributed:  # rank 0's, with its evaluations, on every process
         report = dist.broadcast_object(report)
     return purified, report
@@ -747,6 +750,10 @@ def finished_stage(resume_dir: str | Path, round_index: int, stage: int
 @DEFENSES.register("tsc", settings=TSCSettings, needs_labels=False)
 def tsc(model: nn.Module, clean: DataLoader, settings: TSCSettings, *, seed: int,
         progress: bool, callbacks: dict) -> DefenseResult:
+    # A harness may also lend TSC a folder for its finished stages (the bench does, so that a
+    # row cut short resumes at its last finished stage); see purify's resume_dir.
     purified, report = purify(model, clean, settings, seed=seed, progress=progress,
-                              loss_fn=callbacks.get("loss_fn"), evaluate=callbacks.get("evaluate"))
+                              loss_fn=callbacks.get("loss_fn"), evaluate=callbacks.get("evaluate"),
+                              resume_dir=callbacks.get("resume_dir"),
+                              resume_identity=callbacks.get("resume_identity"))
     return DefenseResult(purified, {"report": report}, report.seconds, steps=report.steps)

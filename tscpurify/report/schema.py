@@ -49,6 +49,9 @@ class PurifyReport:
     # "raw" and "aligned" (its units first matched to the suspect's; permutation.model_distances).
     # Needs no knowledge of the attack; whether it predicts depth is under study.
     distance: dict[str, float] = field(default_factory=dict)
+    # (round, stage) of the stages loaded from a resume folder rather than run by this call:
+    # `seconds` counts this call's work; each stage record keeps its own.
+    resumed: list[list[int]] = field(default_factory=list)
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
