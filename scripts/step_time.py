@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="weights and inputs in channels-last memory layout (an open lead "
+                             "for CPU speed: docs/scaling.md)")
     args = parser.parse_args()
 
     from tscpurify.bench.timing import step_seconds
@@ -47,13 +50,18 @@ def main() -> None:
     shape = SimpleNamespace(num_classes=args.classes, shape=(args.channels, args.size, args.size))
     first = None
     print(f"batch {args.batch_size}, {args.channels}×{args.size}×{args.size}, "
-          f"{args.threads} thread(s), {args.device}, torch {torch.__version__}\n")
+          f"{args.threads} thread(s), {args.device}, torch {torch.__version__}"
+          f"{', channels-last' if args.channels_last else ''}\n")
     print("| model | seconds a step | relative |\n|---|---|---|")
     for text in args.models:
         name, extra = parse_model(text)
         MODELS.get(name)
         model = create_model(name, **model_kwargs(name, shape, extra)).to(args.device)
-        seconds = step_seconds(model, (x, y), args.device, repeats=args.repeats, warmup=1)
+        inputs = x
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        seconds = step_seconds(model, (inputs, y), args.device, repeats=args.repeats, warmup=1)
         first = first or seconds
         print(f"| {text} | {seconds:.3f} | {seconds / first:.1f} |")
 
