@@ -403,6 +403,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.phase == "tune":
         return status
     rows = finished_rows(args.grid, out)  # every finished row, earlier phases' included
+    if not rows:  # e.g. a grid whose tuning alone has run so far
+        print(f"no benchmark rows in {out} yet: nothing to tabulate beyond the tuning")
+        return status
     table = markdown_table(rows)
     plots = plot_bench(rows, out / "plots")
     write_atomic(out / "results.md", table + "\n" + "\n".join(

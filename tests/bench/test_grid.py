@@ -163,6 +163,11 @@ hot = {lr = 0.2}"""
     assert set(tuning["choice"]["ft"]) == {"candidate", "overrides", "table"}
     assert not (out / "results.jsonl").exists()
     chosen = tuning["choice"]["ft"]["overrides"]
+    # Rendering a grid whose tuning alone has run: the tuning table, no benchmark table.
+    from tscpurify.cli import main
+
+    assert main(["bench", str(grid), "--out", str(out), "--render", "--quiet"]) == 0
+    assert (out / "tuning.md").exists() and not (out / "results.md").exists()
     rows = run_grid(grid, out, progress=False)
     tuned = {r["cell"]["defense"]: r for r in rows if r["cell"]["setting"] == "tuned"}
     assert tuned["ft"]["settings"]["lr"] == chosen.get("lr", 0.01)
@@ -174,8 +179,6 @@ hot = {lr = 0.2}"""
     assert len(finished_rows(grid, out)) == 4
     assert (out / "tuned.toml").read_text().startswith("# Chosen on tuning models badnets:100")
     # --render writes the tables of what has finished and runs nothing.
-    from tscpurify.cli import main
-
     assert not (out / "results.md").exists()  # the API writes rows; the CLI renders them
     before = (out / "results.jsonl").read_text()
     assert main(["bench", str(grid), "--out", str(out), "--render", "--quiet"]) == 0
