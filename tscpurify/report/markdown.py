@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from .schema import PurifyReport
 
+# A floor this high after its first re-tune epoch learnt the trigger from the poisoned images
+# alone (a Blended trigger does at 50 of 1,000: docs/deep-purification.md).
+UNINFORMATIVE_FLOOR = 90.0
+
 
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
@@ -45,6 +49,12 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         for name, profile in report.retune.items():
             lines.append(f"| {labels.get(name, name)} | "
                          + " | ".join(fmt(a) for a in profile["asr"]) + " |")
+        floor = report.retune.get("floor")
+        if floor and floor["asr"] and floor["asr"][0] >= UNINFORMATIVE_FLOOR:
+            lines += ["", f"The model trained without poison learns this trigger within "
+                          f"{floor['epochs'][0]} epoch(s) ({fmt(floor['asr'][0])}%): at these "
+                          f"sizes the check cannot tell a dormant backdoor from none. Re-tune "
+                          f"with fewer poisoned images (`--retune-poisoned`) to separate them."]
     if report.stages:
         lines += ["", "## Stages", "", "| round | stage | t | ACC % | ASR % | after fine-tune "
                   "ACC / ASR % | seconds |", "|---|---|---|---|---|---|---|"]
