@@ -58,6 +58,16 @@ from .evaluation import evaluate
 from .seeding import derive_seed
 from .training import device_of
 
+# A floor (the model trained without poison) at this ASR or above after its first re-tune epoch
+# learnt the trigger from the poisoned images alone: the re-tune then cannot tell a dormant
+# backdoor from none (a Blended trigger does at 50 of 1,000: docs/deep-purification.md).
+UNINFORMATIVE_FLOOR = 90.0
+
+
+def uninformative_floor(floor_asr: list[float]) -> bool:
+    """Whether a floor's re-tune ASR (per checkpoint epoch) says the check cannot separate."""
+    return bool(floor_asr) and floor_asr[0] >= UNINFORMATIVE_FLOOR
+
 
 @dataclass(frozen=True)
 class RetuneSettings:

@@ -1,4 +1,4 @@
-"""The deep-purification diagnostic in the bench tables: distance against re-tune ASR."""
+"""The bench tables' re-tune readings: the distance diagnostic, and floors that cannot tell."""
 
 import pytest
 
@@ -24,3 +24,15 @@ def test_the_diagnostic_ranks_distance_against_retune_asr_over_defenses_only():
     flat = [row(name, 0.5, 100.0) for name in "abc"]
     assert distance_vs_retune(flat) == {"rows": 3, "spearman": None}
     assert "Spearman" not in markdown_table(flat)
+
+
+def test_cells_whose_floor_learns_the_trigger_at_once_are_named():
+    fast = row("clean_floor", 0.9, 98.3, base="")
+    fast["retune"]["asr"] = [96.0, 98.3, 99.7]
+    slow = row("clean_floor", 0.9, 9.2, base="")
+    slow["cell"] = {**slow["cell"], "attack": "blended", "seed": 1}
+    slow["retune"]["asr"] = [9.0, 9.2, 50.6]
+    table = markdown_table([fast, slow, row("a", 0.2, 100.0)])
+    assert "Re-tune uninformative in badnets:cnn:0:" in table
+    assert "blended:cnn:1" not in table.split("Re-tune uninformative")[1].split("\n")[0]
+    assert "Re-tune uninformative" not in markdown_table([slow, row("a", 0.2, 100.0)])

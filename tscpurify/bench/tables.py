@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..outputs import save_figure_atomic  # noqa: E402
+from ..retune import UNINFORMATIVE_FLOOR, uninformative_floor  # noqa: E402
 from .tuning import retune_asr  # noqa: E402
 
 RETUNE_EPOCH = 2  # the re-tune column of the summary: ASR after this many epochs
@@ -56,6 +57,7 @@ def markdown_table(rows: list[dict]) -> str:
             parts.append(f"### {setting} settings\n")
         parts.append(_cells_table(group))
         parts.append(_summary_table(group))
+        parts.append(_floor_line(group))
         parts.append(_diagnostic_line(group))
     parts.append(stages_table(rows))
     return "\n".join(parts)
@@ -128,6 +130,20 @@ def distance_vs_retune(rows: list[dict], epoch: int = RETUNE_EPOCH) -> dict[str,
     from scipy.stats import spearmanr
 
     return {"rows": len(pairs), "spearman": float(spearmanr(distances, retunes).statistic)}
+
+
+def _floor_line(rows: list[dict]) -> str:
+    """Cells whose re-tune cannot tell dormant from gone: their floor learns the trigger at
+    once."""
+    cells = [f"{attack_name(r['cell'])}:{model_name(r['cell'])}:{r['cell']['seed']}"
+             for r in rows if r["cell"]["defense"] == "clean_floor" and r.get("retune")
+             and uninformative_floor(r["retune"]["asr"])]
+    if not cells:
+        return ""
+    return (f"\nRe-tune uninformative in {', '.join(cells)}: the model trained without poison "
+            f"learns the trigger within the first re-tune epoch (ASR ≥ "
+            f"{UNINFORMATIVE_FLOOR:.0f}%), so there it cannot tell a dormant backdoor from "
+            f"none.\n")
 
 
 def _diagnostic_line(rows: list[dict]) -> str:

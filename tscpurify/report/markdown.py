@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from ..retune import uninformative_floor
 from .schema import PurifyReport
-
-# A floor this high after its first re-tune epoch learnt the trigger from the poisoned images
-# alone (a Blended trigger does at 50 of 1,000: docs/deep-purification.md).
-UNINFORMATIVE_FLOOR = 90.0
 
 
 def fmt(value: float | None) -> str:
@@ -50,7 +47,7 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
             lines.append(f"| {labels.get(name, name)} | "
                          + " | ".join(fmt(a) for a in profile["asr"]) + " |")
         floor = report.retune.get("floor")
-        if floor and floor["asr"] and floor["asr"][0] >= UNINFORMATIVE_FLOOR:
+        if floor and uninformative_floor(floor["asr"]):
             lines += ["", f"The model trained without poison learns this trigger within "
                           f"{floor['epochs'][0]} epoch(s) ({fmt(floor['asr'][0])}%): at these "
                           f"sizes the check cannot tell a dormant backdoor from none. Re-tune "
