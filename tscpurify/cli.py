@@ -352,8 +352,34 @@ def failed_runs(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def print_plan(lines: list[dict], out: Path) -> None:
+    """bench --plan: runs done and left per part, model and row, and the hours left where this
+    folder's finished runs of the same row and model give a median."""
+    print(f"| part | model | row | done | left | median seconds a run (in {out}) | hours left |")
+    print("|---|---|---|---|---|---|---|")
+    known, possible, unknown = 0.0, 0.0, 0
+    for line in lines:
+        median, left = line["median_seconds"], line["left"]
+        hours = None if median is None else left * median / 3600
+        if hours is not None and line["possible"]:
+            possible += hours
+        elif hours is not None:
+            known += hours
+        elif line["defense"] not in ("none", "clean_floor"):
+            unknown += left
+        left_text = f"up to {left}" if line["possible"] else str(left)
+        print(f"| {line['part']} | {line['model']} | {line['defense']} | {line['done']} | "
+              f"{left_text} | {'–' if median is None else f'{median:.0f}'} | "
+              f"{'–' if hours is None else f'{hours:.1f}'} |")
+    print(f"\nabout {known:.1f} hours left at this folder's own pace (one process), up to "
+          f"{possible:.1f} more for tuned rows, and {unknown} run(s) with no finished run of "
+          f"their row and model to time them by. "
+          f"Reference rows (none, clean_floor) train no defense; tuned rows say 'up to' until "
+          f"the tuning has chosen (a choice equal to the default shares its run).")
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench.grid import finished_rows, parse_shard, read_all, read_grid, run_grid
+    from .bench.grid import finished_rows, parse_shard, plan, read_all, read_grid, run_grid
     from .bench.tables import markdown_table, plot_bench, tuning_table
     from .bench.tuning import summarise
 
@@ -371,6 +397,9 @@ def run_bench(args: argparse.Namespace) -> int:
     elif any(v is not None for v in (args.address, args.cpus_per_cell, args.gpus_per_cell)):
         raise SettingsError("--address, --cpus-per-cell and --gpus-per-cell need --executor ray")
     out = Path(args.out or f"runs/bench-{Path(args.grid).stem}")
+    if args.plan:
+        print_plan(plan(args.grid, out), out)
+        return 0
     if args.render:
         if not out.is_dir():
             raise SettingsError(f"--render needs an existing bench folder; {out} is not one")
@@ -551,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: CPUs reserved for each run, and its torch threads (default: 1)")
     bench.add_argument("--gpus-per-cell", type=finite_float, default=None, metavar="G",
                        help="ray: GPUs reserved for each run; with --device cuda (default: 0)")
+    bench.add_argument("--plan", action="store_true",
+                       help="run nothing: list the runs done and left per part and row, and "
+                            "the hours left at the pace of this folder's finished runs")
     bench.add_argument("--render", action="store_true",
                        help="run nothing: write the tables and plots of the rows finished so far "
                             "(e.g. while another process runs the grid)")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tscpurify.bench import grid as grid_module
-from tscpurify.bench.grid import finished_rows, read_grid, run_grid
+from tscpurify.bench.grid import finished_rows, plan, read_grid, run_grid
 from tscpurify.bench.tables import markdown_table, plot_bench, stage_points, summary
 from tscpurify.errors import OutputBusyError, SettingsError
 
@@ -158,7 +158,16 @@ hot = {lr = 0.2}"""
     grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), extra=extra,
                       defenses=("ft", "ft_identity_twin"))
     out = tmp_path / "out"
+    # --plan before anything ran: every run left, tuned rows only possible; nothing written.
+    before = {(p["part"], p["defense"]): p for p in plan(grid, out)}
+    assert before[("tuning", "ft")]["left"] == 2 and before[("tuning", "ft")]["done"] == 0
+    assert before[("default", "ft")]["left"] == 1 and before[("tuned", "ft")]["possible"]
+    assert not out.exists()
     assert run_grid(grid, out, progress=False, phase="tune") == []
+    after_tuning = {(p["part"], p["defense"]): p for p in plan(grid, out)}
+    assert after_tuning[("tuning", "ft")]["left"] == 0
+    assert after_tuning[("tuning", "ft")]["median_seconds"] > 0
+    assert not any(p["possible"] for p in after_tuning.values())
     tuning = json.loads((out / "tuning.json").read_text())
     assert set(tuning["choice"]["ft"]) == {"candidate", "overrides", "table"}
     assert not (out / "results.jsonl").exists()
@@ -168,6 +177,7 @@ hot = {lr = 0.2}"""
 
     assert main(["bench", str(grid), "--out", str(out), "--render", "--quiet"]) == 0
     assert (out / "tuning.md").exists() and not (out / "results.md").exists()
+    assert main(["bench", str(grid), "--out", str(out), "--plan"]) == 0
     rows = run_grid(grid, out, progress=False)
     tuned = {r["cell"]["defense"]: r for r in rows if r["cell"]["setting"] == "tuned"}
     assert tuned["ft"]["settings"]["lr"] == chosen.get("lr", 0.01)
@@ -177,6 +187,7 @@ hot = {lr = 0.2}"""
     keys = [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys))  # a tuned row equal to its default row ran once
     assert len(finished_rows(grid, out)) == 4
+    assert all(p["left"] == 0 for p in plan(grid, out))
     assert (out / "tuned.toml").read_text().startswith("# Chosen on tuning models badnets:100")
     # --render writes the tables of what has finished and runs nothing.
     assert not (out / "results.md").exists()  # the API writes rows; the CLI renders them

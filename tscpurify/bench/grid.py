@@ -617,6 +617,50 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
     return _run_cells(cells, out, "results", device, progress, "bench", part, seed_major, ray)
 
 
+def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
+    """What a grid has left, per part ("tuning", "default", "tuned"), model and row: distinct
+    runs done and left, and the median seconds of the finished runs of that row on that model
+    in `out` (tuning and benchmark rows alike; None before any), so that the time left can be
+    budgeted from this machine's own record. Before the tuning has chosen, a tuned row's runs
+    are "possible": one equal to its default shares that run."""
+    grid, out = read_grid(source), Path(out)
+    choice = None
+    if grid.tuning is not None and (out / "tuning.json").exists():
+        choice = json.loads((out / "tuning.json").read_text())["choice"]
+    tuned_rows = grid.tuning.tuned_as if grid.tuning is not None else {}
+    parts = [("tuning", "tuning", grid.tuning_cells),
+             ("default", "results", [c for c in grid.cells if c.setting == "default"]),
+             ("tuned", "results", [grid.tuned(c, choice) if choice else c
+                                   for c in grid.cells if c.setting == "tuned"])]
+    done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    for rows in done.values():
+        for row in rows.values():
+            if row.get("steps"):
+                seconds.setdefault((row["cell"]["defense"], row["cell"]["model"]),
+                                   []).append(row["seconds"])
+    counted: set[str] = set()
+    lines = []
+    for part, stem, cells in parts:
+        grouped: dict[tuple[str, str], dict[str, Any]] = {}
+        for cell in cells:
+            possible = part == "tuned" and choice is None
+            if possible and not tuned_rows.get(cell.defense):
+                continue  # a row the tuning does not touch runs as its default
+            if cell.key in counted and not possible:  # a run shared by two rows counts once
+                continue
+            counted.add(cell.key)
+            line = grouped.setdefault((cell.model, cell.defense), {
+                "part": part, "model": cell.model, "defense": cell.defense, "done": 0,
+                "left": 0, "possible": possible})
+            line["done" if cell.key in done[stem] and not possible else "left"] += 1
+        for line in grouped.values():
+            times = sorted(seconds.get((line["defense"], line["model"]), []))
+            line["median_seconds"] = times[len(times) // 2] if times else None
+            lines.append(line)
+    return lines
+
+
 def finished_rows(source: str | Path, out: str | Path) -> list[dict]:
     """Every benchmark row of the grid that has a result in `out`, in grid order: default
     rows, and tuned rows once the tuning has chosen."""
