@@ -60,7 +60,7 @@ def markdown_table(rows: list[dict]) -> str:
         parts.append(_floor_line(group))
         parts.append(_diagnostic_line(group))
     parts.append(stages_table(rows))
-    return "\n".join(parts)
+    return "\n".join(part for part in parts if part)
 
 
 def stage_points(row: dict) -> list[tuple[str, float | None, float | None]]:
