@@ -203,29 +203,27 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _temporary_beside(path: Path) -> Path:
-    # Same folder, so the final os.replace is a rename within one file system; the same
-    # suffix, so writers that infer a format from it (matplotlib) still do.
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+@contextlib.contextmanager
+def _replaced_whole(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it replaces `path` only if the writing
+    ends without error, and never lingers. Same folder, so the replace is a rename within one
+    file system; the same suffix, so writers that infer a format from it (matplotlib) still do."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` whole: it appears (or replaces the old file) only once written."""
-    path = Path(path)
-    temporary = _temporary_beside(path)
-    try:
+    with _replaced_whole(path) as temporary:
         temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def save_figure_atomic(figure: object, path: str | Path, **savefig_kwargs: object) -> None:
     """`figure.savefig(path)`, whole or not at all, as `write_atomic`."""
-    path = Path(path)
-    temporary = _temporary_beside(path)
-    try:
+    with _replaced_whole(path) as temporary:
         figure.savefig(temporary, **savefig_kwargs)  # type: ignore[attr-defined]
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -48,7 +48,7 @@ from .errors import DataError, OutputError, SettingsError, TscpurifyError
 from .evaluation import ProbeSettings
 from .job import JobSettings, resolve_device
 from .outputs import atomic_folder, check_out
-from .permutation import derive_spec, model_distances
+from .permutation import model_distances
 from .report.markdown import render_markdown
 from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
@@ -350,7 +350,11 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
             if distributed:
                 report.environment["processes"] = dist.world_size()
             began = time.perf_counter()
-            report.distance = moved_from_suspect(model, purified, clean, device, leaves)
+            # The attack-free depth diagnostic (docs/deep-purification.md): the clean images in
+            # order, unaugmented.
+            report.distance = model_distances(
+                model, purified, DataLoader(TensorDataset(clean.floats()), batch_size=256),
+                leaf_modules=tuple(leaves))
             report.seconds["distance"] = time.perf_counter() - began
             if retuning:
                 began = time.perf_counter()
@@ -376,17 +380,6 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     if main:
         shutil.rmtree(partial, ignore_errors=True)
     return report
-
-
-def moved_from_suspect(suspect: nn.Module, purified: nn.Module, clean: ImageData,
-                       device: torch.device, leaves: Sequence[Any] = ()) -> dict[str, float]:
-    """The relative distance of `purified` from `suspect`, raw and with its units aligned to
-    the suspect's on the clean images (in order, unaugmented): what a defender can measure
-    without the attack (docs/deep-purification.md)."""
-    images = DataLoader(TensorDataset(clean.floats()), batch_size=256)
-    example = clean.floats()[:2].to(device)
-    spec = derive_spec(suspect, example, leaf_modules=tuple(leaves))
-    return model_distances(suspect, purified, images, spec=spec)
 
 
 def summary(report: PurifyReport) -> dict[str, Any]:

@@ -70,3 +70,18 @@ def trained_cnn(_trained_cnn) -> nn.Module:
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def adam_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every torch.optim.Adam built while the test runs (the
+    optimiser still works): to hold a defense to its reference's optimiser."""
+    made: list[dict] = []
+    real = torch.optim.Adam
+
+    def recording(params, **kwargs):
+        made.append(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", recording)
+    return made

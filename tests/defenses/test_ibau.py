@@ -189,17 +189,9 @@ def test_unlearning_steps_follow_the_budget_and_keep_batchnorm_statistics(traine
             IBAUSettings(**bad)
 
 
-def test_the_outer_optimiser_is_backdoorbenchs_amsgrad_adam(trained_cnn, band_data, monkeypatch):
+def test_the_outer_optimiser_is_backdoorbenchs_amsgrad_adam(trained_cnn, band_data, adam_calls):
     # BackdoorBench's optimizer factory (whose i-BAU learning rate is our default) builds Adam
     # with amsgrad=True and no weight decay.
-    made = []
-    real = torch.optim.Adam
-
-    def recording(params, **kwargs):
-        made.append(kwargs)
-        return real(params, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "Adam", recording)
     defend("ibau", trained_cnn, DataLoader(band_data, batch_size=32), IBAUSettings(rounds=1),
            progress=False)
-    assert made == [{"lr": 1e-4, "amsgrad": True}]
+    assert adam_calls == [{"lr": 1e-4, "amsgrad": True}]

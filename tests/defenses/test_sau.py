@@ -134,14 +134,6 @@ def test_bad_settings_are_refused(bad):
 
 
 def test_the_unlearning_optimiser_is_backdoorbenchs_amsgrad_adam(trained_cnn, band_data,
-                                                                monkeypatch):
-    made = []
-    real = torch.optim.Adam
-
-    def recording(params, **kwargs):
-        made.append(kwargs)
-        return real(params, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "Adam", recording)
+                                                                adam_calls):
     defend("sau", trained_cnn, DataLoader(band_data, batch_size=32), progress=False, epochs=1)
-    assert made == [{"lr": 1e-4, "amsgrad": True}]
+    assert adam_calls == [{"lr": 1e-4, "amsgrad": True}]

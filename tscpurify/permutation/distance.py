@@ -33,14 +33,16 @@ def parameter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def model_distances(reference: nn.Module, model: nn.Module, loader: Iterable[Any],
-                    spec: PermutationSpec | None = None) -> dict[str, float]:
+                    spec: PermutationSpec | None = None,
+                    leaf_modules: tuple = ()) -> dict[str, float]:
     """{"raw": ‖θ − θ_ref‖ / ‖θ_ref‖, "aligned": the same after permuting `model`'s units to
     match `reference`'s on the clean data in `loader`} over the models' parameters. Neither
-    model is modified; the spec is derived from `reference` when not given."""
+    model is modified; the spec is derived from `reference` when not given (keeping
+    `leaf_modules` opaque, as derive_spec does)."""
     if spec is None:
         example = _inputs(next(iter(loader)))[:2]
         device = next(reference.parameters()).device
-        spec = derive_spec(reference, example.to(device))
+        spec = derive_spec(reference, example.to(device), leaf_modules=leaf_modules)
     perm = match(reference, model, spec, loader, mode="align")
     aligned = apply_permutation(model.state_dict(), spec, perm)
     names = parameter_state(reference).keys()
