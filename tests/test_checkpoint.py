@@ -48,3 +48,11 @@ def test_plain_pt_state_dict_is_accepted(tmp_path):
     (tmp_path / "w.pkl").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="unsupported weights format"):
         load_weights(tmp_path / "w.pkl")
+
+
+def test_a_sidecar_that_is_not_text_is_refused_as_invalid_json(tmp_path):
+    # Binary garbage fails UTF-8 decoding before JSON parsing sees it: still one CheckpointError.
+    save_model(create_model("cnn", width=4), tmp_path, Sidecar(arch="cnn", kwargs={"width": 4}))
+    (tmp_path / "model.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(tmp_path)

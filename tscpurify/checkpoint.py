@@ -33,7 +33,7 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"missing {path}") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # binary garbage is not UTF-8
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
 
 
