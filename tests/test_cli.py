@@ -222,6 +222,25 @@ def test_evaluate_can_re_tune_any_run_folder(backdoored_run, capsys):
     assert "without poison" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--retune", "--retune-images", "100000"], "re-tuning set needs 100000 images"),
+    (["--retune", "--retune-epochs", "2,1"], "increasing"),
+    (["--retune", "--retune-floor", "/nonexistent"], "does not exist"),
+    (["--retune-floor", "/nonexistent"], "needs --retune"),
+])
+def test_evaluate_refuses_bad_retune_input_before_evaluating(flags, message, backdoored_run,
+                                                              monkeypatch, capsys):
+    import tscpurify.runs
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("evaluated before the re-tune input was checked")
+
+    monkeypatch.setattr(tscpurify.runs, "evaluate_run", evaluated)
+    assert main(["evaluate", str(backdoored_run), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
 def test_attack_help_lists_every_attack_s_arguments(capsys):
     assert main(["attack", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())

@@ -194,17 +194,19 @@ def format_metrics(metrics: dict, encoder: bool = False) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .runs import evaluate_run
+    from .runs import evaluate_run, retune_run
 
-    metrics = evaluate_run(args.run, resolve_device(args.device), args.arch)
-    if args.retune:
-        from .runs import retune_run
-
-        metrics["retune"] = retune_run(args.run, retune_settings(args), args.retune_floor,
-                                       seed=args.seed, device=resolve_device(args.device),
-                                       progress=not args.quiet)
-    elif args.retune_floor:
+    if args.retune_floor and not args.retune:
         raise SettingsError("--retune-floor needs --retune")
+    # The re-tune first: it checks its settings, the run's attack and the floor before any
+    # training, so a bad --retune-* input fails before the evaluation (an encoder's probe
+    # training can take minutes) rather than after it.
+    retune = (retune_run(args.run, retune_settings(args), args.retune_floor, seed=args.seed,
+                         device=resolve_device(args.device), progress=not args.quiet)
+              if args.retune else None)
+    metrics = evaluate_run(args.run, resolve_device(args.device), args.arch)
+    if retune is not None:
+        metrics["retune"] = retune
     print(json.dumps(metrics))
     return 0
 
