@@ -111,6 +111,24 @@ def test_cli_purifies_a_model_from_its_weights_and_factory(user_project, fmnist_
     assert weights.read_bytes() == before and not (fmnist_root / "new").exists()
 
 
+def test_evaluate_retune_trusts_the_arch_it_is_given(user_project, fmnist_root, capsys):
+    # A folder naming the user's factory and an attack (e.g. a model they backdoored
+    # themselves): --arch must reach the re-tune's loading too, not only the evaluation's.
+    from tscpurify.attacks import create_attack
+
+    run = user_project / "run"
+    run.mkdir()
+    write_own_run(run, user_project / "model.safetensors", "usernet:make_net",
+                  model_args={"width": 4}, data="fashion-mnist", data_root=str(fmnist_root))
+    sidecar = json.loads((run / "model.json").read_text())
+    sidecar["attack"] = create_attack("badnets", target=0).record()
+    (run / "model.json").write_text(json.dumps(sidecar))
+    assert main(["evaluate", str(run), "--arch", "usernet:make_net", "--retune",
+                 "--retune-images", "100", "--retune-poisoned", "10", "--retune-epochs", "1",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["retune"]["model"]["epochs"] == [1]
+
+
 def test_a_registered_architecture_from_weights_and_a_pt_file(tmp_path, fmnist_root, capsys):
     from tscpurify.models import create_model
 

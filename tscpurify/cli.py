@@ -202,7 +202,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # training, so a bad --retune-* input fails before the evaluation (an encoder's probe
     # training can take minutes) rather than after it.
     retune = (retune_run(args.run, retune_settings(args), args.retune_floor, seed=args.seed,
-                         device=resolve_device(args.device), progress=not args.quiet)
+                         device=resolve_device(args.device), progress=not args.quiet,
+                         trusted_arch=args.arch)
               if args.retune else None)
     metrics = evaluate_run(args.run, resolve_device(args.device), args.arch)
     if retune is not None:

@@ -330,12 +330,12 @@ def load_retune_floor(floor: str | Path, sidecar: Sidecar, device: str = "cpu"
 
 
 def retune_run(folder: str | Path, settings: RetuneSettings, floor: str | Path | None = None,
-               seed: int = 0, device: str = AUTO_DEVICE, progress: bool = False
-               ) -> dict[str, dict[str, Any]]:
+               seed: int = 0, device: str = AUTO_DEVICE, progress: bool = False,
+               trusted_arch: str | None = None) -> dict[str, dict[str, Any]]:
     """Re-tuning profiles (tscpurify.retune) of a classifier run folder whose attack is recorded,
     and of `floor`, the same architecture trained without poison, on the same images."""
     device = resolve_device(device)
-    model, sidecar, attack = load_run(folder, device)
+    model, sidecar, attack = load_run(folder, device, trusted_arch)
     if attack is None or not kind_of(sidecar).retunable:
         raise SettingsError(f"re-tuning needs a classifier whose model.json records its attack; "
                             f"{folder} has {'none' if attack is None else 'an ' + sidecar.kind}")
