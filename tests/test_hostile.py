@@ -137,6 +137,9 @@ TAMPERED = [
     ("integer weights", dict(weights=first_weight(lambda w: w.round().to(torch.int64))),
      "torch.int64 values"),
     ("missing tensor", dict(weights=lambda s: dict(list(s.items())[1:])), "missing"),
+    ("trigger larger than the images",
+     dict(sidecar=lambda data: {**data, "attack": {**data["attack"], "size": 1000}}),
+     "recorded attack does not fit its data set"),
 ]
 
 

@@ -54,7 +54,7 @@ from .report.plots import plot_before_after, plot_profiles, plot_retune
 from .report.schema import PurifyReport
 from .retune import RetuneSettings, retune_profiles, retune_set
 from .run_kinds import kind_of, resolve_loss
-from .runs import dataset_of, load_retune_floor, load_run
+from .runs import check_recorded_attack, dataset_of, load_retune_floor, load_run
 from .seeding import derive_seed
 from .settings import replace_settings
 from .sidecar import Sidecar
@@ -292,6 +292,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     dataset = dataset_of(sidecar, run)
     train = load_dataset(dataset.name, "train", dataset.root)
     test = load_dataset(dataset.name, "test", dataset.root)
+    check_recorded_attack(attack, test, run)
     indices = objective.clean_indices(train, job.clean_fraction, derive_seed(seed, "clean"))
     clean = train.subset(indices)
     if retuning:  # draw the re-tuning set now, so a data set too small fails before any work

@@ -301,6 +301,18 @@ def load_run(folder: str | Path, device: str = "cpu", trusted_arch: str | None =
     return model, sidecar, attack
 
 
+def check_recorded_attack(attack: Attack | None, data: ImageData, folder: str | Path) -> None:
+    """A recorded attack must fit the images it is scored on: a trigger larger than them (in a
+    hand-edited or foreign model.json) would otherwise fail mid-evaluation with a traceback."""
+    if attack is None:
+        return
+    try:
+        attack.check(data.num_classes, data.shape)
+    except SettingsError as err:
+        raise CheckpointError(f"{Path(folder) / SIDECAR}: the recorded attack does not fit its "
+                              f"data set: {err}") from None
+
+
 def evaluate_run(folder: str | Path, device: str = AUTO_DEVICE, trusted_arch: str | None = None
                  ) -> dict[str, float | None]:
     """Recompute a run folder's metrics on its data set's test split: ACC/ASR/RA of a
@@ -309,6 +321,7 @@ def evaluate_run(folder: str | Path, device: str = AUTO_DEVICE, trusted_arch: st
     dataset = dataset_of(sidecar, folder)
     kind = kind_of(sidecar)
     test_data = load_dataset(dataset.name, "test", dataset.root)
+    check_recorded_attack(attack, test_data, folder)
     train_data = (load_dataset(dataset.name, "train", dataset.root)
                   if kind.needs_train_split else None)
     return kind.metrics(model, sidecar, train_data, test_data, attack)
@@ -345,6 +358,7 @@ def retune_run(folder: str | Path, settings: RetuneSettings, floor: str | Path |
         models["floor"] = load_retune_floor(floor, sidecar, device)
     train = load_dataset(dataset.name, "train", dataset.root)
     test = load_dataset(dataset.name, "test", dataset.root)
+    check_recorded_attack(attack, test, folder)
     retune_set(train, attack, settings, derive_seed(seed, "retune"))  # too small: fail now
     return retune_profiles(models, train, test, attack, settings,
                            seed=derive_seed(seed, "retune"), progress=progress)
