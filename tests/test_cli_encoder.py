@@ -77,7 +77,8 @@ def test_a_clean_encoder_has_no_asr(fmnist_root, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--attack", "badencoder", "--rate", "0.1"], "--rate applies to ctrl only"),
     (["--attack", "ctrl", "--attack-arg", "window=10"], "does not tile"),
-    (["--attack", "ctrl", "--attack-arg", "colour=red"], "does not accept"),
+    (["--attack", "ctrl", "--attack-arg", "colour=red"], "no setting 'colour'"),
+    (["--attack", "ctrl", "--attack-arg", "magnitude=abc"], "magnitude must be a finite float"),
     (["--attack", "none", "--attack-arg", "size=3"], "no attack arguments"),
     (["--reference-images", "0"], "reference_images"),
     (["--target", "11"], "out of range"),

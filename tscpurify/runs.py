@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader
 from .attacks import attack_from_record, create_attack, poison_dataset
 from .attacks.badencoder import BadEncoderSettings, badencoder
 from .attacks.base import Attack
-from .attacks.ctrl import CTRL
 from .checkpoint import WEIGHTS, load_model, load_weights, save_model, write_json
 from .curve import recompute_bn_stats
 from .data import ImageData, load_dataset, select_clean_subset
@@ -163,10 +162,7 @@ def encoder_trigger(attack: str, target: int, attack_args: dict[str, Any],
             raise SettingsError("--attack none takes no attack arguments")
         return None
     if attack == "ctrl":
-        try:
-            return CTRL(target=target, **attack_args)
-        except TypeError as err:
-            raise SettingsError(f"attack 'ctrl' does not accept these arguments: {err}") from None
+        return create_attack("ctrl", target=target, **attack_args)  # arguments' types checked
     # BadEncoder poisons no data set: the BadNets rate is never used, only its patch.
     patch = {"size": max(1, round(10 * image_size / 32)), "pattern": "white", **attack_args}
     return create_attack("badnets", target=target, **patch)

@@ -91,6 +91,10 @@ def test_blended_mixes_with_its_pattern():
 @pytest.mark.parametrize("kwargs, message", [
     ({"rate": 0.0}, "poison rate"), ({"rate": 1.5}, "poison rate"),
     ({"pattern": "stars"}, "pattern"), ({"target": -1}, "target"),
+    # Types are checked too (a record may come from anyone): these once failed mid-training
+    # or passed as something else.
+    ({"size": 2.5}, "size must be int"), ({"all_to_all": "yes"}, "all_to_all must be bool"),
+    ({"size": True}, "size must be int"), ({"bogus": 1}, "no setting 'bogus'"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(SettingsError, match=message):

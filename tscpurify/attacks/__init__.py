@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import SettingsError
+from ..settings import replace_settings
 
 # Importing the modules registers them (in .registered).
 from . import (  # noqa: F401
@@ -25,7 +26,10 @@ from .registered import ATTACKS
 def create_attack(name: str, **kwargs: Any) -> Attack:
     cls = ATTACKS.get(name)
     try:
-        return cls(**kwargs)
+        # Through replace_settings, so every value is checked against its field's type first:
+        # a record or --attack-arg with size 2.5 or all_to_all "yes" would otherwise pass the
+        # range checks and fail mid-training (or silently mean something else).
+        return replace_settings(cls(), **kwargs)
     except TypeError as err:
         raise SettingsError(f"attack {name!r} does not accept these arguments: {err}") from None
 
