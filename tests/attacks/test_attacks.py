@@ -106,6 +106,12 @@ def test_target_out_of_range():
         poison_dataset(tiny_data(), create_attack("badnets", target=7), seed=0)
 
 
+def test_a_rate_that_poisons_no_sample_is_refused():
+    # Rounded to zero samples, the "backdoored" model would be a clean one recorded as attacked.
+    with pytest.raises(SettingsError, match="poisons none"):
+        poison_dataset(tiny_data(), create_attack("badnets", rate=1e-9), seed=0)
+
+
 def test_unknown_attack_suggests_a_name():
     with pytest.raises(SettingsError, match="did you mean 'badnets'"):
         create_attack("badnet")

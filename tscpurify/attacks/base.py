@@ -109,6 +109,9 @@ class Attack:
         if count > len(candidates):
             raise SettingsError(f"poison rate {self.rate} needs {count} samples but only "
                                 f"{len(candidates)} are outside the target class")
+        if count == 0:  # a "backdoored" model trained on clean data, recorded as attacked
+            raise SettingsError(f"poison rate {self.rate} of {len(labels)} samples poisons none; "
+                                f"raise the rate")
         order = torch.randperm(len(candidates), generator=generator)
         return candidates[order[:count]].sort().values
 
