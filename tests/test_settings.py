@@ -49,6 +49,9 @@ def test_an_unknown_or_badly_typed_setting_is_named_with_the_nested_ones_listed(
         replace_settings(TSCSettings(), epoch=3)
     with pytest.raises(SettingsError, match=r"CurveSettings\.lr must be a finite float"):
         replace_settings(TSCSettings(), lr="fast")
+    # Finite but past float32 (torch's): a traceback mid-training once, refused now.
+    with pytest.raises(SettingsError, match=r"CurveSettings\.lr must be a finite float within"):
+        replace_settings(TSCSettings(), lr=1e300)
     with pytest.raises(SettingsError, match=r"TSCSettings\.curve must be CurveSettings"):
         replace_settings(TSCSettings(), curve=3)
     with pytest.raises(SettingsError, match="lr > 0"):  # the curve's own checks still run

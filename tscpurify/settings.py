@@ -101,6 +101,11 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, prefix: str =
                                help=f"{help_text} (default: {default})")
 
 
+# Torch computes in float32: a setting past its range (lr 1e300) is a traceback mid-training
+# ("value cannot be converted to type float without overflow"), so it is refused with NaN.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _fits(value: Any, annotation: Any) -> bool:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(_fits(value, option) for option in typing.get_args(annotation))
@@ -111,7 +116,7 @@ def _fits(value: Any, annotation: Any) -> bool:
         return isinstance(value, (tuple, list)) and all(_fits(v, item) for v in value)
     if annotation is float:
         return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value))
+                and math.isfinite(value) and abs(value) <= FLOAT32_MAX)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(annotation, type):
@@ -187,9 +192,9 @@ def replace_settings(settings: S, **changes: Any) -> S:
             changes[name] = replace_settings(getattr(settings, name), **value)
         elif not _fits(value, hints[name]):
             expected = getattr(hints[name], "__name__", str(hints[name]))
-            raise SettingsError(f"{cls.__name__}.{name} must be "
-                                f"{'a finite ' if expected == 'float' else ''}{expected}, got "
-                                f"{value!r}")
+            if expected == "float":
+                expected = "a finite float within float32's range (|x| ≤ 3.4e38)"
+            raise SettingsError(f"{cls.__name__}.{name} must be {expected}, got {value!r}")
     return dataclasses.replace(settings, **changes)  # type: ignore[type-var]
 
 
