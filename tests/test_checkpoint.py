@@ -56,3 +56,15 @@ def test_a_sidecar_that_is_not_text_is_refused_as_invalid_json(tmp_path):
     (tmp_path / "model.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(tmp_path)
+
+
+def test_a_missing_or_non_file_weights_file_is_named_as_such(tmp_path):
+    # safetensors reported these as "No such file or directory" / "No such device", the same
+    # words it uses for an unreadable file: the run folder's weights are checked first.
+    save_model(create_model("cnn", width=4), tmp_path, Sidecar(arch="cnn", kwargs={"width": 4}))
+    (tmp_path / "weights.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path)
+    (tmp_path / "weights.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_model(tmp_path)

@@ -37,11 +37,22 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
 
 
+def check_readable(path: Path) -> None:
+    """A weights file must be a readable file. Checked here because the loaders misreport it:
+    safetensors calls an unreadable file "No such file or directory" and a folder "No such
+    device", and torch.load's failure would read as a pickle refused."""
+    if not path.exists():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is not a file")
+    with open(path, "rb"):  # PermissionError: the CLI's one line naming the file
+        pass
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors`, or from `.pt`/`.pth` with weights_only=True."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"weights file {path} does not exist")
+    check_readable(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
@@ -69,6 +80,7 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     tensor (None for other formats)."""
     if path.suffix != ".safetensors":
         return None
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
