@@ -43,6 +43,7 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
     ("symlink", "symbolic link"),
     ("dangling", "symbolic link"),
     ("file", "not a folder"),
+    ("under_a_file", "it is a file, not a folder"),  # once "permission denied", misleading
     ("exists", "already exists"),
     ("foreign", "not written by tscpurify"),
     ("input", "overlaps the input"),
@@ -63,6 +64,9 @@ def test_outputs_that_could_lose_data_are_refused(case, message, tmp_path, monke
     elif case == "file":
         out = tmp_path / "a-file"
         out.write_text("keep me")
+    elif case == "under_a_file":
+        (tmp_path / "a-file").write_text("keep me")
+        out = tmp_path / "a-file" / "run"
     elif case == "exists":
         out, overwrite = run_folder(tmp_path / "old"), False
     elif case == "foreign":

@@ -76,7 +76,9 @@ def _check_writable(folder: Path) -> None:
     ancestor = folder.resolve()
     while not ancestor.exists():
         ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    if not ancestor.is_dir():  # a file on the way: no permission would make it a folder
+        raise OutputError(f"cannot write into {ancestor}: it is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write into {ancestor}: permission denied")
 
 
