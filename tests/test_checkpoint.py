@@ -68,3 +68,11 @@ def test_a_missing_or_non_file_weights_file_is_named_as_such(tmp_path):
     (tmp_path / "weights.safetensors").mkdir()
     with pytest.raises(CheckpointError, match="is not a file"):
         load_model(tmp_path)
+
+
+def test_a_run_folder_that_is_a_file_is_not_called_missing(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        load_model(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere")

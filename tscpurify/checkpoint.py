@@ -136,7 +136,8 @@ def read_sidecar(folder: str | Path) -> Sidecar:
     """A run folder's model.json, parsed and checked, without loading its weights."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"run folder {folder} does not exist")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise CheckpointError(f"run folder {folder} {what}")
     return parse_sidecar(read_json(folder / SIDECAR), folder / SIDECAR)
 
 
