@@ -161,13 +161,14 @@ def test_own_model_errors_are_one_line(user_project, fmnist_root, capsys):
           "--data-root", str(fmnist_root)], "not a torch nn.Module"),
         (["--weights", weights, "--arch", "usernet:make_net", "--model-arg", "width=8",
           "--data", "fashion-mnist", "--data-root", str(fmnist_root)],
-         "does not match the architecture"),
+         "model.safetensors does not match the architecture"),
         (["--weights", str(user_project / "none.safetensors"), "--arch", "usernet:make_net",
           "--data", "fashion-mnist", "--data-root", str(fmnist_root)], "does not exist"),
     ]:
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert "tscpurify-own-" not in err, "named the temporary folder, gone by now"
     assert not (user_project / "o").exists()
     for bad in ("usernet", "usernet:", ":make_net", "usernet:NOT_A_MODEL"):
         with pytest.raises(SettingsError):

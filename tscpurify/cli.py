@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import SettingsError, SpecError, TscpurifyError
+from .errors import CheckpointError, SettingsError, SpecError, TscpurifyError
 from .job import resolve_device
 from .outputs import write_atomic
 from .settings import add_settings_flags, finite_float, overrides_from_args, settings_from_args
@@ -276,6 +276,7 @@ def print_report_summary(report, out: str) -> None:
 
 
 def run_purify(args: argparse.Namespace) -> int:
+    from .checkpoint import WEIGHTS
     from .distributed import is_main
     from .job import JobSettings
     from .purification import purify_run
@@ -315,11 +316,16 @@ def run_purify(args: argparse.Namespace) -> int:
     # A model trained elsewhere: a temporary run folder around its weights (linked, not
     # copied, where the disk allows), purified like any other; the user's files stay inputs.
     with tempfile.TemporaryDirectory(prefix="tscpurify-own-") as temporary:
-        run = write_own_run(temporary, args.weights, args.arch,
-                            model_args=parse_pairs(args.model_arg, "--model-arg"),
-                            data=args.data, data_root=args.data_root)
-        return purify_folder(run, source=str(args.weights), more_inputs=[
-            args.weights, *([args.data_root] if args.data_root else [])])
+        try:
+            run = write_own_run(temporary, args.weights, args.arch,
+                                model_args=parse_pairs(args.model_arg, "--model-arg"),
+                                data=args.data, data_root=args.data_root)
+            return purify_folder(run, source=str(args.weights), more_inputs=[
+                args.weights, *([args.data_root] if args.data_root else [])])
+        except CheckpointError as err:
+            # The temporary folder is gone when the user reads this: name their file instead.
+            raise CheckpointError(str(err).replace(str(Path(temporary) / WEIGHTS),
+                                                   str(args.weights))) from None
 
 
 def run_demo(args: argparse.Namespace) -> int:
