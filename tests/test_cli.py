@@ -73,6 +73,15 @@ PURIFY_TINY = ["--rounds", "1", "--epochs", "1", "--profile-points", "3", "--fin
                "--clean-fraction", "0.2", "--batch-size", "32", "--profile-test", "50", "--quiet"]
 
 
+def test_purify_profile_test_zero_measures_on_the_whole_test_split(backdoored_run, tmp_path):
+    # As for an encoder's probe, 0 = all; a classifier's empty subset once crashed torch.cat.
+    out = tmp_path / "p"
+    assert main(["purify", str(backdoored_run), "--out", str(out), *PURIFY_TINY,
+                 "--no-retune", "--profile-test", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert all(0 <= stage["metrics"]["acc"] <= 100 for stage in report["stages"])
+
+
 def test_purify_writes_model_report_and_plots(backdoored_run, tmp_path, capsys):
     out = tmp_path / "clean"
     assert main(["purify", str(backdoored_run), "--out", str(out), *PURIFY_TINY]) == 0

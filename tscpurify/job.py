@@ -39,7 +39,7 @@ class JobSettings:
                 "(cross-entropy on labelled clean data) for a classifier. simclr on a "
                 "classifier contrasts its logits"})
     profile_test: int = field(default=2000, metadata={
-        "help": "test images used for the metrics along each curve"})
+        "help": "test images used for the metrics along each curve (0 = all)"})
     profile_train: int = field(default=1000, metadata={
         "help": "encoders: labelled training images of the linear probe that scores each point "
                 "along the curves"})

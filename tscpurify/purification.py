@@ -316,8 +316,9 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     else:
         profile_indices = torch.randperm(len(test),
                                          generator=torch.Generator().manual_seed(seed))
+        # 0 = the whole test split, as for an encoder's probe (an empty subset crashed)
         profile_eval = kind.evaluator(sidecar, train, test.subset(
-            profile_indices[:job.profile_test]), attack)
+            profile_indices[:job.profile_test or None]), attack)
 
     partial = out.parent / f".{out.name}.stages"
     # What the saved stages depend on besides the settings: resuming over stages of another
