@@ -40,6 +40,12 @@ def test_auto_device_follows_the_hardware(monkeypatch):
         resolve_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda"
+    # An absent MPS device is refused like an absent GPU, not met mid-run as a traceback.
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SettingsError, match="no MPS device"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == "mps"
 
 
 def test_the_purify_flags_are_generated_from_job_settings():

@@ -25,6 +25,9 @@ def resolve_device(name: str) -> str:
         raise SettingsError(f"--device {name} asked for, but PyTorch sees no CUDA device")
     if name != "cpu" and not name.startswith("cuda") and name != "mps":
         raise SettingsError(f"--device must be auto, cpu, cuda[:N] or mps, got {name!r}")
+    if name == "mps" and not torch.backends.mps.is_available():  # else a traceback mid-run
+        raise SettingsError("--device mps asked for, but PyTorch sees no MPS device (Apple "
+                            "silicon)")
     return name
 
 
