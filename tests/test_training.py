@@ -56,3 +56,13 @@ def test_adamw_trains_and_an_unknown_optimizer_is_refused():
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(SettingsError, match="optimizer must be one of"):
         TrainSettings(optimizer="lamb")
+
+
+@pytest.mark.parametrize("changes", [{"momentum": -1.0}, {"momentum": 1.0},
+                                     {"weight_decay": -1.0}])
+def test_momentum_and_weight_decay_out_of_range_are_refused_up_front(changes):
+    # torch.optim.SGD met these only once training began, as a ValueError traceback.
+    from tscpurify.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="0 ≤ momentum < 1 and weight_decay ≥ 0"):
+        TrainSettings(**changes)

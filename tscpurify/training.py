@@ -43,6 +43,11 @@ class TrainSettings:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
             raise SettingsError(f"training needs epochs ≥ 0, lr > 0, batch_size ≥ 1; got "
                                 f"{self.epochs}, {self.lr}, {self.batch_size}")
+        # torch.optim.SGD refuses negatives only once training starts, as a traceback, and
+        # momentum ≥ 1 diverges: the same range as the re-tune's and ANP's.
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise SettingsError(f"training needs 0 ≤ momentum < 1 and weight_decay ≥ 0; got "
+                                f"{self.momentum}, {self.weight_decay}")
 
 
 def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettings, *,
