@@ -37,6 +37,9 @@ def test_settings_validate():
         CurveSettings(lr=0)
     with pytest.raises(SettingsError, match="cosine_t_max"):
         CurveSettings(cosine_t_max=0)
+    for momentum in (-0.1, 1.0, 1.5):  # 1.5 once ran (and diverged)
+        with pytest.raises(SettingsError, match="0 ≤ momentum < 1"):
+            CurveSettings(momentum=momentum)
 
 
 def test_training_lowers_the_loss_and_keeps_endpoints():

@@ -54,9 +54,11 @@ class CurveSettings:
         if self.epochs < 0 or self.lr <= 0:
             raise SettingsError(f"curve training needs epochs ≥ 0 and lr > 0; got "
                                 f"{self.epochs}, {self.lr}")
-        if self.momentum < 0 or self.weight_decay < 0 or self.l2_reg < 0:
-            raise SettingsError(f"momentum, weight_decay and l2_reg must be ≥ 0; got "
-                                f"{self.momentum}, {self.weight_decay}, {self.l2_reg}")
+        # momentum ≥ 1 never decays the velocity: the curve diverges (as TrainSettings' range)
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.l2_reg < 0:
+            raise SettingsError(f"curve training needs 0 ≤ momentum < 1 and weight_decay, "
+                                f"l2_reg ≥ 0; got {self.momentum}, {self.weight_decay}, "
+                                f"{self.l2_reg}")
         if self.cosine_t_max is not None and self.cosine_t_max < 1:
             raise SettingsError(f"cosine_t_max must be ≥ 1 or None, got {self.cosine_t_max}")
 
