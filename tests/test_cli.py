@@ -217,6 +217,27 @@ def test_resume_over_another_models_stages_is_refused(backdoored_run, fmnist_roo
     assert not (tmp_path / ".purified.stages").exists()
 
 
+def test_a_corrupt_saved_stage_says_start_over_and_only_that(backdoored_run, tmp_path, capsys,
+                                                               monkeypatch):
+    import tscpurify.purification as purification
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")  # after every stage was saved
+
+    monkeypatch.setattr(purification, "write_report", crash)
+    out = tmp_path / "purified"
+    assert main(["purify", str(backdoored_run), "--out", str(out), *PURIFY_TINY]) == 2
+    capsys.readouterr()
+    monkeypatch.undo()
+    (tmp_path / ".purified.stages" / "round0_stage1.safetensors").write_bytes(b"\0" * 100)
+    assert main(["purify", str(backdoored_run), "--out", str(out), "--resume",
+                 *PURIFY_TINY]) == 2
+    err = capsys.readouterr().err
+    # The generic "run again with --resume" hint once followed, contradicting the advice.
+    assert "is corrupt" in err and "start over without resuming" in err
+    assert "--resume" not in err and err.count("\n") == 1
+
+
 def test_evaluate_can_re_tune_any_run_folder(backdoored_run, capsys):
     flags = ["--retune", "--retune-images", "200", "--retune-poisoned", "20",
              "--retune-epochs", "1,2", "--quiet"]

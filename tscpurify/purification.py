@@ -44,7 +44,7 @@ from .data import ImageData, load_dataset, select_clean_subset
 from .data.subset import subset_size
 from .data.views import SimCLRAugment
 from .defenses.tsc import PRESETS, TSCSettings, purify
-from .errors import DataError, OutputError, SettingsError, TscpurifyError
+from .errors import CheckpointError, DataError, OutputError, SettingsError, TscpurifyError
 from .evaluation import ProbeSettings
 from .job import JobSettings, resolve_device
 from .outputs import atomic_folder, check_out
@@ -195,6 +195,8 @@ def keep_stages_on_error(partial: Path) -> Iterator[None]:
     except (TscpurifyError, OSError) as err:
         if not partial.exists():
             raise
+        if isinstance(err, CheckpointError) and str(partial) in str(err):
+            raise  # the stages themselves are unusable: its advice is to start over, not resume
         hint = (f" (finished stages are kept in {partial}; run again with --resume to "
                 f"continue from them)")
         if isinstance(err, TscpurifyError):
