@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -68,6 +69,23 @@ def test_an_evaluator_never_changes_the_result(setup):
         assert torch.equal(value, evaluated.state_dict()[key]), key
     assert all("drawn" in s.metrics for s in report.stages)
     assert report.seconds["caller_evaluation"] > 0
+
+
+def test_every_phase_but_the_report_lies_within_the_total(setup):
+    """The bench books a TSC row's time as total − caller_evaluation; the report's before/after
+    measurements come after the total is taken, so they must not count as caller_evaluation
+    (a slow evaluator once made a ViT row's seconds negative)."""
+    model, loader = setup
+
+    def slow_evaluator(m):
+        time.sleep(0.3)  # far above the run's unbooked time (copies), so a mis-booking shows
+        return {}
+
+    _, report = purify(model, loader, TINY, progress=False, evaluate=slow_evaluator,
+                       profile_points=0)
+    inside = sum(v for k, v in report.seconds.items() if k not in ("total", "report"))
+    assert inside <= report.seconds["total"]
+    assert report.seconds["report"] >= 0.6  # the two report measurements
 
 
 class Interrupt(Exception):
