@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tscpurify.bench.grid import GRIDS, read_grid
 from tscpurify.defenses import DEFENSES, defend
+from tscpurify.models import create_model
 from tscpurify.settings import add_settings_flags, settings_from_args
 
-from .conftest import snapshot
+from .conftest import CLASSES, SIZE, snapshot
 
 # A few seconds in total: the smallest budget at which each defense does everything it does.
 TINY = {
@@ -75,3 +77,39 @@ def test_settings_are_frozen_documented_and_round_trip_through_cli_flags(name):
     assert settings_from_args(cls, parser.parse_args([])) == default
     module = DEFENSES.get(name).__module__
     assert module.rsplit(".", 1)[-1] in (name, "finetune"), "registry name = module name"
+
+
+# Every architecture the shipped grids defend, at a size that runs in about a second. A grid
+# row that crashes on its architecture costs the hours spent before it; this catches it here.
+TINY_MODELS = {
+    "cnn": dict(width=4, image_size=SIZE),
+    "preactresnet18": dict(width=2),
+    "vit": dict(image_size=SIZE, patch=4, dim=8, heads=2, depth=1),
+}
+
+
+def shipped_pairs() -> list[tuple[str, str]]:
+    """(architecture, defense) of every training row and tuning candidate of the shipped grids,
+    but the CNN's, which the contract tests above run."""
+    pairs = set()
+    for path in sorted(GRIDS.glob("*.toml")):
+        grid = read_grid(path)
+        pairs |= {(c.model, c.base) for c in [*grid.cells, *grid.tuning_cells] if c.base}
+    return sorted(p for p in pairs if p[0] != "cnn")
+
+
+def test_every_shipped_architecture_has_a_tiny_size_here():
+    assert {arch for arch, _ in shipped_pairs()} <= set(TINY_MODELS)
+
+
+@pytest.mark.parametrize("arch,name", shipped_pairs())
+def test_each_defense_runs_on_each_architecture_a_shipped_grid_gives_it(arch, name, band_data):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=CLASSES, in_channels=1, **TINY_MODELS[arch]).eval()
+    loader = DataLoader(band_data, batch_size=32, shuffle=True)
+    result = defend(name, model, loader, progress=False, seed=7, **TINY[name])
+    images = band_data.tensors[0][:8]
+    with torch.no_grad():
+        assert result.model(images).shape == (8, CLASSES)
+    assert all(torch.isfinite(v).all() for v in result.model.state_dict().values()
+               if v.is_floating_point()), f"{name} on {arch} left non-finite weights"
