@@ -363,26 +363,34 @@ def failed_runs(out: Path) -> int:
 
 def print_plan(lines: list[dict], out: Path) -> None:
     """bench --plan: runs done and left per part, model and row, and the hours left where this
-    folder's finished runs of the same row and model give a median."""
+    folder's finished runs of the same row and model give a median; a row with none is
+    estimated (~) from its step budget and its model's seconds a step, and counted apart."""
     print(f"| part | model | row | done | left | median seconds a run (in {out}) | hours left |")
     print("|---|---|---|---|---|---|---|")
-    known, possible, unknown = 0.0, 0.0, 0
+    known, possible, estimated, unknown = 0.0, 0.0, 0.0, 0
     for line in lines:
         median, left = line["median_seconds"], line["left"]
-        hours = None if median is None else left * median / 3600
-        if hours is not None and line["possible"]:
+        guess = line.get("estimated_seconds")
+        each = median if median is not None else guess
+        hours = None if each is None else left * each / 3600
+        if hours is not None and median is None:
+            estimated += hours
+        elif hours is not None and line["possible"]:
             possible += hours
         elif hours is not None:
             known += hours
         elif line["defense"] not in ("none", "clean_floor"):
             unknown += left
         left_text = f"up to {left}" if line["possible"] else str(left)
+        mark = "" if median is not None else "~"
         print(f"| {line['part']} | {line['model']} | {line['defense']} | {line['done']} | "
-              f"{left_text} | {'–' if median is None else f'{median:.0f}'} | "
-              f"{'–' if hours is None else f'{hours:.1f}'} |")
+              f"{left_text} | {'–' if each is None else f'{mark}{each:.0f}'} | "
+              f"{'–' if hours is None else f'{mark}{hours:.1f}'} |")
     print(f"\nabout {known:.1f} hours left at this folder's own pace (one process), up to "
-          f"{possible:.1f} more for tuned rows, and {unknown} run(s) with no finished run of "
-          f"their row and model to time them by. "
+          f"{possible:.1f} more for tuned rows, ~{estimated:.1f} estimated (~) for rows that "
+          f"have not run yet from their step budget and their model's seconds a step (defenses "
+          f"differ per step, so a rough guide; tuned ones included as 'up to'), and {unknown} "
+          f"run(s) with nothing to time them by. "
           f"Reference rows (none, clean_floor) train no defense; tuned rows say 'up to' until "
           f"the tuning has chosen (a choice equal to the default shares its run).")
 

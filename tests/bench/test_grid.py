@@ -146,6 +146,7 @@ epochs = [1, 2]"""
 
 def test_tuning_picks_by_the_rule_and_tuned_rows_share_identical_runs(tmp_path, fmnist_root):
     extra = """settings = ["default", "tuned"]
+budget_steps = 4
 [variants.ft_identity_twin]
 defense = "ft"
 tune_as = "ft"
@@ -167,6 +168,10 @@ hot = {lr = 0.2}"""
     after_tuning = {(p["part"], p["defense"]): p for p in plan(grid, out)}
     assert after_tuning[("tuning", "ft")]["left"] == 0
     assert after_tuning[("tuning", "ft")]["median_seconds"] > 0
+    # A training row that has not run yet is estimated from its budget and the model's pace.
+    twin = after_tuning[("default", "ft_identity_twin")]
+    assert twin["median_seconds"] is None and twin["estimated_seconds"] > 0
+    assert before[("default", "ft_identity_twin")]["estimated_seconds"] is None
     assert not any(p["possible"] for p in after_tuning.values())
     tuning = json.loads((out / "tuning.json").read_text())
     assert set(tuning["choice"]["ft"]) == {"candidate", "overrides", "table"}

@@ -622,7 +622,12 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
     runs done and left, and the median seconds of the finished runs of that row on that model
     in `out` (tuning and benchmark rows alike; None before any), so that the time left can be
     budgeted from this machine's own record. Before the tuning has chosen, a tuned row's runs
-    are "possible": one equal to its default shares that run."""
+    are "possible": one equal to its default shares that run.
+
+    A training row with no finished run of its own but a step budget gets `estimated_seconds`:
+    the budget times the median seconds a step of the finished training rows on its model. A
+    rough guide (defenses differ per step: ANP's steps cost about twice FT's here), flagged as
+    such, so a grid can be budgeted before every row has run once."""
     grid, out = read_grid(source), Path(out)
     choice = None
     if grid.tuning is not None and (out / "tuning.json").exists():
@@ -634,11 +639,13 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
                                    for c in grid.cells if c.setting == "tuned"])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
     seconds: dict[tuple[str, str], list[float]] = {}
+    pace: dict[str, list[float]] = {}  # model → seconds a step of its finished training rows
     for rows in done.values():
         for row in rows.values():
             if row.get("steps"):
                 seconds.setdefault((row["cell"]["defense"], row["cell"]["model"]),
                                    []).append(row["seconds"])
+                pace.setdefault(row["cell"]["model"], []).append(row["seconds"] / row["steps"])
     counted: set[str] = set()
     lines = []
     for part, stem, cells in parts:
@@ -650,15 +657,26 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
             if cell.key in counted and not possible:  # a run shared by two rows counts once
                 continue
             counted.add(cell.key)
+            trains = bool(cell.base) and hasattr(DEFENSES.meta[cell.base]["settings"],
+                                                 "planned_steps")
             line = grouped.setdefault((cell.model, cell.defense), {
                 "part": part, "model": cell.model, "defense": cell.defense, "done": 0,
-                "left": 0, "possible": possible})
+                "left": 0, "possible": possible,
+                "budget_steps": cell.budget_steps if trains else None})
             line["done" if cell.key in done[stem] and not possible else "left"] += 1
         for line in grouped.values():
-            times = sorted(seconds.get((line["defense"], line["model"]), []))
-            line["median_seconds"] = times[len(times) // 2] if times else None
+            line["median_seconds"] = _median(seconds.get((line["defense"], line["model"]), []))
+            per_step = _median(pace.get(line["model"], []))
+            budget = line.pop("budget_steps")
+            line["estimated_seconds"] = (budget * per_step if line["median_seconds"] is None
+                                         and budget and per_step is not None else None)
             lines.append(line)
     return lines
+
+
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
 
 
 def finished_rows(source: str | Path, out: str | Path) -> list[dict]:
