@@ -192,6 +192,19 @@ def test_purify_bad_outputs(out_kind, message, run, tmp_path, capsys):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("command", ["attack", "encoder", "purify"])
+def test_no_output_inside_the_data_set(command, run, fmnist_root, capsys):
+    # An image-folder data set would gain the output as a class folder, and every later load
+    # of it would fail: the data folder is an input like the run folder.
+    out = fmnist_root / "inside"
+    argv = {"attack": ["attack", "--data-root", str(fmnist_root), *TINY],
+            "encoder": ["encoder", "--data-root", str(fmnist_root), "--quiet"],
+            "purify": ["purify", str(run), *PURIFY]}[command]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "overlaps the input" in one_error_line(capsys)
+    assert not out.exists() and not list(fmnist_root.glob(".inside*"))
+
+
 GRIDS = [
     ("defences = ['tsc']", "unknown key"),
     ("defenses = ['ft']\n[defense_args.ft]\nrate = 0.1", "no setting 'rate'"),

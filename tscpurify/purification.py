@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import distributed as dist
-from .checkpoint import WEIGHTS, save_model, write_json
+from .checkpoint import WEIGHTS, read_sidecar, save_model, write_json
 from .curve.contrastive import simclr_loss
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
@@ -272,7 +272,11 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
         device = dist.init(device)
         progress = progress and dist.is_main()
     main = dist.is_main() if distributed else True
-    inputs = [run, *more_inputs] + ([retune_floor] if retune_floor is not None else [])
+    # The run's data set is an input too: an --out inside an image folder's split would become
+    # a class of it, and every later load of that data set would fail.
+    data_ref = read_sidecar(run).dataset
+    inputs = [run, *more_inputs] + ([retune_floor] if retune_floor is not None else []) \
+        + ([data_ref.root] if data_ref is not None and data_ref.root else [])
     # before anything is loaded; distributed, rank 0 checks and every process follows
     out = dist.on_main(check_out, out, overwrite, inputs) if distributed else \
         check_out(out, overwrite, inputs)

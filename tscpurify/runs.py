@@ -84,7 +84,8 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
     attack_obj = create_attack(attack, **(attack_args or {})) if attack is not None else None
     kwargs_extra = dict(model_args or {})
     MODELS.get(model)  # fail on an unknown name before loading any data
-    with atomic_folder(out, overwrite) as folder:
+    # The data folder is an input: never written into (a folder data set would gain a class).
+    with atomic_folder(out, overwrite, inputs=[data_root] if data_root else []) as folder:
         train_data = load_dataset(data, "train", data_root)
         test_data = load_dataset(data, "test", data_root)
         if train_data.shape != test_data.shape:
@@ -217,7 +218,7 @@ def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: st
     device = resolve_device(device)
     seed_everything(seed)
     encoder_trigger(attack, target, dict(attack_args or {}))  # bad arguments fail before data
-    with atomic_folder(out, overwrite) as folder:
+    with atomic_folder(out, overwrite, inputs=[data_root] if data_root else []) as folder:
         train_data = load_dataset(data, "train", data_root)
         test_data = load_dataset(data, "test", data_root)
         if train_data.shape != test_data.shape:
