@@ -175,6 +175,14 @@ def test_every_command_prints_its_help(command, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def test_demo_refuses_an_unknown_preset_before_training(tmp_path, capsys):
+    # It was met at step 2, after the backdoored model had trained for minutes.
+    assert main(["demo", "--out", str(tmp_path / "d"), "--preset", "nope", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "invalid choice: 'nope'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("where", ["input", "inside_input", "dot"])
 def test_purify_never_writes_over_or_into_its_input(where, backdoored_run, tmp_path, capsys,
                                                      monkeypatch):

@@ -566,7 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "on 5%% clean data, and write both run folders and the report under --out.")
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's runs")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    demo.add_argument("--preset", default="default", help=argparse.SUPPRESS)
+    from .defenses.tsc import PRESETS
+
+    # Checked by argparse: an unknown name met only at step 2 came after minutes of training.
+    demo.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                      help=argparse.SUPPRESS)
     add_common(demo)
     demo.set_defaults(func=run_demo)
 
