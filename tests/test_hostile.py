@@ -215,6 +215,14 @@ GRIDS = [
     ("defenses = 'ft'", "defenses must be a list"),
     ("[retune]\nepochs = [3, 1]", "increasing"),
     ("defenses = [", "not valid TOML"),
+    # [data] was read key by key: a typo ran the default data set, a bad root or batch size
+    # was a traceback, a bad clean_fraction failed after the backdoored model had trained.
+    ("[data]\nnmae = 'cifar10'", "unknown key(s) in [data]: nmae"),
+    ("[data]\nroot = 5", "data.root must be a str or NoneType"),
+    ("[data]\nbatch_size = 0", "data.batch_size must be ≥ 1"),
+    ("[data]\nclean_fraction = 0", "clean subset must be a fraction"),
+    ("defenses = ['fewer']\n[variants.fewer]\ndefense = 'ft'\nclean_fraction = 1.5",
+     "clean subset must be a fraction"),
 ]
 
 

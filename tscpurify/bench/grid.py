@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from ..attacks import ATTACKS
 from ..data import CLEAN_FRACTION, load_dataset, select_clean_subset
+from ..data.subset import subset_kind
 from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
 from ..errors import CheckpointError, SettingsError
@@ -62,6 +63,7 @@ else:  # pragma: no cover
 
 GRIDS = Path(__file__).parent / "grids"
 REFERENCES = ("none", "clean_floor")  # rows that run no defense
+DATA_KEYS = {"name", "root", "clean_fraction", "batch_size"}
 TOP_KEYS = {"seeds", "attacks", "defenses", "budget_steps", "settings", "data", "models",
             "attack_args", "defense_args", "variants", "retune", "tuning"}
 SETTINGS_ROWS = ("default", "tuned")
@@ -198,6 +200,10 @@ def read_grid(source: str | Path) -> Grid:
                             f"{', '.join(sorted(TOP_KEYS))}")
 
     data = _require(grid.get("data", {}), dict, "[data]")
+    unknown = sorted(set(data) - DATA_KEYS)
+    if unknown:  # a typo ("nmae") would otherwise run the default data set
+        raise SettingsError(f"grid {path}: unknown key(s) in [data]: {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(DATA_KEYS))}")
     models = _require(grid.get("models", {"cnn": {"width": 16, "epochs": 5}}), dict, "[models]")
     seeds = _require(grid.get("seeds", [0]), list, "seeds")
     attacks = _require(grid.get("attacks", ["badnets"]), list, "attacks")
@@ -277,11 +283,17 @@ def read_grid(source: str | Path) -> Grid:
         for attack in _require(model_cfg, dict, "[models.*]").get("attacks", attacks):
             ATTACKS.get(attack_of(_require(attack, str, "an attack name")))
     common = dict(data=_require(data.get("name", "fashion-mnist"), str, "data.name"),
-                  data_root=data.get("root"),
+                  data_root=_require(data.get("root"), (str, type(None)), "data.root"),
                   clean_fraction=_require(data.get("clean_fraction", CLEAN_FRACTION), (int, float),
                                           "data.clean_fraction"),
                   batch_size=_require(data.get("batch_size", 256), int, "data.batch_size"),
                   budget_steps=budget)
+    # Checked now, not when the first defense runs (after its backdoored model has trained);
+    # a variant's own clean_fraction likewise.
+    for amount in (common["clean_fraction"], *(d["clean_fraction"] for d in row_data.values())):
+        subset_kind(amount)
+    if common["batch_size"] < 1:
+        raise SettingsError(f"grid: data.batch_size must be ≥ 1, got {common['batch_size']}")
     cells = []
     for setting in rows:
         for model, model_cfg in models.items():
