@@ -223,6 +223,9 @@ GRIDS = [
     ("[data]\nclean_fraction = 0", "clean subset must be a fraction"),
     ("defenses = ['fewer']\n[variants.fewer]\ndefense = 'ft'\nclean_fraction = 1.5",
      "clean subset must be a fraction"),
+    # Attack arguments were first built when their cell ran, after the grid had started.
+    ("[attack_args.badnets]\nsize = 2.5", "[attack_args.badnets]: BadNets.size must be int"),
+    ("[attack_args.badnets]\nsise = 2", "no setting 'sise'"),
 ]
 
 

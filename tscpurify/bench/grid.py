@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..attacks import ATTACKS
+from ..attacks import ATTACKS, create_attack
 from ..data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from ..data.subset import subset_kind
 from ..defenses import DEFENSES, defend
@@ -282,6 +282,11 @@ def read_grid(source: str | Path) -> Grid:
     for model_cfg in models.values():  # unknown attacks fail now, not after hours of runs
         for attack in _require(model_cfg, dict, "[models.*]").get("attacks", attacks):
             ATTACKS.get(attack_of(_require(attack, str, "an attack name")))
+    for name, arguments in attack_args.items():  # and their arguments' names and types
+        try:
+            create_attack(attack_of(name), **arguments)
+        except SettingsError as err:
+            raise SettingsError(f"grid: [attack_args.{name}]: {err}") from None
     common = dict(data=_require(data.get("name", "fashion-mnist"), str, "data.name"),
                   data_root=_require(data.get("root"), (str, type(None)), "data.root"),
                   clean_fraction=_require(data.get("clean_fraction", CLEAN_FRACTION), (int, float),
