@@ -226,6 +226,9 @@ GRIDS = [
     # Attack arguments were first built when their cell ran, after the grid had started.
     ("[attack_args.badnets]\nsize = 2.5", "[attack_args.badnets]: BadNets.size must be int"),
     ("[attack_args.badnets]\nsise = 2", "no setting 'sise'"),
+    # A mistyped [retune] value was "'<' not supported between instances of 'str' and 'int'".
+    ("[retune]\nimages = 'x'", "RetuneSettings.images must be int"),
+    ("[retune]\nimgs = 5", "no setting 'imgs'"),
 ]
 
 

@@ -219,11 +219,11 @@ def read_grid(source: str | Path) -> Grid:
     retune = grid.get("retune")
     retune_dict = None
     if retune is not None:
-        try:
-            retune_dict = asdict(RetuneSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                                   for k, v in _require(retune, dict,
-                                                                        "[retune]").items()}))
-        except TypeError as err:
+        try:  # replace_settings names an unknown key or a mistyped value
+            retune_dict = asdict(replace_settings(RetuneSettings(), **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in _require(retune, dict, "[retune]").items()}))
+        except SettingsError as err:
             raise SettingsError(f"grid: [retune]: {err}") from None
 
     # What each row name runs: (registered defense, fixed overrides, tuned like which row).
