@@ -229,6 +229,7 @@ GRIDS = [
     # A mistyped [retune] value was "'<' not supported between instances of 'str' and 'int'".
     ("[retune]\nimages = 'x'", "RetuneSettings.images must be int"),
     ("[retune]\nimgs = 5", "no setting 'imgs'"),
+    ("seeds = []", "has no runs"),  # ran nothing and exited 0
 ]
 
 

@@ -349,6 +349,9 @@ def read_grid(source: str | Path) -> Grid:
                         attack_label=attack if attack != attack_of(attack) else "",
                         defense_args={**fixed, **chosen, **overrides}, setting=candidate,
                         **{**tuning_common, **row_data.get(name, {})}))
+    if not cells:  # e.g. seeds = [] or attacks = []: a bench that would run nothing, silently
+        raise SettingsError(f"grid {path} has no runs: its models, attacks, seeds and defenses "
+                            f"must each list at least one")
     return Grid(cells, tuning, tuning_cells, row_args)
 
 
