@@ -193,16 +193,20 @@ def test_purify_bad_outputs(out_kind, message, run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["attack", "encoder", "purify"])
-def test_no_output_inside_the_data_set(command, run, fmnist_root, capsys):
-    # An image-folder data set would gain the output as a class folder, and every later load
-    # of it would fail: the data folder is an input like the run folder.
-    out = fmnist_root / "inside"
-    argv = {"attack": ["attack", "--data-root", str(fmnist_root), *TINY],
-            "encoder": ["encoder", "--data-root", str(fmnist_root), "--quiet"],
-            "purify": ["purify", str(run), *PURIFY]}[command]
+def test_no_output_inside_an_image_folder_data_set(command, run, tmp_path, capsys):
+    # An image folder's split would gain the output as a class folder, and every later load
+    # of the data set would fail: its splits are inputs like the run folder.
+    images = tmp_path / "images"
+    write_folder(images, {"a": 2, "b": 2}, {"a": 1, "b": 1})
+    recorded = tampered(run, tmp_path, sidecar=set_key(
+        "dataset", {"name": "folder", "root": str(images)}))
+    data = ["--data", "folder", "--data-root", str(images)]
+    argv = {"attack": ["attack", *data, *TINY], "encoder": ["encoder", *data, "--quiet"],
+            "purify": ["purify", str(recorded), *PURIFY]}[command]
+    out = images / "train" / "new"
     assert main([*argv, "--out", str(out)]) == 2
     assert "overlaps the input" in one_error_line(capsys)
-    assert not out.exists() and not list(fmnist_root.glob(".inside*"))
+    assert sorted(p.name for p in (images / "train").iterdir()) == ["a", "b"]
 
 
 GRIDS = [

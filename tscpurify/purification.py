@@ -41,6 +41,7 @@ from .checkpoint import WEIGHTS, read_sidecar, save_model, write_json
 from .curve.contrastive import simclr_loss
 from .curve.train import LossFn
 from .data import ImageData, load_dataset, select_clean_subset
+from .data.images import dataset_folders
 from .data.subset import subset_size
 from .data.views import SimCLRAugment
 from .defenses.tsc import PRESETS, TSCSettings, purify
@@ -276,7 +277,7 @@ def purify_run(run: str | Path, out: str | Path, settings: TSCSettings | None = 
     # a class of it, and every later load of that data set would fail.
     data_ref = read_sidecar(run).dataset
     inputs = [run, *more_inputs] + ([retune_floor] if retune_floor is not None else []) \
-        + ([data_ref.root] if data_ref is not None and data_ref.root else [])
+        + (dataset_folders(data_ref.name, data_ref.root) if data_ref is not None else [])
     # before anything is loaded; distributed, rank 0 checks and every process follows
     out = dist.on_main(check_out, out, overwrite, inputs) if distributed else \
         check_out(out, overwrite, inputs)

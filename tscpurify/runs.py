@@ -34,6 +34,7 @@ from .attacks.base import Attack
 from .checkpoint import WEIGHTS, load_model, load_weights, save_model, write_json
 from .curve import recompute_bn_stats
 from .data import ImageData, load_dataset, select_clean_subset
+from .data.images import dataset_folders
 from .errors import CheckpointError, DataError, SettingsError
 from .evaluation import Metrics, ProbeSettings, encoder_metrics, evaluate, extract_features
 from .job import AUTO_DEVICE, resolve_device
@@ -84,8 +85,8 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
     attack_obj = create_attack(attack, **(attack_args or {})) if attack is not None else None
     kwargs_extra = dict(model_args or {})
     MODELS.get(model)  # fail on an unknown name before loading any data
-    # The data folder is an input: never written into (a folder data set would gain a class).
-    with atomic_folder(out, overwrite, inputs=[data_root] if data_root else []) as folder:
+    # An image folder's splits are inputs: an --out inside one would become a class of it.
+    with atomic_folder(out, overwrite, inputs=dataset_folders(data, data_root)) as folder:
         train_data = load_dataset(data, "train", data_root)
         test_data = load_dataset(data, "test", data_root)
         if train_data.shape != test_data.shape:
@@ -218,7 +219,7 @@ def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: st
     device = resolve_device(device)
     seed_everything(seed)
     encoder_trigger(attack, target, dict(attack_args or {}))  # bad arguments fail before data
-    with atomic_folder(out, overwrite, inputs=[data_root] if data_root else []) as folder:
+    with atomic_folder(out, overwrite, inputs=dataset_folders(data, data_root)) as folder:
         train_data = load_dataset(data, "train", data_root)
         test_data = load_dataset(data, "test", data_root)
         if train_data.shape != test_data.shape:

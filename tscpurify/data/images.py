@@ -99,3 +99,12 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
                                 f"so both splits need the same class folders")
         return data
     raise DataError(f"unknown data set {name!r}; choices: {', '.join(DATASETS)}")
+
+
+def dataset_folders(name: str, root: str | Path | None) -> list[Path]:
+    """The folders a data set is read from as a whole, which an output must never go into:
+    an image folder's splits, where a new folder is a new class (and every later load fails).
+    The other loaders read named files only, so a folder beside them harms nothing."""
+    if name.lower() == "folder" and root:
+        return [Path(root) / "train", Path(root) / "test"]
+    return []
