@@ -218,7 +218,10 @@ def test_a_terminated_run_leaves_no_temporary_folder_or_lock(tmp_path, fmnist_ro
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in err
+    # Under `python -m` CPython now and then ends a process whose KeyboardInterrupt was caught
+    # by re-raising SIGINT (-2 here); a shell sees 130 either way. The console script gives
+    # 130 every time. Accepting both keeps this test from failing on a busy machine.
+    assert process.returncode in (130, -signal.SIGINT) and "interrupted" in err
     assert list(tmp_path.iterdir()) == [], "no temporary folder, lock or half-written run"
 
 
