@@ -286,6 +286,32 @@ def test_attack_help_lists_every_attack_s_arguments(capsys):
         assert listed in text
 
 
+def test_an_interrupt_python_wraps_is_still_an_interruption(backdoored_run, monkeypatch,
+                                                             capsys):
+    # Ctrl-C landing in a lazily imported module's dataclass definition reached the user as
+    # "RuntimeError: Error calling __set_name__ ..." with a traceback (Python 3.11).
+    import tscpurify.runs
+
+    class Interrupting:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    def interrupted(*args, **kwargs):
+        class Lazy:  # defining it is the point
+            field = Interrupting()
+
+    monkeypatch.setattr(tscpurify.runs, "evaluate_run", interrupted)
+    assert main(["evaluate", str(backdoored_run)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tscpurify.runs, "evaluate_run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        main(["evaluate", str(backdoored_run)])
+
+
 def test_warnings_are_one_line(backdoored_run, monkeypatch, capsys):
     import warnings
 

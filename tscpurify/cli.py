@@ -465,6 +465,18 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _caused_by_interrupt(err: BaseException) -> bool:
+    """Whether Ctrl-C (or SIGTERM) is what `err` wraps: Python 3.11 re-raises an interrupt that
+    lands in a class definition's __set_name__ (a dataclass of a module imported lazily
+    mid-run) as a RuntimeError from it, which would otherwise end in a traceback."""
+    cause = err.__cause__
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one `error:` line (exit 2), like every other bad input."""
 
@@ -648,6 +660,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _caused_by_interrupt(err):
+            raise  # a bug: its traceback
         print("interrupted", file=sys.stderr)
         return 130
     finally:
