@@ -2,6 +2,7 @@
 
 import pytest
 
+from tscpurify.bench.tables import tuning_table
 from tscpurify.bench.tuning import TuningSpec, choose, parse_tuning, pick, tuned_toml
 from tscpurify.errors import SettingsError
 
@@ -139,5 +140,13 @@ def test_deep_choice_reads_the_floor_rows_of_the_same_tuning_models():
     choice = choose(rows, tuning)
     assert choice["ft"]["candidate"] == "fast"
     assert choice["ft"]["table"][0]["floors"] == [10.0, 4.0]
+    assert [line["passes"] for line in choice["ft"]["table"]] == [False, True]
+    table = tuning_table(choice)
+    assert "| passes every bound |" in table and "| no |" in table and "| yes |" in table
+    # When none passes, the default is kept and the table says it did not pass.
+    kept = choose(rows[:4] + [row("ft", "fast", "badnets", 100, 85.0, 1.5, 19.0),
+                              row("ft", "fast", "blended", 101, 89.0, 0.5, 13.0)], tuning)
+    assert kept["ft"]["candidate"] == "default"
+    assert "**yes** (none passes: the default stays)" in tuning_table(kept)
     with pytest.raises(SettingsError, match="before every candidate"):
         choose(rows[1:], tuning)  # a floor missing

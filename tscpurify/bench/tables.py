@@ -210,20 +210,27 @@ def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
     (candidate None: nothing chosen yet); under the deep rule with the re-tune ASR per model
     and the clean floor's."""
     deep = any("retunes" in line for picked in choice.values() for line in picked["table"])
-    extra = " re-tune ASR per model | floor per model | mean re-tune ASR |" if deep else ""
+    extra = (" re-tune ASR per model | floor per model | mean re-tune ASR | passes every bound |"
+             if deep else "")
     lines = ["| defense | candidate | settings | ACC drop per model | ASR per model |" + extra
              + " mean drop | mean ASR | chosen |",
-             "|---|---|---|---|---|" + "---|" * (3 if deep else 0) + "---|---|---|"]
+             "|---|---|---|---|---|" + "---|" * (4 if deep else 0) + "---|---|---|"]
     for name, picked in choice.items():
+        none_pass = deep and not any(line.get("passes") for line in picked["table"])
         for line in picked["table"]:
             settings = ", ".join(f"{k}={v}" for k, v in line["overrides"].items()) or "defaults"
             chosen = line["candidate"] == picked["candidate"]
+            # The deep rule keeps the default when no candidate passes: say so, so that
+            # "chosen" is never read as "passed".
+            mark = ("**yes** (none passes: the default stays)" if chosen and none_pass
+                    else "**yes**" if chosen else "")
+            passes = {True: "yes", False: "no", None: "–"}[line.get("passes")]
             retunes = (f" {_per_model(line['retunes'])} | {_per_model(line['floors'])} | "
-                       f"{fmt(line['mean_retune'])} |" if deep else "")
+                       f"{fmt(line['mean_retune'])} | {passes} |" if deep else "")
             lines.append(
                 f"| {name} | {line['candidate']} | {settings} | {_per_model(line['drops'])} | "
                 f"{_per_model(line['asrs'])} |{retunes} {fmt(line['mean_drop'])} | "
-                f"{fmt(line['mean_asr'])} | {'**yes**' if chosen else ''} |")
+                f"{fmt(line['mean_asr'])} | {mark} |")
     return "\n".join(lines) + "\n"
 
 

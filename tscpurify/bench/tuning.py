@@ -172,7 +172,8 @@ def _model(row: dict) -> str:
 def summarise(rows: list[dict], spec: TuningSpec) -> dict[str, list[dict[str, Any]]]:
     """Per tuned row, one line per candidate: mean ACC drop and mean ASR over the tuning
     models that finished (with the per-model numbers); under the deep rule also the re-tune
-    ASR per model, its mean, and the clean floor's re-tune ASR on the same models."""
+    ASR per model, its mean, the clean floor's re-tune ASR on the same models, and whether it
+    passes every bound on them (None until its runs and floors are in)."""
     floors = {_model(r): retune_asr(r, spec.retune_epoch) for r in rows
               if r["cell"]["defense"] == "clean_floor" and r["cell"]["setting"] == FLOOR}
     table: dict[str, list[dict[str, Any]]] = {}
@@ -192,6 +193,9 @@ def summarise(rows: list[dict], spec: TuningSpec) -> dict[str, list[dict[str, An
                 line.update(retunes=retunes, floors=[floors.get(m) for m in line["models"]],
                             mean_retune=(mean(retunes) if retunes and None not in retunes
                                          else None))
+                # On the models run so far; a candidate passes only if it does on all of them.
+                known = runs and None not in retunes and None not in line["floors"]
+                line["passes"] = passes_deep(line, spec) if known else None
             lines.append(line)
         table[row_name] = lines
     return table
