@@ -241,8 +241,13 @@ def test_bench_adds_only_to_its_own_folders(tmp_path):
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "a.jpg").write_text("keep")
-    with pytest.raises(OutputError, match="did not write"):
+    with pytest.raises(OutputError, match="not a bench folder"):
         run_grid("quick", foreign, progress=False)
+    # Nor to a run folder (tscpurify's, but not a bench's): results and models were mixed in.
+    run = run_folder(tmp_path / "run")
+    with pytest.raises(OutputError, match="not a bench folder"):
+        run_grid("quick", run, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["model.json", "weights.safetensors"]
     with pytest.raises(OutputError, match="symbolic link"):
         (tmp_path / "link").symlink_to(tmp_path / "nowhere")
         run_grid("quick", tmp_path / "link", progress=False)

@@ -31,6 +31,7 @@ from .errors import OutputBusyError, OutputError
 # Files that mark a folder as tscpurify's own: a run folder's sidecar, a bench or demo folder.
 MARKERS = ("model.json", "results.jsonl", "tuning.jsonl", "bench.json", "backdoored/model.json",
            "purified/model.json")
+BENCH_MARKERS = ("results.jsonl", "tuning.jsonl", "bench.json")
 
 
 def is_tscpurify_folder(path: Path) -> bool:
@@ -39,6 +40,13 @@ def is_tscpurify_folder(path: Path) -> bool:
         return False
     return (any((path / marker).is_file() for marker in MARKERS)
             or any(path.glob("results.shard*.jsonl")) or any(path.glob("tuning.shard*.jsonl")))
+
+
+def is_bench_folder(path: Path) -> bool:
+    """True for a folder a bench wrote (its marker, or rows), not a run or demo folder."""
+    return path.is_dir() and (
+        any((path / marker).is_file() for marker in BENCH_MARKERS)
+        or any(path.glob("results.shard*.jsonl")) or any(path.glob("tuning.shard*.jsonl")))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -59,13 +67,14 @@ def _check_place(out: Path) -> Path:
 
 
 def check_resumable_out(out: str | Path) -> Path:
-    """A folder that a resumable command (bench) adds to: new, empty, or tscpurify's own."""
+    """A folder that a resumable command (bench) adds to: new, empty, or a bench's own."""
     out = Path(out)
     _check_place(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_tscpurify_folder(out):
-        raise OutputError(f"{out} holds files tscpurify did not write (no results.jsonl or "
+    # A bench's own folder only: a run or demo folder would get a bench's files mixed in.
+    if out.is_dir() and any(out.iterdir()) and not is_bench_folder(out):
+        raise OutputError(f"{out} is not a bench folder (no bench.json, results.jsonl or "
                           f"tuning.jsonl); give a new or empty folder")
     _check_writable(out if out.is_dir() else out.resolve().parent)
     return out
