@@ -234,6 +234,8 @@ GRIDS = [
     ("[retune]\nimages = 'x'", "RetuneSettings.images must be int"),
     ("[retune]\nimgs = 5", "no setting 'imgs'"),
     ("seeds = []", "has no runs"),  # ran nothing and exited 0
+    ("", "is empty"),  # ran the default grid: hours on Fashion-MNIST
+    ("# only a comment\n", "is empty"),
 ]
 
 

@@ -194,6 +194,9 @@ def read_grid(source: str | Path) -> Grid:
         grid = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise SettingsError(f"{path} is not valid TOML: {err}") from None
+    if not grid:  # an empty (or truncated) file would run the default grid, hours of work
+        raise SettingsError(f"grid {path} is empty; a grid lists at least its attacks, models "
+                            f"and defenses (e.g. {GRIDS / 'quick.toml'})")
     unknown = sorted(set(grid) - TOP_KEYS)
     if unknown:
         raise SettingsError(f"grid {path}: unknown key(s) {', '.join(unknown)}; known: "
