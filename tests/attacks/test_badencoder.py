@@ -9,9 +9,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from tscpurify.attacks.badencoder import badencoder
+from tscpurify.attacks.badencoder import BadEncoderSettings, badencoder
 from tscpurify.attacks.badnets import BadNets
-from tscpurify.errors import DataError
+from tscpurify.errors import DataError, SettingsError
 from tscpurify.models import create_model
 
 from ..conftest import band_data
@@ -50,6 +50,13 @@ def test_triggered_embeddings_move_toward_the_reference():
     for key in [k for k in state if k.startswith("head.") or "running" in k]:
         assert torch.equal(bad_state[key], state[key]), key
     assert any(not torch.equal(bad_state[k], state[k]) for k in state if k.startswith("trunk."))
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0, 1.5])
+def test_momentum_must_lie_in_zero_to_one(momentum):
+    # 1.5 once ran: momentum ≥ 1 never decays SGD's velocity.
+    with pytest.raises(SettingsError, match="0 ≤ momentum < 1"):
+        BadEncoderSettings(momentum=momentum)
 
 
 def test_reference_must_be_a_batch_of_images():

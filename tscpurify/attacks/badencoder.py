@@ -76,10 +76,11 @@ class BadEncoderSettings:
                 "the released encoder's statistics match its weights"})
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or min(self.momentum, self.weight_decay,
-                                                  self.lambda1, self.lambda2) < 0:
-            raise SettingsError(f"BadEncoder needs epochs ≥ 0, lr > 0 and non-negative momentum, "
-                                f"weight decay and λ; got {self}")
+        # momentum ≥ 1 never decays SGD's velocity: it diverges (the range TrainSettings takes)
+        if self.epochs < 0 or self.lr <= 0 or self.momentum >= 1 or min(
+                self.momentum, self.weight_decay, self.lambda1, self.lambda2) < 0:
+            raise SettingsError(f"BadEncoder needs epochs ≥ 0, lr > 0, 0 ≤ momentum < 1 and "
+                                f"non-negative weight decay and λ; got {self}")
 
 
 def badencoder_loss(backdoored: nn.Module, clean: nn.Module, x: Tensor, reference: Tensor,
