@@ -92,6 +92,21 @@ def test_encoder_bad_input_is_one_line_and_exit_2(flags, message, fmnist_root, t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_too_few_reference_images_fail_before_pre_training(fmnist_root, tmp_path, capsys,
+                                                           monkeypatch):
+    import tscpurify.runs
+
+    def pretrained(*args, **kwargs):
+        raise AssertionError("pre-trained before the reference images were counted")
+
+    monkeypatch.setattr(tscpurify.runs, "pretrain_simclr", pretrained)
+    assert main(["encoder", "--data-root", str(fmnist_root), "--out", str(tmp_path / "e"),
+                 *ENCODER_TINY, "--reference-images", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "needs 100000 reference images" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_purify_detects_an_encoder_and_never_reads_a_label(encoder_run, tmp_path, monkeypatch,
                                                             capsys):
     # Every clean batch reaching TSC passes through the guard of test_label_free: a sample with

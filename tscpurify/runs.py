@@ -228,6 +228,10 @@ def train_encoder(out: str | Path, *, data: str = "fashion-mnist", data_root: st
                                   min(train_data.shape[1:]))
         if trigger is not None:
             trigger.check(train_data.num_classes, train_data.shape)
+        members = int((train_data.labels == target).sum())
+        if attack == "badencoder" and members < run.reference_images:  # before pre-training
+            raise DataError(f"BadEncoder needs {run.reference_images} reference images of class "
+                            f"{target}, the training split has {members}")
         kwargs = {"trunk": trunk, "in_channels": train_data.shape[0], **(model_args or {})}
         encoder = create_model("simclr", **kwargs).to(device)
         # 1–2. The attacker picks target-class images by label; the victim sees images only.
