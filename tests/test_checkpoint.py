@@ -76,3 +76,22 @@ def test_a_run_folder_that_is_a_file_is_not_called_missing(tmp_path):
         load_model(tmp_path / "run")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nowhere")
+
+
+def test_a_sidecar_that_is_no_regular_file_or_too_large_is_refused_unread(tmp_path,
+                                                                          monkeypatch):
+    # A FIFO made evaluate hang on its read; a link to /dev/zero would read without end.
+    import os
+
+    import tscpurify.checkpoint
+
+    save_model(create_model("cnn", width=4), tmp_path, Sidecar(arch="cnn", kwargs={"width": 4}))
+    (tmp_path / "model.json").unlink()
+    os.mkfifo(tmp_path / "model.json")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").unlink()
+    save_model(create_model("cnn", width=4), tmp_path, Sidecar(arch="cnn", kwargs={"width": 4}))
+    monkeypatch.setattr(tscpurify.checkpoint, "MAX_JSON_BYTES", 16)
+    with pytest.raises(CheckpointError, match="larger than"):
+        load_model(tmp_path)

@@ -28,9 +28,22 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+# A sidecar is a few kilobytes; more is not one (and is never read whole into memory).
+MAX_JSON_BYTES = 16 * 2**20
+
+
 def read_json(path: Path) -> Any:
+    # A run folder may come from anyone: its model.json may be a FIFO (a read that never
+    # returns) or a link to /dev/zero (one that never ends), so only a regular file, bounded.
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; not a "
+                                  f"tscpurify sidecar")
+        return json.loads(raw.decode())
     except FileNotFoundError:
         raise CheckpointError(f"missing {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:  # binary garbage is not UTF-8
