@@ -288,3 +288,25 @@ def test_a_figure_is_saved_whole_in_the_format_of_its_name(tmp_path):
     plt.close(figure)
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_results_get_the_permissions_the_umask_allows(tmp_path):
+    """mkdtemp's 0700 and safetensors' 0600 would hide a result from everyone else on a shared
+    machine; a finished folder and a file replaced in place read like plain mkdir/open output."""
+    import torch
+    from safetensors.torch import save_file
+
+    mask = os.umask(0o027)
+    try:
+        with atomic_folder(tmp_path / "run") as folder:
+            (folder / "plots").mkdir()
+            save_file({"w": torch.zeros(2)}, str(folder / "weights.safetensors"))
+            (folder / "model.json").write_text("{}")
+        write_atomic(tmp_path / "results.md", "table\n")
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "run",
+                                                        *(tmp_path / "run").rglob("*")]}
+    assert modes == {"run": 0o750, "plots": 0o750, "weights.safetensors": 0o640,
+                     "model.json": 0o640}
+    assert (tmp_path / "results.md").stat().st_mode & 0o777 == 0o640

@@ -174,6 +174,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False,
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
             try:
                 yield tmp
+                _as_umask_allows(tmp)
                 _move_into_place(tmp, out, overwrite)
                 finished = True
             finally:
@@ -184,6 +185,23 @@ def atomic_folder(out: str | Path, overwrite: bool = False,
             for folder in created:  # deepest first; only if still empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(folder: Path) -> None:
+    """Give a finished result the permissions a plain mkdir and open would have: mkdtemp makes
+    its folder 0700 and safetensors writes its files 0600, so on a shared machine nobody else
+    could read a purified model or a bench's results, as no user would expect."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _empty_folder(path: Path) -> bool:
@@ -223,6 +241,7 @@ def _replaced_whole(path: str | Path) -> Iterator[Path]:
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield temporary
+        temporary.chmod(0o666 & ~_umask())  # as open() would make it (safetensors: 0600)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
