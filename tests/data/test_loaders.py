@@ -80,6 +80,13 @@ def test_image_folder(tmp_path):
             assert torch.equal(data.images[position], torch.from_numpy(images[index]))
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("folder", "train", tmp_path / "nowhere")
+    # What tools leave behind is not data: a hidden folder among the classes (Jupyter), a
+    # hidden non-image among the images (macOS resource files named ._*.png).
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "test" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "train" / "class_0" / "._000.png").write_bytes(b"\x00\x05\x16\x07")
+    again = load_dataset("folder", "train", tmp_path)
+    assert again.classes == data.classes and torch.equal(again.images, data.images)
 
 
 def test_clean_subset_is_stratified_seeded_and_exact():

@@ -14,19 +14,32 @@ from .images import ImageData
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
+def visible(folder: Path) -> list[Path]:
+    """A folder's entries but hidden ones: tools leave `.ipynb_checkpoints/` among the class
+    folders and macOS `._name.png` resource files among the images, and neither is data."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names of an image folder: its visible sub-folders, sorted."""
+    return [p.name for p in visible(root) if p.is_dir()]
+
+
 def load_image_folder(root: Path) -> ImageData:
-    """Classes are the sorted sub-folder names; all images must share one size and mode."""
+    """Classes are the sorted visible sub-folder names (hidden ones are skipped, as are hidden
+    files); all images must share one size and mode."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = class_folders(root)
     if not classes:
         raise DataError(f"{root} has no class sub-folders")
     images, labels, first_shape, mode = [], [], None, None
     for label, name in enumerate(classes):
-        if not any(p.suffix.lower() in EXTENSIONS for p in (root / name).iterdir()):
+        files = visible(root / name)
+        if not any(p.suffix.lower() in EXTENSIONS for p in files):
             raise DataError(f"class folder {root / name} holds no images "
                             f"({', '.join(sorted(EXTENSIONS))}); remove it or add images")
-        for path in sorted((root / name).iterdir()):
+        for path in files:
             if path.suffix.lower() not in EXTENSIONS:
                 continue
             try:

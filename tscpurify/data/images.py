@@ -57,6 +57,17 @@ FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("fashion-mnist", "cifar10", "folder")
 
 
+def dataset_key(name: str) -> str:
+    """The loader a data set name selects ('fashion-mnist', 'cifar10' or 'folder'), aliases
+    and case folded; an unknown name fails here, before anything else is done with it."""
+    key = name.lower().replace("_", "-")
+    aliases = {"fmnist": "fashion-mnist", "cifar-10": "cifar10"}
+    key = aliases.get(key, key)
+    if key not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choices: {', '.join(DATASETS)}")
+    return key
+
+
 def load_dataset(name: str, split: str = "train", root: str | Path | None = None) -> ImageData:
     """Load a data set by name: 'fashion-mnist', 'cifar10' (binary batches) or 'folder'.
 
@@ -65,8 +76,8 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
     """
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    key = name.lower().replace("_", "-")
-    if key in ("fashion-mnist", "fmnist"):
+    key = dataset_key(name)
+    if key == "fashion-mnist":
         from .idx import load_idx_pair
 
         base = Path(root) if root else FASHION_MNIST_ROOT
@@ -77,14 +88,14 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
             else "",
         )
         return ImageData(images.unsqueeze(1), labels, FASHION_MNIST_CLASSES)
-    if key in ("cifar10", "cifar-10"):
+    if key == "cifar10":
         from .cifar import load_cifar10
 
         if root is None:
             raise DataError("cifar10 needs --data-root: the folder holding data_batch_*.bin")
         return load_cifar10(Path(root), split)
     if key == "folder":
-        from .folder import load_image_folder
+        from .folder import class_folders, load_image_folder
 
         if root is None:
             raise DataError("folder needs --data-root: a folder with train/ and test/ "
@@ -92,13 +103,13 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
         other = Path(root) / ("test" if split == "train" else "train")
         data = load_image_folder(Path(root) / split)
         if other.is_dir():
-            theirs = sorted(p.name for p in other.iterdir() if p.is_dir())
+            theirs = class_folders(other)
             if list(data.classes) != theirs:
                 raise DataError(f"{Path(root) / split} has classes {list(data.classes)} but "
                                 f"{other} has {theirs}; labels are numbered by class folder, "
                                 f"so both splits need the same class folders")
         return data
-    raise DataError(f"unknown data set {name!r}; choices: {', '.join(DATASETS)}")
+    raise AssertionError(key)  # dataset_key admits only the loaders above
 
 
 def dataset_folders(name: str, root: str | Path | None) -> list[Path]:
