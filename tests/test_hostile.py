@@ -234,6 +234,11 @@ GRIDS = [
     ("[retune]\nimages = 'x'", "RetuneSettings.images must be int"),
     ("[retune]\nimgs = 5", "no setting 'imgs'"),
     ("seeds = []", "has no runs"),  # ran nothing and exited 0
+    # An unknown data set made the bench folder first; a variant defenses does not list was
+    # ignored without a word.
+    ("[data]\nname = 'imagenet'", "unknown data set 'imagenet'"),
+    ("defenses = ['ft']\n[variants.ft_slow]\ndefense = 'ft'\nlr = 0.001",
+     "[variants.ft_slow] is not listed in defenses"),
     ("", "is empty"),  # ran the default grid: hours on Fashion-MNIST
     ("# only a comment\n", "is empty"),
 ]

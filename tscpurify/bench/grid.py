@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader
 
 from ..attacks import ATTACKS, create_attack
 from ..data import CLEAN_FRACTION, load_dataset, select_clean_subset
+from ..data.images import dataset_key
 from ..data.subset import subset_kind
 from ..defenses import DEFENSES, defend
 from ..defenses.budget import at_budget, planned_steps
-from ..errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, DataError, SettingsError
 from ..evaluation import Metrics, der, evaluate
 from ..job import AUTO_DEVICE, resolve_device
 from ..models import MODELS
@@ -255,6 +256,10 @@ def read_grid(source: str | Path) -> Grid:
             rows_of[name] = (base, spec, tune_as)
         else:
             rows_of[name] = (DEFENSES.name_of(name), {}, name)
+    unused = sorted(set(variants) - set(names))
+    if unused:  # most likely a row misspelt in `defenses`, which would then fail or run another
+        raise SettingsError(f"grid: [variants.{unused[0]}] is not listed in defenses; list it "
+                            f"there or remove the table")
     bases = {base for base, _, _ in rows_of.values() if base}
     for name, args in defense_args.items():  # a defense's args also reach its variants
         if name not in bases and not (name in rows_of and rows_of[name][0]):
@@ -290,7 +295,12 @@ def read_grid(source: str | Path) -> Grid:
             create_attack(attack_of(name), **arguments)
         except SettingsError as err:
             raise SettingsError(f"grid: [attack_args.{name}]: {err}") from None
-    common = dict(data=_require(data.get("name", "fashion-mnist"), str, "data.name"),
+    data_name = _require(data.get("name", "fashion-mnist"), str, "data.name")
+    try:  # before the bench folder is made: a refused grid leaves nothing behind
+        dataset_key(data_name)
+    except DataError as err:
+        raise SettingsError(f"grid: [data] name: {err}") from None
+    common = dict(data=data_name,
                   data_root=_require(data.get("root"), (str, type(None)), "data.root"),
                   clean_fraction=_require(data.get("clean_fraction", CLEAN_FRACTION), (int, float),
                                           "data.clean_fraction"),
