@@ -95,3 +95,12 @@ def test_a_sidecar_that_is_no_regular_file_or_too_large_is_refused_unread(tmp_pa
     monkeypatch.setattr(tscpurify.checkpoint, "MAX_JSON_BYTES", 16)
     with pytest.raises(CheckpointError, match="larger than"):
         load_model(tmp_path)
+
+
+def test_an_arch_that_is_not_the_runs_own_is_refused_not_ignored(tmp_path):
+    """--arch vouches for the code a run names; given for a run saved as another architecture
+    it was silently ignored, so a user believed their own class had been used."""
+    save_model(create_model("cnn", width=4), tmp_path, Sidecar(arch="cnn", kwargs={"width": 4}))
+    with pytest.raises(CheckpointError, match="names the architecture 'cnn', but --arch"):
+        load_model(tmp_path, trusted_arch="usernet:make_net")
+    load_model(tmp_path, trusted_arch="cnn")  # the run's own name is fine

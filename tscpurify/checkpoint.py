@@ -158,6 +158,11 @@ def build_model(arch: str, kwargs: dict[str, Any], trusted_arch: str | None = No
                  source: str = "model.json") -> nn.Module:
     """A registered model, or the user's own factory ('module:function', models/factory.py)
     when the user named it: `trusted_arch` must equal `arch`, since importing runs code."""
+    if trusted_arch is not None and trusted_arch != arch:
+        # --arch only vouches for the code a run names; it never replaces what the run was
+        # saved as (the weights fit that), so a different one is a mistake to report.
+        raise CheckpointError(f"{source} names the architecture {arch!r}, but --arch "
+                              f"{trusted_arch} was given; drop --arch, or pass --arch {arch}")
     if not is_factory_path(arch):
         return create_model(arch, **kwargs)
     if trusted_arch != arch:
