@@ -25,6 +25,7 @@ def test_defaults_are_the_documented_ones():
     ({"clean_fraction": 2.5}, "a fraction in \\(0, 1\\) or a whole count"),
     ({"profile_test": -1}, "profile sizes must be ≥ 0"),
     ({"threads": 0}, "threads must be ≥ 1"),
+    ({"threads": 100_000}, "more than 4 × this machine's"),  # was an mmap out-of-memory error
 ])
 def test_bad_values_are_refused_by_name(changes, message):
     with pytest.raises(SettingsError, match=message):

@@ -4,6 +4,7 @@ generated from it and `purify_run` takes it, so the two cannot drift."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,12 @@ class JobSettings:
                                 f"{self.profile_test}, --profile-train {self.profile_train}")
         if self.threads is not None and self.threads < 1:
             raise SettingsError(f"threads must be ≥ 1 or None, got {self.threads}")
+        # Far past the cores only oversubscribes; past ~thousands torch's pool fails to map
+        # its stacks with a misleading out-of-memory error, so refuse it plainly.
+        limit = 4 * (os.cpu_count() or 1)
+        if self.threads is not None and self.threads > limit:
+            raise SettingsError(f"threads {self.threads} is more than 4 × this machine's "
+                                f"{os.cpu_count()} cores; use at most {limit}")
 
     def apply_threads(self) -> None:
         """Set PyTorch's CPU thread count, when the job names one."""

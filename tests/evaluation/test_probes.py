@@ -58,3 +58,14 @@ def test_probes_need_an_encoder_and_sane_settings(bands):
         linear_probe(RowMeans(), train, test, epochs=0)
     with pytest.raises(SettingsError, match="k must"):
         knn_accuracy(RowMeans(), train, test, k=0)
+
+
+def test_more_neighbours_than_training_images_is_refused():
+    """A kNN vote over every training image is the majority class: it once reported a silent
+    10% accuracy for --probe-knn-k above --probe-train-images."""
+    from tscpurify.evaluation import ProbeSettings
+
+    with pytest.raises(SettingsError, match="knn_k 500 is more than the probe's 100"):
+        ProbeSettings(train_images=100, knn_k=500)
+    ProbeSettings(train_images=100, knn_k=100)
+    ProbeSettings(train_images=0, knn_k=500)  # the whole split: checked against its size

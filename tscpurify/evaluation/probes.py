@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from ..attacks.base import Attack
 from ..data.images import ImageData
 from ..data.subset import select_clean_subset
-from ..errors import SettingsError
+from ..errors import DataError, SettingsError
 from ..training import device_of
 from .metrics import Metrics, evaluate
 
@@ -163,6 +163,10 @@ class ProbeSettings:
                 or self.lr <= 0:
             raise SettingsError(f"probe settings need train_images, test_images, knn_k ≥ 0, "
                                 f"epochs ≥ 1 and lr > 0; got {self}")
+        if self.train_images and self.knn_k > self.train_images:
+            # A vote over every training image is the majority class: a silent 10% accuracy.
+            raise SettingsError(f"knn_k {self.knn_k} is more than the probe's {self.train_images}"
+                                f" training images; use fewer neighbours or more images")
 
     def samples(self, train: ImageData, test: ImageData) -> tuple[ImageData, ImageData]:
         """The probe's training and test data, drawn from full splits by these settings."""
@@ -183,11 +187,13 @@ def encoder_metrics(model: nn.Module, train: ImageData, test: ImageData, attack:
     """
     settings = settings or ProbeSettings()
     train, test = settings.samples(train, test)
+    if settings.knn_k > len(train):  # a training split smaller than the settings assumed
+        raise DataError(f"knn_k {settings.knn_k} is more than the {len(train)} training images")
     features = extract_features(model, train.floats())  # shared by the probe and the kNN bank
     probe = train_probe(model, train, settings.epochs, settings.lr, seed=settings.seed,
                         features=features)
     metrics: dict[str, float | None] = evaluate(probe, test, attack).as_dict()
     if settings.knn_k:
-        metrics["knn_acc"] = knn_accuracy(model, train, test, k=min(settings.knn_k, len(train)),
+        metrics["knn_acc"] = knn_accuracy(model, train, test, k=settings.knn_k,
                                           train_features=features)
     return metrics
