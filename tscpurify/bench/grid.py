@@ -659,7 +659,7 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
 
     A training row with no finished run of its own but a step budget gets `estimated_seconds`:
     the budget times the median seconds a step of the finished training rows on its model. A
-    rough guide (defenses differ per step: ANP's steps cost about twice FT's here), flagged as
+    rough guide (defenses differ per step: ANP's cost 2.5 times FT's here), flagged as
     such, so a grid can be budgeted before every row has run once."""
     grid, out = read_grid(source), Path(out)
     choice = None
