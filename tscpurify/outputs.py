@@ -233,7 +233,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _replaced_whole(path: str | Path) -> Iterator[Path]:
+def replaced_whole(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; it replaces `path` only if the writing
     ends without error, and never lingers. Same folder, so the replace is a rename within one
     file system; the same suffix, so writers that infer a format from it (matplotlib) still do."""
@@ -249,11 +249,11 @@ def _replaced_whole(path: str | Path) -> Iterator[Path]:
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` whole: it appears (or replaces the old file) only once written."""
-    with _replaced_whole(path) as temporary:
+    with replaced_whole(path) as temporary:
         temporary.write_text(text)
 
 
 def save_figure_atomic(figure: object, path: str | Path, **savefig_kwargs: object) -> None:
     """`figure.savefig(path)`, whole or not at all, as `write_atomic`."""
-    with _replaced_whole(path) as temporary:
+    with replaced_whole(path) as temporary:
         figure.savefig(temporary, **savefig_kwargs)  # type: ignore[attr-defined]

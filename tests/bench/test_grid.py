@@ -423,3 +423,33 @@ def test_a_tsc_row_cut_short_resumes_at_its_last_finished_stage(tmp_path, fmnist
         {**s, "seconds": r["seconds"]} for s, r in
         zip(uninterrupted["stages"], resumed["stages"], strict=True)]
     assert resumed["seconds"] > 0 and not list(partial.iterdir())
+
+
+def test_a_baseline_row_cut_short_resumes_at_its_last_saved_epoch(tmp_path, fmnist_root,
+                                                                  monkeypatch):
+    from tscpurify.defenses import resume
+
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), defenses=("ibau",),
+                      extra="[defense_args.ibau]\nrounds = 3")
+    grid.write_text(grid.read_text().replace("[defense_args.ft]\nepochs = 1\n", ""))
+    uninterrupted = run_grid(grid, tmp_path / "whole", progress=False)[0]
+
+    monkeypatch.setattr(resume, "SAVE_INTERVAL", 0.0)
+    real = resume.EpochCheckpoints.save
+
+    def stop_after_round_two(self, epochs, *args, **kwargs):
+        real(self, epochs, *args, **kwargs)
+        if epochs == 2:
+            raise KeyboardInterrupt  # the session stops
+
+    monkeypatch.setattr(resume.EpochCheckpoints, "save", stop_after_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tmp_path / "cut", progress=False)
+    partial = tmp_path / "cut" / "partial"
+    assert [p.name for p in next(partial.iterdir()).iterdir()] == [resume.FILE]
+    monkeypatch.setattr(resume.EpochCheckpoints, "save", real)
+    resumed = run_grid(grid, tmp_path / "cut", progress=False)[0]
+    assert resumed["after"] == uninterrupted["after"]  # the same weights, to the last digit
+    assert resumed["steps"] == uninterrupted["steps"]
+    assert 0 < resumed["resumed_seconds"] < resumed["seconds"]
+    assert "resumed_seconds" not in uninterrupted and not list(partial.iterdir())

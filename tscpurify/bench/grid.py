@@ -479,24 +479,25 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
         own_batch = getattr(settings, "batch_size", None) or cell.batch_size
         batches = math.ceil(len(clean) / own_batch)
         settings = at_budget(settings, cell.budget_steps, batches)
-        # TSC records its stages (ACC / ASR at each curve point and after each fine-tune) through
-        # the harness's evaluator: where the removal and the accuracy cost arise
-        # (docs/ablations.md). TSC only calls it, undoes its random draws and books its time
-        # apart, so the weights, steps and seconds are those of a run without it. It also saves
-        # each finished stage under partial/, so that a row cut short (a stopped session, a
-        # lost worker) resumes at its last finished stage, with the same result; the folder
-        # goes once the row is written (write_row).
-        tsc_services = {"evaluate": lambda m: evaluate(m, test, attack).as_dict(),
-                        "resume_dir": partial_folder(out, cell.key),
-                        "resume_identity": {"cell": cell.key, "torch": torch.__version__,
-                                            "threads": torch.get_num_threads()}}
-        services = tsc_services if cell.base == "tsc" else None
+        # Every defense saves its progress under partial/ (TSC each finished stage, the others
+        # their last epoch, defenses/resume.py), so that a row cut short (a stopped session, a
+        # lost worker) resumes where it was, with the same result; the folder goes once the
+        # row is written (write_row).
+        services = {"resume_dir": partial_folder(out, cell.key),
+                    "resume_identity": {"cell": cell.key, "torch": torch.__version__,
+                                        "threads": torch.get_num_threads()}}
+        if cell.base == "tsc":
+            # TSC records its stages (ACC / ASR at each curve point and after each fine-tune)
+            # through the harness's evaluator: where the removal and the accuracy cost arise
+            # (docs/ablations.md). TSC only calls it, undoes its random draws and books its
+            # time apart, so the weights, steps and seconds are those of a run without it.
+            services["evaluate"] = lambda m: evaluate(m, test, attack).as_dict()
         try:
             result = defend(cell.base, model, loader, settings, seed=cell.seed,
                             progress=progress, callbacks=services)
         except (SettingsError, CheckpointError):
             partial = partial_folder(out, cell.key)
-            if cell.base != "tsc" or not partial.exists():
+            if not partial.exists():
                 raise
             # Stages this row saved under other code or settings (TSC refuses to mix them in):
             # the bench's own scratch, so it starts the row over.
@@ -504,7 +505,8 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
             result = defend(cell.base, model, loader, settings, seed=cell.seed,
                             progress=progress, callbacks=services)
         model, steps = result.model, result.steps
-        seconds = (result.seconds.get("total", 0.0)
+        # A resumed row's time: this run's, plus what its saved epochs took when they ran.
+        seconds = (result.seconds.get("total", 0.0) + result.seconds.get("resumed", 0.0)
                    - result.seconds.get("caller_evaluation", 0.0))
         if "report" in result.details:
             report = result.details["report"]
@@ -529,6 +531,8 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
            **({"stages": stages} if stages is not None else {}),
            **({"resumed_stages": report.resumed} if stages is not None and report.resumed
               else {}),
+           **({"resumed_seconds": result.seconds["resumed"]}
+              if cell.base and "resumed" in result.seconds else {}),
            # Floating-point sums, and so results, depend on these: recorded with every row.
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "tool_version": __version__}

@@ -52,6 +52,7 @@ from ..training import device_of
 from . import budget
 from .base import DefenseResult
 from .registered import DEFENSES
+from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)
@@ -222,8 +223,17 @@ def ibau(model: nn.Module, clean: DataLoader, settings: IBAUSettings, *, seed: i
 
     seconds = {"inner": 0.0, "outer": 0.0, "record": 0.0}
     record, deltas, steps = [], [], 0
+    # A run cut short resumes after its last saved round (resume.py), after the kept batches
+    # above are read: they come from the seeded start, as in an uninterrupted run.
+    checkpoints = EpochCheckpoints.from_callbacks(callbacks, "ibau", s)
+    stateful = {"model": model, "optimizer": optimizer}
+    done, saved = checkpoints.resume(stateful)
+    if saved:
+        record, deltas, steps = saved["record"], saved["deltas"], saved["steps"]
+        seconds = saved["seconds"]
     model.eval()
-    for _ in tqdm(range(s.rounds), desc="i-bau", disable=not progress, leave=False):
+    for round_ in tqdm(range(done, s.rounds), desc="i-bau", disable=not progress, leave=False,
+                       initial=done, total=s.rounds):
         began = time.perf_counter()
         # 2. the universal perturbation against the current model
         delta = universal_perturbation(model, clean, s)
@@ -244,5 +254,9 @@ def ibau(model: nn.Module, clean: DataLoader, settings: IBAUSettings, *, seed: i
             optimizer.step()
             steps += 1
         seconds["outer"] += time.perf_counter() - began
+        checkpoints.save(round_ + 1, stateful, {"record": record, "deltas": deltas,
+                                                "steps": steps, "seconds": seconds},
+                         final=round_ + 1 == s.rounds)
     details = {"perturbation_loss": record, "perturbations": deltas}
-    return DefenseResult(model.eval(), details, seconds, steps=steps)
+    return DefenseResult(model.eval(), details, {**seconds, **checkpoints.seconds()},
+                         steps=steps)

@@ -1,0 +1,149 @@
+"""Epoch checkpoints for the baseline defenses: a long run cut short (a stopped session, a lost
+worker) resumes at its last saved epoch and ends with the same weights, steps and record as a
+run that was never stopped.
+
+A defense saves at the end of an epoch (or round) everything that the epochs after it read:
+the model, its optimizer and scheduler, its own running record, and the random number
+generators (torch's, CUDA's, Python's and numpy's), so that the next epoch's shuffles and draws
+are the ones an uninterrupted run makes. Saving reads the generators and never draws from them.
+
+The caller opts in by passing `resume_dir` (and a `resume_identity`, what else the saved state
+depends on) in `defend`'s callbacks, as for TSC's stages. The file is written whole or not at
+all, and loaded with `weights_only=True`: it holds only tensors and plain values. A file made
+with other settings or another identity is refused, never mixed into this run.
+
+Example (inside a defense):
+    >>> checkpoints = EpochCheckpoints.from_callbacks(callbacks, "ibau", settings)
+    >>> stateful = {"model": model, "optimizer": optimizer}
+    >>> done, saved = checkpoints.resume(stateful)       # (0, {}) on a fresh start
+    >>> for epoch in range(done, epochs):
+    ...     ...
+    ...     checkpoints.save(epoch + 1, stateful, {"history": history, "steps": steps})
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..outputs import replaced_whole
+
+FILE = "epochs.pt"
+# The least time between two saves, so that a fast epoch loop on a big model does not spend
+# its time writing; the last save may then be a few epochs back, never a wrong one.
+SAVE_INTERVAL = 60.0
+
+
+def generator_states() -> dict[str, Any]:
+    """Every random number generator a defense draws from, as tensors and plain values."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "python": random.getstate(),
+              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                        "position": int(position), "has_gauss": int(has_gauss),
+                        "gauss": float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_generators(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = states["numpy"]
+    np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32),
+                         saved["position"], saved["has_gauss"], saved["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _plain(value: Any) -> Any:
+    """Settings and identities as JSON text, so that two runs compare by value."""
+    return json.loads(json.dumps(asdict(value) if is_dataclass(value) else value,
+                                 sort_keys=True, default=str))
+
+
+class EpochCheckpoints:
+    """The saved state of one defense run, in `folder` (None: saving and resuming are off).
+
+    `identity` is what the saved state depends on besides the epochs run: the defense, its
+    settings and whatever the caller adds (its model, data and environment). `interval`: the
+    least seconds between two saves (default SAVE_INTERVAL).
+    """
+
+    def __init__(self, folder: Path | None, identity: Mapping[str, Any],
+                 interval: float | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.identity = _plain(dict(identity))
+        self.interval = SAVE_INTERVAL if interval is None else interval
+        self.started = time.perf_counter()
+        self.last_save = self.started
+        self.resumed_seconds = 0.0
+        self.resumed_epochs = 0
+
+    @classmethod
+    def from_callbacks(cls, callbacks: Mapping[str, Any], defense: str, settings: Any
+                       ) -> EpochCheckpoints:
+        return cls(callbacks.get("resume_dir"),
+                   {"defense": defense, "settings": settings,
+                    **dict(callbacks.get("resume_identity") or {})},
+                   interval=callbacks.get("resume_interval"))
+
+    @property
+    def path(self) -> Path | None:
+        return self.folder / FILE if self.folder is not None else None
+
+    def resume(self, stateful: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Load the last saved epoch into `stateful` (objects with `load_state_dict`) and the
+        generators; returns (epochs done, the defense's saved record). (0, {}) if none."""
+        if self.path is None or not self.path.exists():
+            return 0, {}
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a cut write never lands (replaced_whole); this is damage
+            raise CheckpointError(f"{self.path} cannot be read ({type(err).__name__}); delete "
+                                  f"it to start over") from None
+        if saved.get("identity") != self.identity:
+            changed = sorted(k for k in self.identity.keys() | saved.get("identity", {}).keys()
+                             if self.identity.get(k) != saved.get("identity", {}).get(k))
+            raise CheckpointError(f"{self.path} was saved by a run with another "
+                                  f"{', '.join(changed)}; delete it to start over")
+        if set(saved["state"]) != set(stateful):
+            raise CheckpointError(f"{self.path} does not hold this defense's state; delete it "
+                                  f"to start over")
+        for name, obj in stateful.items():
+            obj.load_state_dict(saved["state"][name])
+        restore_generators(saved["generators"])
+        self.resumed_seconds = float(saved["seconds"])
+        self.resumed_epochs = int(saved["epochs"])
+        return self.resumed_epochs, saved["record"]
+
+    def save(self, epochs: int, stateful: Mapping[str, Any], record: Mapping[str, Any],
+             final: bool = False) -> None:
+        """Save the state after `epochs` epochs, unless the last save was under `interval`
+        seconds ago (`final` never saves: the run is about to return its result)."""
+        now = time.perf_counter()
+        if self.folder is None or final or now - self.last_save < self.interval:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        payload = {"identity": self.identity, "epochs": epochs,
+                   "seconds": self.resumed_seconds + now - self.started,
+                   "state": {name: obj.state_dict() for name, obj in stateful.items()},
+                   "record": dict(record), "generators": generator_states()}
+        with replaced_whole(self.path) as temporary:
+            torch.save(payload, temporary)
+        self.last_save = time.perf_counter()
+
+    def seconds(self) -> dict[str, float]:
+        """For the result's `seconds`: the time the resumed epochs took when they ran."""
+        return {"resumed": self.resumed_seconds} if self.resumed_epochs else {}
