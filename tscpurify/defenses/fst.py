@@ -52,6 +52,7 @@ from ._common import inputs_of
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES
+from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,17 @@ def fst(model: nn.Module, clean: DataLoader, settings: FSTSettings, *, seed: int
                                 weight_decay=settings.weight_decay)
     # As in the reference: cosine with T_max = epochs, stepped once per epoch.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-    losses, inner_products, lrs, steps = [], [], [], 0
-    for _ in tqdm(range(settings.epochs), desc="fst", disable=not progress, leave=False):
+    losses, inner_products, lrs, steps, elapsed = [], [], [], 0, 0.0
+    # A run cut short resumes after its last saved epoch (resume.py): the head is found, W₀
+    # kept and the head re-drawn above as in any run, then the saved weights replace them.
+    checkpoints = EpochCheckpoints.from_callbacks(callbacks, "fst", settings)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    done, saved = checkpoints.resume(stateful)
+    if saved:
+        losses, inner_products, lrs = saved["losses"], saved["inner_products"], saved["lrs"]
+        steps, elapsed = saved["steps"], saved["seconds"]
+    for epoch in tqdm(range(done, settings.epochs), desc="fst", disable=not progress,
+                      leave=False, initial=done, total=settings.epochs):
         model.train()
         lrs.append(optimizer.param_groups[0]["lr"])
         total, count = 0.0, 0
@@ -173,7 +183,12 @@ def fst(model: nn.Module, clean: DataLoader, settings: FSTSettings, *, seed: int
         scheduler.step()
         losses.append(total / max(count, 1))
         inner_products.append(float((head.weight.detach() * original).sum()))
+        checkpoints.save(epoch + 1, stateful,
+                         {"losses": losses, "inner_products": inner_products, "lrs": lrs,
+                          "steps": steps, "seconds": elapsed + time.perf_counter() - began},
+                         final=epoch + 1 == settings.epochs)
     details = {"head": name, "losses": losses, "inner_products": inner_products, "lrs": lrs,
                "original_norm": float(norm)}
-    return DefenseResult(model.eval(), details, {"finetune": time.perf_counter() - began},
-                         steps=steps)
+    return DefenseResult(model.eval(), details,
+                         {"finetune": elapsed + time.perf_counter() - began,
+                          **checkpoints.seconds()}, steps=steps)

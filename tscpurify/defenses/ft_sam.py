@@ -50,6 +50,7 @@ from . import budget
 from ._common import BatchNorm
 from .base import DefenseResult
 from .registered import DEFENSES
+from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,16 @@ def ft_sam(model: nn.Module, clean: DataLoader, settings: FTSAMSettings, *, seed
                                 weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, s.epochs * len(clean)))
-    history, steps = [], 0
-    for _ in tqdm(range(s.epochs), desc="ft-sam", disable=not progress, leave=False):
+    history, steps, elapsed = [], 0, 0.0
+    # A run cut short resumes after its last saved epoch (resume.py), with its per-step
+    # schedule where it was.
+    checkpoints = EpochCheckpoints.from_callbacks(callbacks, "ft_sam", s)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    done, saved = checkpoints.resume(stateful)
+    if saved:
+        history, steps, elapsed = saved["history"], saved["steps"], saved["seconds"]
+    for epoch in tqdm(range(done, s.epochs), desc="ft-sam", disable=not progress, leave=False,
+                      initial=done, total=s.epochs):
         model.train()
         total, count = 0.0, 0
         for x, y, *_ in clean:
@@ -158,5 +167,10 @@ def ft_sam(model: nn.Module, clean: DataLoader, settings: FTSAMSettings, *, seed
             total += loss.item() * len(y)
             count += len(y)
         history.append(total / max(count, 1))
+        checkpoints.save(epoch + 1, stateful,
+                         {"history": history, "steps": steps,
+                          "seconds": elapsed + time.perf_counter() - began},
+                         final=epoch + 1 == s.epochs)
     return DefenseResult(model.eval(), {"losses": history},
-                         {"finetune": time.perf_counter() - began}, steps=steps)
+                         {"finetune": elapsed + time.perf_counter() - began,
+                          **checkpoints.seconds()}, steps=steps)

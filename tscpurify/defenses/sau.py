@@ -62,6 +62,7 @@ from ..training import device_of
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES
+from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,16 @@ def sau(model: nn.Module, clean: DataLoader, settings: SAUSettings, *, seed: int
     seconds = {"pgd": 0.0, "unlearn": 0.0}
     history: dict[str, list[float]] = {"losses": [], "clean": [], "sar": [], "shared": []}
     steps = 0
-    bar = tqdm(range(settings.epochs), desc="sau", disable=not progress, leave=False)
-    for _ in bar:
+    # A run cut short resumes after its last saved epoch (resume.py); the frozen reference is
+    # the suspect model, copied above before any saved weights are loaded.
+    checkpoints = EpochCheckpoints.from_callbacks(callbacks, "sau", settings)
+    stateful = {"model": model, "optimizer": optimizer}
+    done, saved = checkpoints.resume(stateful)
+    if saved:
+        history, steps, seconds = saved["history"], saved["steps"], saved["seconds"]
+    bar = tqdm(range(done, settings.epochs), desc="sau", disable=not progress, leave=False,
+               initial=done, total=settings.epochs)
+    for epoch in bar:
         sums = dict.fromkeys(history, 0.0)
         count = 0
         for x, y, *_ in clean:
@@ -212,4 +221,8 @@ def sau(model: nn.Module, clean: DataLoader, settings: SAUSettings, *, seed: int
             history[key].append(total / max(count, 1))
         bar.set_postfix(loss=f"{history['losses'][-1]:.3f}",
                         shared=f"{history['shared'][-1]:.2f}")
-    return DefenseResult(model.eval(), history, seconds, steps=steps)
+        checkpoints.save(epoch + 1, stateful,
+                         {"history": history, "steps": steps, "seconds": seconds},
+                         final=epoch + 1 == settings.epochs)
+    return DefenseResult(model.eval(), history, {**seconds, **checkpoints.seconds()},
+                         steps=steps)
