@@ -51,11 +51,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import SettingsError, SpecError
-from ..training import TrainSettings, device_of, train_classifier
+from ..training import TrainSettings, device_of
 from ._common import Output, accuracy, inputs_of, module_outputs, split_loader
 from .base import DefenseResult
 from .budget import epochs_for
+from .finetune import train_resumably
 from .registered import DEFENSES
+from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)
@@ -153,16 +155,20 @@ def fine_pruning(model: nn.Module, clean: DataLoader, settings: FinePruningSetti
     seconds = {"prune": time.perf_counter() - began}
 
     # Zero weights with zero gradients stay zero under SGD with momentum and weight decay.
-    began = time.perf_counter()
+    # A run cut short resumes after its last saved epoch (resume.py): the pruning above reads
+    # no saved state and draws as in any run, so it finds the same channels and mask again;
+    # the saved weights, pruned channels at zero, then replace the model's.
     handle = weight.register_hook(lambda grad: grad * mask)
     try:
         train = TrainSettings(epochs=settings.epochs, lr=settings.lr, momentum=settings.momentum,
                               weight_decay=settings.weight_decay, augment=settings.augment,
                               batch_size=clean.batch_size or 1)
-        losses = train_classifier(model, clean, train, progress=progress, desc="fine-tune")
+        checkpoints = EpochCheckpoints.from_callbacks(callbacks, "fine_pruning", settings)
+        losses, seconds["finetune"] = train_resumably(model, clean, train, checkpoints,
+                                                      progress=progress, desc="fine-tune")
     finally:
         handle.remove()
-    seconds["finetune"] = time.perf_counter() - began
+    seconds.update(checkpoints.seconds())
     details = {"layer": feature.name, "reader": reader.name, "channels": channels,
                "activity": activity.tolist(), "order": order, "pruned": order[:pruned],
                "accuracy": scores, "losses": losses}
