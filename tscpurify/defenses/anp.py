@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from itertools import islice
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,11 +53,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
-from ..errors import SettingsError, SpecError
+from ..errors import DataError, SettingsError, SpecError
 from ..training import device_of
-from ._common import BatchNorm, endless, inputs_of, module_calls
+from ._common import BatchNorm, inputs_of, module_calls
 from .base import DefenseResult
 from .registered import DEFENSES
+from .resume import EpochCheckpoints
 
 Noise = tuple[dict[str, Tensor], dict[str, Tensor]]  # (scale noise δ, shift noise ξ) per layer
 
@@ -163,6 +164,22 @@ def perturb_neurons(model: nn.Module, layers: dict[str, nn.Module], x: Tensor, y
     return ({n: t.detach() for n, t in scale.items()}, {n: t.detach() for n, t in shift.items()})
 
 
+class _Tensors:
+    """Named tensors as a state, restored in place, so that the optimiser's references (the
+    masks) and functional_call's (the buffers) keep pointing at them."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: t.detach() for n, t in self.tensors.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, t in self.tensors.items():
+            t.copy_(state[n])
+
+
 @DEFENSES.register("anp", settings=ANPSettings, needs_labels=True)
 def anp(model: nn.Module, clean: DataLoader, settings: ANPSettings, *, seed: int,
         progress: bool, callbacks: dict) -> DefenseResult:
@@ -177,39 +194,61 @@ def anp(model: nn.Module, clean: DataLoader, settings: ANPSettings, *, seed: int
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     history: list[float] = []
-    steps = 0
+    steps, elapsed = 0, 0.0
+    # A run cut short resumes after its last saved pass over the loader (resume.py): the
+    # batches come pass after pass, so only there does a resumed run read the very batches an
+    # uninterrupted one does. The model's own weights and buffers do not change here.
+    checkpoints = EpochCheckpoints.from_callbacks(callbacks, "anp", s)
+    stateful = {"masks": _Tensors(mask), "buffers": _Tensors(buffers), "optimizer": optimizer}
+    passes, saved = checkpoints.resume(stateful)
+    if saved:
+        history, steps, elapsed = saved["loss"], saved["steps"], saved["seconds"]
+    bar = tqdm(total=s.iterations, initial=steps, desc="anp", disable=not progress, leave=False)
     try:
         model.train()  # as the reference: BatchNorm normalises with the batch's statistics
         for p in flags:
             p.requires_grad_(False)
-        batches = islice(endless(clean), s.iterations)
-        for x, y, *_ in tqdm(batches, total=s.iterations, desc="anp", disable=not progress,
-                             leave=False):
-            x, y = x.to(device), y.to(device)
-            if s.augment:  # one draw per batch: the noise and the mask step see the same images
-                x = random_crop_flip(x)
-            natural = F.cross_entropy(neuron_forward(model, layers, x, mask, buffers=buffers), y)
-            loss = s.alpha * natural
-            if s.eps > 0:  # with eps = 0 the reference drops the perturbed term altogether
-                # 1. inner maximisation over the neuron perturbations, masks held fixed
-                noise = perturb_neurons(model, layers, x, y, mask, s.eps, s.steps, buffers)
-                perturbed = neuron_forward(model, layers, x, mask, noise, buffers)
-                loss = loss + (1 - s.alpha) * F.cross_entropy(perturbed, y)
-            # 2. outer minimisation over the masks
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            with torch.no_grad():
-                for m in mask.values():
-                    m.clamp_(0, 1)
-            history.append(loss.item())
+        while steps < s.iterations:  # passes over the loader, reshuffled, as long as needed
+            empty = True
+            for x, y, *_ in clean:
+                empty = False
+                x, y = x.to(device), y.to(device)
+                if s.augment:  # one draw per batch: noise and mask step see the same images
+                    x = random_crop_flip(x)
+                natural = F.cross_entropy(neuron_forward(model, layers, x, mask,
+                                                         buffers=buffers), y)
+                loss = s.alpha * natural
+                if s.eps > 0:  # with eps = 0 the reference drops the perturbed term altogether
+                    # 1. inner maximisation over the neuron perturbations, masks held fixed
+                    noise = perturb_neurons(model, layers, x, y, mask, s.eps, s.steps, buffers)
+                    perturbed = neuron_forward(model, layers, x, mask, noise, buffers)
+                    loss = loss + (1 - s.alpha) * F.cross_entropy(perturbed, y)
+                # 2. outer minimisation over the masks
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                with torch.no_grad():
+                    for m in mask.values():
+                        m.clamp_(0, 1)
+                history.append(loss.item())
+                bar.update()
+                if steps == s.iterations:  # mid-pass: the rest of this pass is never read
+                    break
+            if empty:
+                raise DataError("the clean data loader gave no batches")
+            passes += 1
+            checkpoints.save(passes, stateful,
+                             {"loss": history, "steps": steps,
+                              "seconds": elapsed + time.perf_counter() - began},
+                             final=steps == s.iterations)
     finally:
+        bar.close()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         for m, mode in modes.items():
             m.training = mode
-    seconds = {"masks": time.perf_counter() - began}
+    seconds = {"masks": elapsed + time.perf_counter() - began, **checkpoints.seconds()}
 
     # 3. prune by the fixed threshold (≤, as the reference's threshold sweep)
     pruned = {}
