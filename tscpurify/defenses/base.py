@@ -42,8 +42,12 @@ def defend(name: str, model: nn.Module, clean: DataLoader, settings: Any = None,
     `settings` is the defense's settings dataclass (default: its defaults); keyword
     `overrides` replace single fields. `callbacks` are evaluation hooks the caller may pass
     (e.g. to profile a curve); the defense only calls them and never uses their results. TSC
-    also takes a `loss_fn` there, and a `resume_dir` (with a `resume_identity`) for its
-    finished stages.
+    and MCR also take a `loss_fn` there. Every defense that trains takes a `resume_dir` there,
+    with a `resume_identity` (what else its saved state depends on), and a run cut short
+    resumes from what it saved to the same result as a run never stopped: TSC saves each
+    finished stage; the others save after each epoch (ANP: each pass over the loader) at most
+    once per `resume_interval` seconds (resume.py), and a resumed run's `seconds` hold
+    `resumed`, the time the saved epochs took when they ran.
     """
     function = DEFENSES.get(name)
     meta = DEFENSES.meta[DEFENSES.name_of(name)]
