@@ -1,0 +1,230 @@
+"""Deep purification, look 2: where does a dormant backdoor live, and does a clean-data-only
+operation after purification erase it? (docs/deep-purification.md, look 2.)
+
+    tscpurify purify SUSPECT --out PURIFIED --seed S --retune-floor FLOOR   # TSC's default
+    python experiments/deepen.py SUSPECT PURIFIED FLOOR --seed S
+
+1. The diagnostic: the re-tune (tscpurify.retune, the fair grid's sizes) with every parameter
+   frozen but the classifier head, and BatchNorm statistics fixed. If the head alone brings the
+   backdoor back on the purified model and not on the floor, the trigger's features survived
+   purification intact: only the last mapping was broken.
+2. Candidates, each applied to the purified model and followed by TSC's own last fine-tune
+   (15 epochs, lr 0.03, label smoothing 0.1, crop and flip) on the same clean images; none
+   reads the attack:
+   - ft15: the fine-tune alone (the control: what more clean training does),
+   - reinit_head: the classifier head re-initialised (as FST does), then the fine-tune,
+   - reinit_first: the first convolution and its BatchNorm re-initialised, then the fine-tune,
+   - reinit_both: both of the above, then the fine-tune,
+   - noise_03: Gaussian noise of 0.3 × each weight tensor's RMS added, then the fine-tune,
+   - project_999, project_99: each convolution's and linear layer's weights projected onto
+     the span of its clean inputs (the eigenvectors of the inputs' second moment that hold
+     99.9% or 99% of its energy, over 3×3 patches for convolutions), then the fine-tune.
+     Directions the clean data never excites carry nothing a clean input needs, and are where
+     a trigger's features can live. `_alone`: the projection without the fine-tune.
+   - as_is: nothing (the purified model itself, for its head-only re-tune).
+Every model is re-tuned (the full re-tune, all parameters) and measured on the whole test split.
+Prints a table and writes it as JSON next to PURIFIED (deepen.json). A pilot on tuning models
+(seed ≥ 100), to find an idea worth a deep look; it adopts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from tscpurify.curve import cross_entropy_loss
+from tscpurify.data import CLEAN_FRACTION, load_dataset, select_clean_subset
+from tscpurify.data.augment import random_crop_flip
+from tscpurify.defenses._common import BatchNorm
+from tscpurify.evaluation import evaluate
+from tscpurify.retune import RetuneSettings, retune_profile
+from tscpurify.runs import load_run
+from tscpurify.seeding import derive_seed, seed_everything
+from tscpurify.training import TrainSettings, train_classifier
+
+FINAL_FT = TrainSettings(epochs=15, lr=0.03, batch_size=256)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def head_only(model: nn.Module) -> nn.Module:
+    """A copy whose only trainable parameters are the head's, with BatchNorm statistics fixed
+    (momentum 0: the running averages never move)."""
+    net = copy.deepcopy(model)
+    net.requires_grad_(False)
+    head_of(net).requires_grad_(True)
+    for m in net.modules():
+        if isinstance(m, BatchNorm):
+            m.momentum = 0.0
+    return net
+
+
+def trainable_from(model: nn.Module, layers_up: int) -> nn.Module:
+    """A copy in which only the last `layers_up` conv / linear layers (with the BatchNorm
+    layers after them) train; the rest, BatchNorm statistics included, stays fixed."""
+    net = copy.deepcopy(model)
+    modules = list(net.modules())
+    weighted = [i for i, m in enumerate(modules) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first = weighted[-layers_up]
+    net.requires_grad_(False)
+    for i, m in enumerate(modules):
+        if isinstance(m, BatchNorm) and i < first:
+            m.momentum = 0.0
+        elif i >= first and not list(m.children()):
+            m.requires_grad_(True)
+    return net
+
+
+def reinit_head(model: nn.Module, loader: DataLoader) -> None:
+    head_of(model).reset_parameters()
+
+
+def reinit_first(model: nn.Module, loader: DataLoader) -> None:
+    modules = list(model.modules())
+    first = next(i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d))
+    modules[first].reset_parameters()
+    norm = next((m for m in modules[first + 1:] if isinstance(m, BatchNorm)), None)
+    if norm is not None:
+        norm.reset_parameters()
+        norm.reset_running_stats()
+
+
+@torch.no_grad()
+def add_noise(model: nn.Module, loader: DataLoader, scale: float = 0.3) -> None:
+    for p in model.parameters():
+        if p.dim() > 1:  # weights, not biases or BatchNorm scales
+            p.add_(torch.randn_like(p) * scale * p.pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def project_to_clean_inputs(model: nn.Module, loader: DataLoader, energy: float = 0.999) -> None:
+    """Project each conv / linear weight onto the principal span of its clean inputs."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    moments: dict[nn.Module, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        x = args[0]
+        if isinstance(module, nn.Conv2d):
+            x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+            x = x.transpose(1, 2).reshape(-1, x.shape[1])  # one row per patch
+        else:
+            x = x.reshape(-1, x.shape[-1])
+        moments[module] = moments.get(module, 0) + x.T @ x
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    model.eval()
+    try:
+        for x, *_ in loader:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in layers:
+        values, vectors = torch.linalg.eigh(moments[m].double())
+        values, vectors = values.flip(0), vectors.flip(1)
+        kept = int((values.cumsum(0) / values.sum() < energy).sum()) + 1
+        basis = vectors[:, :kept].float()
+        w = m.weight.reshape(m.weight.shape[0], -1)
+        m.weight.copy_((w @ basis @ basis.T).reshape(m.weight.shape))
+        print(f"  {type(m).__name__} {tuple(m.weight.shape)}: kept {kept} of {len(values)}")
+
+
+def reinit_both(model: nn.Module, loader: DataLoader) -> None:
+    reinit_first(model, loader)
+    reinit_head(model, loader)
+
+
+def projection(energy: float):
+    return lambda model, loader: project_to_clean_inputs(model, loader, energy)
+
+
+# name → (operation on the purified model, whether TSC's last fine-tune follows)
+CANDIDATES = {"as_is": (None, False), "ft15": (None, True), "reinit_head": (reinit_head, True),
+              "reinit_first": (reinit_first, True), "reinit_both": (reinit_both, True),
+              "noise_03": (add_noise, True),
+              "project_999": (projection(0.999), True),
+              "project_99_alone": (projection(0.99), False),
+              "project_99": (projection(0.99), True),
+              "project_95_alone": (projection(0.95), False)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suspect")
+    parser.add_argument("purified")
+    parser.add_argument("floor")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--skip-references", action="store_true")
+    parser.add_argument("--layers-up", default="",
+                        help="e.g. 2,3: also re-tune the references with only their last 2, "
+                             "then 3, conv / linear layers trainable")
+    parser.add_argument("--out", help="the JSON record (default: PURIFIED/deepen.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    suspect, sidecar, attack = load_run(args.suspect)
+    purified, _, _ = load_run(args.purified)
+    floor, _, _ = load_run(args.floor)
+    train = load_dataset(sidecar.dataset.name, "train", sidecar.dataset.root)
+    test = load_dataset(sidecar.dataset.name, "test", sidecar.dataset.root)
+    clean = train.subset(select_clean_subset(train.labels, CLEAN_FRACTION,
+                                             derive_seed(args.seed, "clean")))
+    ordered = DataLoader(clean.tensor_dataset(), batch_size=256)
+    retune = RetuneSettings()
+    rseed = derive_seed(args.seed, "retune")  # the bench's re-tune images and shuffles
+    rows: dict[str, dict] = {}
+
+    def measure(name: str, model: nn.Module, head: bool = False, layers_up: int = 0) -> None:
+        began = time.perf_counter()
+        tuned = (head_only(model) if head else trainable_from(model, layers_up) if layers_up
+                 else model)
+        profile = retune_profile(tuned, train, test, attack, retune, seed=rseed)
+        metrics = evaluate(model, test, attack)
+        rows[name] = {"acc": metrics.acc, "asr": metrics.asr, "retune_asr": profile["asr"],
+                      "retune_acc": profile["acc"]}
+        print(f"{name:28s} ACC {metrics.acc:6.2f} ASR {metrics.asr:6.2f}  re-tune ASR "
+              + " / ".join(f"{a:5.1f}" for a in profile["asr"])
+              + f"  ({time.perf_counter() - began:.0f} s)", flush=True)
+
+    references = [("suspect", suspect), ("purified", purified), ("floor", floor)]
+    if args.purified == args.suspect:  # the candidates as defenses of their own
+        references = [("suspect", suspect), ("floor", floor)]
+    if not args.skip_references:
+        for name, model in references:
+            measure(f"{name} (head-only re-tune)", model, head=True)
+        for name, model in references:
+            measure(name, model)
+    for layers_up in [int(k) for k in args.layers_up.split(",") if k]:
+        for name, model in references:
+            measure(f"{name} (last {layers_up} layers re-tuned)", model, layers_up=layers_up)
+    for name in [c for c in args.candidates.split(",") if c]:
+        seed_everything(derive_seed(args.seed, "deepen", name))
+        model = copy.deepcopy(purified)
+        operation, finetune = CANDIDATES[name]
+        if operation is not None:
+            operation(model, ordered)
+        if finetune:
+            loader = DataLoader(clean.tensor_dataset(), batch_size=256, shuffle=True)
+            train_classifier(model, loader, FINAL_FT, progress=False,
+                             loss_fn=cross_entropy_loss(random_crop_flip, label_smoothing=0.1))
+        measure(name, model.eval())
+        measure(f"{name} (head-only re-tune)", model, head=True)
+    out = Path(args.out or Path(args.purified) / "deepen.json")
+    out.write_text(json.dumps({"seed": args.seed, "suspect": args.suspect, "rows": rows},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
