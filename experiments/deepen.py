@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--skip-references", action="store_true")
+    parser.add_argument("--no-retune", action="store_true",
+                        help="ACC and ASR only (no re-tune, no head-only rows)")
     parser.add_argument("--layers-up", default="",
                         help="e.g. 2,3: also re-tune the references with only their last 2, "
                              "then 3, conv / linear layers trainable")
@@ -189,8 +191,12 @@ def main() -> None:
         began = time.perf_counter()
         tuned = (head_only(model) if head else trainable_from(model, layers_up) if layers_up
                  else model)
-        profile = retune_profile(tuned, train, test, attack, retune, seed=rseed)
         metrics = evaluate(model, test, attack)
+        if args.no_retune:
+            rows[name] = {"acc": metrics.acc, "asr": metrics.asr}
+            print(f"{name:28s} ACC {metrics.acc:6.2f} ASR {metrics.asr:6.2f}", flush=True)
+            return
+        profile = retune_profile(tuned, train, test, attack, retune, seed=rseed)
         rows[name] = {"acc": metrics.acc, "asr": metrics.asr, "retune_asr": profile["asr"],
                       "retune_acc": profile["acc"]}
         print(f"{name:28s} ACC {metrics.acc:6.2f} ASR {metrics.asr:6.2f}  re-tune ASR "
@@ -219,7 +225,8 @@ def main() -> None:
             train_classifier(model, loader, FINAL_FT, progress=False,
                              loss_fn=cross_entropy_loss(random_crop_flip, label_smoothing=0.1))
         measure(name, model.eval())
-        measure(f"{name} (head-only re-tune)", model, head=True)
+        if not args.no_retune:
+            measure(f"{name} (head-only re-tune)", model, head=True)
     out = Path(args.out or Path(args.purified) / "deepen.json")
     out.write_text(json.dumps({"seed": args.seed, "suspect": args.suspect, "rows": rows},
                               indent=2) + "\n")
