@@ -66,3 +66,56 @@ def test_momentum_and_weight_decay_out_of_range_are_refused_up_front(changes):
 
     with pytest.raises(SettingsError, match="0 ≤ momentum < 1 and weight_decay ≥ 0"):
         TrainSettings(**changes)
+
+
+class _SessionStopped(Exception):
+    pass
+
+
+def test_training_cut_after_an_epoch_resumes_from_its_checkpoints_to_the_same_weights(
+        tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tscpurify.defenses.resume import EpochCheckpoints
+
+    class StopAfterOne(EpochCheckpoints):
+        def save(self, epochs, *args, **kwargs):
+            super().save(epochs, *args, **kwargs)
+            if epochs == 1:
+                raise _SessionStopped
+
+    data = TensorDataset(torch.rand(48, 1, 12, 12, generator=torch.Generator().manual_seed(0)),
+                         torch.arange(48) % 4)
+    settings = TrainSettings(epochs=3, lr=0.05, batch_size=16)  # augmentation draws too
+
+    def run(checkpoints=None):
+        torch.manual_seed(0)
+        model = create_model("cnn", num_classes=4, width=4, image_size=12)
+        seen = []
+        losses = train_classifier(model, DataLoader(data, batch_size=16, shuffle=True),
+                                  settings, progress=False, checkpoints=checkpoints,
+                                  callbacks=[lambda epoch, _: seen.append(epoch)])
+        return model, losses, seen
+
+    whole, whole_losses, _ = run()
+    with pytest.raises(_SessionStopped):
+        run(StopAfterOne(tmp_path, {}, interval=0))
+    resumed, losses, seen = run(EpochCheckpoints(tmp_path, {}, interval=0))
+
+    assert seen == [1, 2] and losses == whole_losses  # epoch 0's loss from the save
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert not resumed.training
+
+
+def test_checkpoints_are_refused_with_distributed_training():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tscpurify.defenses.resume import EpochCheckpoints
+    from tscpurify.errors import SettingsError
+
+    model = create_model("mlp", num_classes=2, image_size=4, hidden=(8,))
+    loader = DataLoader(TensorDataset(torch.rand(8, 1, 4, 4), torch.zeros(8).long()))
+    with pytest.raises(SettingsError, match="one process only"):
+        train_classifier(model, loader, TrainSettings(epochs=1), progress=False,
+                         distributed=True, checkpoints=EpochCheckpoints(None, {}))

@@ -14,7 +14,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .curve.train import bf16_autocast, device_of  # shared by training and curves
+from .curve.train import (  # shared by training and curves
+    Checkpoints,
+    bf16_autocast,
+    device_of,
+)
 from .data.augment import random_crop_flip
 from .errors import SettingsError
 from .settings import validate_settings
@@ -50,11 +54,57 @@ class TrainSettings:
                                 f"{self.momentum}, {self.weight_decay}")
 
 
+def classifier_optimizer(model: nn.Module, settings: TrainSettings, batches: int
+                         ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """`train_classifier`'s optimiser (SGD with momentum, or AdamW) over `model`'s parameters
+    and its per-step cosine from `lr` to 0 over `settings.epochs` epochs of `batches` batches."""
+    validate_settings(settings)  # NaN rates and string counts fail here, not as NaN weights
+    if settings.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr,
+                                    momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
+    steps = max(1, settings.epochs * batches)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return optimizer, scheduler
+
+
+def classifier_epoch(model: nn.Module, loader: DataLoader, settings: TrainSettings,
+                     optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler,
+                     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+                     distributed: bool = False) -> float:
+    """One epoch of `train_classifier`, a step per batch; returns its mean loss and leaves the
+    model in train mode."""
+    device = device_of(model)
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        with bf16_autocast(device, settings.bf16):
+            if loss_fn is None:
+                x, y = (t.to(device, non_blocking=True) for t in batch)
+                loss = F.cross_entropy(model(random_crop_flip(x) if settings.augment else x), y)
+            else:
+                loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if distributed:
+            dist.all_reduce_gradients(model.parameters())
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+        count += 1
+    return total / max(count, 1)
+
+
 def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettings, *,
                      callbacks: Sequence[Callable[[int, nn.Module], None]] = (),
                      progress: bool = True, desc: str = "train",
                      loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-                     distributed: bool = False) -> list[float]:
+                     distributed: bool = False, checkpoints: Checkpoints | None = None
+                     ) -> list[float]:
     """Train in place; returns the mean loss of each epoch.
 
     The loss is cross-entropy on (images, labels) batches with the settings' augmentation,
@@ -68,43 +118,30 @@ def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettin
     calls of the module, is averaged alike), BatchNorm normalises with each process's own
     batch statistics (as under DDP), and the running statistics are averaged at the end
     (`distributed.average_buffers`). The returned losses are this process's.
+
+    `checkpoints` (one process only; curve.train.Checkpoints): resume from its last save, then
+    save after each epoch, after the callbacks: the model, the optimiser, the schedule and the
+    losses so far (record "losses"), which the returned losses then include.
     """
-    validate_settings(settings)  # NaN rates and string counts fail here, not as NaN weights
-    device = device_of(model)
-    if settings.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr,
-                                    momentum=settings.momentum,
-                                    weight_decay=settings.weight_decay)
-    steps = max(1, settings.epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    history = []
-    bar = tqdm(range(settings.epochs), desc=desc, disable=not progress, leave=False)
+    if checkpoints is not None and distributed:
+        raise SettingsError("training saves checkpoints from one process only; distributed "
+                            "training takes none")
+    optimizer, scheduler = classifier_optimizer(model, settings, len(loader))
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    done, saved = checkpoints.resume(stateful) if checkpoints is not None else (0, {})
+    history: list[float] = list(saved.get("losses", []))
+    bar = tqdm(range(done, settings.epochs), desc=desc, disable=not progress, leave=False,
+               initial=done, total=settings.epochs)
     for epoch in bar:
-        model.train()
-        total, count, start = 0.0, 0, time.perf_counter()
-        for batch in loader:
-            with bf16_autocast(device, settings.bf16):
-                if loss_fn is None:
-                    x, y = (t.to(device, non_blocking=True) for t in batch)
-                    loss = F.cross_entropy(model(random_crop_flip(x) if settings.augment else x),
-                                           y)
-                else:
-                    loss = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if distributed:
-                dist.all_reduce_gradients(model.parameters())
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-            count += 1
-        history.append(total / max(count, 1))
+        start = time.perf_counter()
+        history.append(classifier_epoch(model, loader, settings, optimizer, scheduler, loss_fn,
+                                        distributed))
         bar.set_postfix(loss=f"{history[-1]:.3f}", sec=f"{time.perf_counter() - start:.0f}")
         for callback in callbacks:
             callback(epoch, model)
+        if checkpoints is not None:
+            checkpoints.save(epoch + 1, stateful, {"losses": history},
+                             final=epoch + 1 == settings.epochs)
     if distributed:
         dist.average_buffers(model)
     model.eval()

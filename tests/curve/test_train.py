@@ -219,3 +219,42 @@ def test_bf16_autocasts_the_forward_and_keeps_the_control_point_float32(bf16):
     assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
     assert all(p.dtype == torch.float32 for p in curve.parameters())
     assert all(math.isfinite(e["loss"]) for e in log) and log[-1]["loss"] < log[0]["loss"]
+
+
+class _SessionStopped(Exception):
+    pass
+
+
+def test_curve_training_cut_after_an_epoch_resumes_from_its_checkpoints_identically(
+        cnn_pair, images, tmp_path):
+    from tscpurify.data.augment import random_crop_flip
+    from tscpurify.defenses.resume import EpochCheckpoints
+
+    class StopAfterOne(EpochCheckpoints):
+        def save(self, epochs, *args, **kwargs):
+            super().save(epochs, *args, **kwargs)
+            if epochs == 1:
+                raise _SessionStopped
+
+    a, b = cnn_pair
+    data = list(zip(images.split(8), (torch.arange(24) % 2).split(8), strict=True))
+    settings = CurveSettings(epochs=3, lr=0.1, cosine_t_max=None)
+
+    def run(checkpoints=None):
+        torch.manual_seed(0)  # the augmentation's draws; the t are `generator`'s
+        curve = BezierCurve(a, a.state_dict(), b.state_dict())
+        log = train_curve(curve, data, cross_entropy_loss(random_crop_flip), settings,
+                          progress=False, generator=torch.Generator().manual_seed(5),
+                          checkpoints=checkpoints)
+        return curve, log
+
+    whole, whole_log = run()
+    with pytest.raises(_SessionStopped):
+        run(StopAfterOne(tmp_path, {}, interval=0))
+    resumed, log = run(EpochCheckpoints(tmp_path, {}, interval=0))
+
+    for module, expected in ((resumed, whole), (resumed.template, whole.template)):
+        for key, value in expected.state_dict().items():  # the template: BN statistics
+            assert torch.equal(module.state_dict()[key], value), key
+    assert [(e["epoch"], e["loss"], e["lr"]) for e in log] == \
+        [(e["epoch"], e["loss"], e["lr"]) for e in whole_log]

@@ -5,16 +5,16 @@ Plan, per epoch:
   2. loss = loss_fn(model at t, batch) + 0.5 · l2_reg · ‖θ(t)‖² (the reference's curve L2
      regulariser), with BatchNorm in train mode, so it normalises with batch statistics;
   3. SGD step on mid only (start and end are fixed, as with the reference's --fix_start --fix_end);
-  4. step the cosine schedule, log, and call the callbacks.
+  4. step the cosine schedule, log, call the callbacks and save to the checkpoints, if any.
 The loop knows no labels: supervised, SimCLR and CLIP objectives all enter through `loss_fn`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,36 @@ from .bezier import BezierCurve, CurveFunction
 ModelFn = Callable[[Tensor], Tensor]
 LossFn = Callable[[ModelFn, Any], Tensor]
 Callback = Callable[[int, dict], None]
+
+
+class Checkpoints(Protocol):
+    """Where a training loop (`train_curve`, `training.train_classifier`) saves its state after
+    each epoch and resumes from, so that a run cut short ends as one never stopped; duck-typed,
+    `tscpurify.defenses.resume.EpochCheckpoints` is one.
+
+    `resume(stateful)` loads the last save into `stateful` (objects with `state_dict` and
+    `load_state_dict`) and the random generators, and returns (epochs done, the loop's record
+    saved with them), (0, {}) if none; `save(epochs, stateful, record, final)` saves them after
+    `epochs` epochs, `final` on the loop's last.
+    """
+
+    def resume(self, stateful: Mapping[str, Any]) -> tuple[int, dict[str, Any]]: ...
+
+    def save(self, epochs: int, stateful: Mapping[str, Any], record: Mapping[str, Any],
+             final: bool = False) -> None: ...
+
+
+class _GeneratorState:
+    """A torch.Generator as a state to save and load (`state_dict`, `load_state_dict`)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["state"])
 
 
 @dataclass(frozen=True)
@@ -169,7 +199,8 @@ def _squared_norm(weights: dict[str, Tensor]) -> Tensor:
 def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
                 settings: CurveSettings, *, callbacks: Sequence[Callback] = (),
                 progress: bool = True, generator: torch.Generator | None = None,
-                distributed: bool = False) -> list[dict]:
+                distributed: bool = False, checkpoints: Checkpoints | None = None
+                ) -> list[dict]:
     """Train `curve.mid` in place; returns one log entry per epoch (epoch, loss, lr, seconds).
 
     `loss` is the epoch's mean over mini-batches of the full objective (task loss + L2 term);
@@ -184,15 +215,29 @@ def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
     each backward, so each step follows the union batch's gradient (the L2 term, the same on
     every process, counts once), and the logged loss is the processes' mean. `generator` must
     then be seeded alike on every process, so all take the same t.
+
+    `checkpoints` (one process only): resume from its last save, then save after each epoch,
+    after the callbacks: the curve (its control point and its template's BatchNorm
+    statistics), the optimiser, the schedule, `generator` and the log so far (record "log").
+    The log returned then holds the entries of the epochs run before the save too.
     """
+    if checkpoints is not None and distributed:
+        raise SettingsError("curve training saves checkpoints from one process only; "
+                            "distributed training takes none")
     params = list(curve.parameters())
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=settings.cosine_t_max or max(settings.epochs, 1))
     half_l2 = 0.5 * settings.l2_reg
-    log: list[dict] = []
-    bar = tqdm(range(settings.epochs), desc="curve", disable=not progress)
+    stateful: dict[str, Any] = {"curve": curve, "template": curve.template,
+                                "optimizer": optimizer, "scheduler": scheduler}
+    if generator is not None:
+        stateful["generator"] = _GeneratorState(generator)
+    done, saved = checkpoints.resume(stateful) if checkpoints is not None else (0, {})
+    log: list[dict] = list(saved.get("log", []))
+    bar = tqdm(range(done, settings.epochs), desc="curve", disable=not progress, initial=done,
+               total=settings.epochs)
     for epoch in bar:
         began = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -225,4 +270,7 @@ def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
         bar.set_postfix(loss=f"{entry['loss']:.4f}")
         for callback in callbacks:
             callback(epoch, entry)
+        if checkpoints is not None:
+            checkpoints.save(epoch + 1, stateful, {"log": log},
+                             final=epoch + 1 == settings.epochs)
     return log
