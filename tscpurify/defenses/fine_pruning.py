@@ -51,11 +51,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import SettingsError, SpecError
-from ..training import TrainSettings, device_of
+from ..training import TrainSettings, device_of, train_classifier
 from ._common import Output, accuracy, inputs_of, module_outputs, split_loader
 from .base import DefenseResult
 from .budget import epochs_for
-from .finetune import train_resumably
 from .registered import DEFENSES
 from .resume import EpochCheckpoints
 
@@ -164,8 +163,10 @@ def fine_pruning(model: nn.Module, clean: DataLoader, settings: FinePruningSetti
                               weight_decay=settings.weight_decay, augment=settings.augment,
                               batch_size=clean.batch_size or 1)
         checkpoints = EpochCheckpoints.from_callbacks(callbacks, "fine_pruning", settings)
-        losses, seconds["finetune"] = train_resumably(model, clean, train, checkpoints,
-                                                      progress=progress, desc="fine-tune")
+        began = time.perf_counter()
+        losses = train_classifier(model, clean, train, progress=progress, desc="fine-tune",
+                                  checkpoints=checkpoints)
+        seconds["finetune"] = time.perf_counter() - began
     finally:
         handle.remove()
     seconds.update(checkpoints.seconds())

@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..curve import (
     BezierCurve,
@@ -64,17 +64,16 @@ from ..curve import (
     cross_entropy_loss,
     fresh_control_point,
     recompute_bn_stats,
+    train_curve,
 )
-from ..curve.train import LossFn, _squared_norm, bf16_autocast
 from ..data.augment import random_crop_flip
-from ..errors import DataError, SettingsError
+from ..errors import SettingsError
 from ..seeding import derive_seed
-from ..training import TrainSettings
+from ..training import TrainSettings, train_classifier
 from .base import DefenseResult
 from .budget import scale_counts
-from .finetune import classifier_epoch, classifier_optimizer
 from .registered import DEFENSES
-from .resume import EpochCheckpoints, generator_states, restore_generators
+from .resume import EpochCheckpoints
 
 # The curve at a CPU budget: 30 epochs at 0.02 (the rate of the TSC reference's curves; module
 # docstring: published MCR rates range from 3e-5 to 0.01), annealed to zero over the curve.
@@ -115,64 +114,63 @@ class MCRSettings:
                        curve=replace(self.curve, epochs=counts["epochs"]))
 
 
-class _Later:
-    """The state of an object the run builds only later (the curve's, after the endpoint's
-    fine-tune), so that every save holds the same entries: empty until `bind`, and what
-    `resume` loads before then is kept and loaded into the object once bound."""
+class _Slot:
+    """An object that one phase's loop builds (its optimiser, its curve...), as an entry of the
+    run's one save: empty until the phase binds it. The save's entries for a phase it had not
+    reached are empty too, and a phase it had reached resumes from it once bound (`_Phase`):
+    what loads into an unbound slot is never needed."""
 
     def __init__(self) -> None:
         self.target: Any = None
-        self.loaded: dict[str, Any] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return self.target.state_dict() if self.target is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loaded = state
-
-    def bind(self, target: Any) -> None:
-        self.target = target
-        if self.loaded:
-            target.load_state_dict(self.loaded)
+        if self.target is not None:
+            self.target.load_state_dict(state)
 
 
-class _GeneratorState:
-    """A torch.Generator as a state (get_state / set_state)."""
+class _Run:
+    """MCR's checkpoints (resume.py): one save for both phases, the endpoint's fine-tune and
+    then the curve's training, whose epochs count over both; each entry a `_Slot`."""
 
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["state"])
+    def __init__(self, checkpoints: EpochCheckpoints, names: set[str], epochs: int) -> None:
+        self.checkpoints, self.epochs = checkpoints, epochs
+        self.slots = {name: _Slot() for name in sorted(names)}
+        self.done = 0
+        self.record: dict[str, Any] = {}
 
 
-def curve_epoch(curve: BezierCurve, loader: DataLoader, loss_fn: LossFn,
-                settings: CurveSettings, optimizer: torch.optim.Optimizer,
-                generator: torch.Generator) -> tuple[float, int]:
-    """One epoch of `train_curve` (curve/train.py, one process) before its schedule step: the
-    same t, steps and draws in the same order. Returns (summed loss, batches)."""
-    half_l2 = 0.5 * settings.l2_reg
-    curve.train()
-    total = torch.zeros((), device=curve.device)
-    steps = 0
-    for batch in loader:
-        t = float(torch.rand((), generator=generator))
-        weights = curve.weights(t)
-        with bf16_autocast(curve.device, settings.bf16):
-            loss = loss_fn(curve.as_function(t, weights), batch)
-        if half_l2:
-            loss = loss + half_l2 * _squared_norm(weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        steps += 1
-    if steps == 0:
-        raise DataError("curve training needs data: the loader gave no batches")
-    return float(total), steps
+class _Phase:
+    """One phase's view of the run's checkpoints, as `train_classifier` and `train_curve` take
+    them: its loop's entries saved under `names[entry]`, its record's `field` as the run's
+    `key`, its epochs after the `first` of the run's.
+
+    The first phase resumes from the save; a later one resumes from it again if the save holds
+    some of its epochs, so that its generators are the save's whatever ran between the phases
+    (MCR's fresh control point re-seeds the global generator), and otherwise starts afresh."""
+
+    def __init__(self, run: _Run, first: int, epochs: int, names: dict[str, str], key: str,
+                 field: str) -> None:
+        self.run, self.first, self.epochs = run, first, epochs
+        self.names, self.key, self.field = names, key, field
+
+    def resume(self, stateful: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        run = self.run
+        for name, obj in stateful.items():
+            run.slots[self.names[name]].target = obj
+        if self.first == 0 or run.done > self.first:
+            run.done, run.record = run.checkpoints.resume(run.slots)
+        done = min(max(run.done - self.first, 0), self.epochs)
+        return done, {self.field: run.record.get(self.key, [])}
+
+    def save(self, epochs: int, stateful: Mapping[str, Any], record: Mapping[str, Any],
+             final: bool = False) -> None:
+        run = self.run
+        run.record[self.key] = record[self.field]
+        run.checkpoints.save(self.first + epochs, run.slots, run.record,
+                             final=self.first + epochs == run.epochs)
 
 
 @DEFENSES.register("mcr", settings=MCRSettings, needs_labels=True)
@@ -185,75 +183,32 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
                           momentum=settings.curve.momentum,
                           weight_decay=settings.curve.weight_decay, bf16=settings.curve.bf16,
                           augment=settings.augment, batch_size=clean.batch_size or 1)
-    # The endpoint's fine-tune is `train_classifier`'s, the curve's `train_curve`'s, each run
-    # one epoch at a time (finetune.py, curve_epoch above).
-    ft_optimizer, ft_scheduler = classifier_optimizer(endpoint, train, len(clean))
-    generator = torch.Generator().manual_seed(derive_seed(seed, "mcr", "t"))
     # A run cut short resumes after its last saved epoch (resume.py), counted over both phases:
     # the endpoint's fine-tune, then the curve's training.
-    checkpoints = EpochCheckpoints.from_callbacks(callbacks, "mcr", settings)
-    curve_state, template, curve_optimizer, curve_scheduler = (_Later() for _ in range(4))
-    stateful = {"endpoint": endpoint, "ft_optimizer": ft_optimizer, "ft_scheduler": ft_scheduler,
-                "curve": curve_state, "curve_template": template,
-                "curve_optimizer": curve_optimizer, "curve_scheduler": curve_scheduler,
-                "t_generator": _GeneratorState(generator)}
-    done, saved = checkpoints.resume(stateful)
-    epochs = settings.ft_epochs + settings.curve.epochs
-    ft_losses: list[float] = saved.get("ft_losses", [])
-    log: list[dict] = saved.get("curve_log", [])
-    seconds: dict[str, float] = saved.get("seconds", {"finetune": 0.0})
-    ft_loss = loss_fn
-    if loss_fn is None:
-        loss_fn = cross_entropy_loss(random_crop_flip if settings.augment else None)
-
-    def record() -> dict[str, Any]:
-        return {"ft_losses": ft_losses, "curve_log": log, "seconds": seconds}
-
-    for epoch in tqdm(range(min(done, settings.ft_epochs), settings.ft_epochs),
-                      desc="fine-tune", disable=not progress, leave=False,
-                      initial=min(done, settings.ft_epochs), total=settings.ft_epochs):
-        ft_losses.append(classifier_epoch(endpoint, clean, train, ft_optimizer, ft_scheduler,
-                                          ft_loss))
-        seconds["finetune"] += time.perf_counter() - began
-        began = time.perf_counter()
-        checkpoints.save(epoch + 1, stateful, record(), final=epoch + 1 == epochs)
-    endpoint.eval()
-    seconds["finetune"] += time.perf_counter() - began
+    ft_names = {"model": "endpoint", "optimizer": "ft_optimizer", "scheduler": "ft_scheduler"}
+    curve_names = {"curve": "curve", "template": "curve_template",
+                   "optimizer": "curve_optimizer", "scheduler": "curve_scheduler",
+                   "generator": "t_generator"}
+    run = _Run(EpochCheckpoints.from_callbacks(callbacks, "mcr", settings),
+               {*ft_names.values(), *curve_names.values()},
+               settings.ft_epochs + settings.curve.epochs)
+    ft_losses = train_classifier(
+        endpoint, clean, train, progress=progress, desc="fine-tune", loss_fn=loss_fn,
+        checkpoints=_Phase(run, 0, settings.ft_epochs, ft_names, "ft_losses", "losses"))
+    seconds = {"finetune": time.perf_counter() - began}
 
     began = time.perf_counter()
-    # A fresh control point re-seeds the global generator: a run resumed inside the curve's
-    # training has its restored generators, drawn after that, and must keep them.
-    drawn = generator_states() if done > settings.ft_epochs else None
     mid = (fresh_control_point(model, derive_seed(seed, "mcr", "mid"))
            if settings.mid_init == "random" else None)
     curve = BezierCurve(model, model.state_dict(), endpoint.state_dict(), mid)
-    if drawn is not None:
-        restore_generators(drawn)
-    s = settings.curve
-    optimizer = torch.optim.SGD(list(curve.parameters()), lr=s.lr, momentum=s.momentum,
-                                weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=s.cosine_t_max or max(s.epochs, 1))
-    for later, target in ((curve_state, curve), (template, curve.template),
-                          (curve_optimizer, optimizer), (curve_scheduler, scheduler)):
-        later.bind(target)
-    seconds.setdefault("curve", 0.0)
-    first = max(done - settings.ft_epochs, 0)
-    bar = tqdm(range(first, s.epochs), desc="curve", disable=not progress, initial=first,
-               total=s.epochs)
-    for epoch in bar:
-        epoch_began = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        total, steps = curve_epoch(curve, clean, loss_fn, s, optimizer, generator)
-        scheduler.step()
-        log.append({"epoch": epoch, "loss": total / steps, "lr": lr,
-                    "seconds": time.perf_counter() - epoch_began})
-        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-        seconds["curve"] += time.perf_counter() - began
-        began = time.perf_counter()
-        checkpoints.save(settings.ft_epochs + epoch + 1, stateful, record(),
-                         final=settings.ft_epochs + epoch + 1 == epochs)
-    seconds["curve"] += time.perf_counter() - began
+    if loss_fn is None:
+        loss_fn = cross_entropy_loss(random_crop_flip if settings.augment else None)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "mcr", "t"))
+    log = train_curve(curve, clean, loss_fn, settings.curve, progress=progress,
+                      generator=generator,
+                      checkpoints=_Phase(run, settings.ft_epochs, settings.curve.epochs,
+                                         curve_names, "curve_log", "log"))
+    seconds["curve"] = time.perf_counter() - began
 
     began = time.perf_counter()
     repaired = curve.point(settings.t)
@@ -261,5 +216,5 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
     seconds["batchnorm"] = time.perf_counter() - began
     details = {"t": settings.t, "curve": curve, "endpoint": endpoint, "curve_log": log,
                "ft_losses": ft_losses}
-    return DefenseResult(repaired, details, {**seconds, **checkpoints.seconds()},
+    return DefenseResult(repaired, details, {**seconds, **run.checkpoints.seconds()},
                          steps=settings.planned_steps(len(clean)))
