@@ -24,10 +24,6 @@ from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..seeding import derive_seed
 from ..training import TrainSettings, train_classifier
-
-# Re-exported for nad.py, whose teacher runs train_classifier's epochs one at a time.
-from ..training import classifier_epoch as classifier_epoch
-from ..training import classifier_optimizer as classifier_optimizer
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES

@@ -46,11 +46,10 @@ from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
-from ..training import TrainSettings, device_of
+from ..training import TrainSettings, classifier_epoch, classifier_optimizer, device_of
 from ._common import inputs_of, stage_outputs
 from .base import DefenseResult
 from .budget import scale_counts
-from .finetune import classifier_epoch, classifier_optimizer
 from .registered import DEFENSES
 from .resume import EpochCheckpoints, generator_states, restore_generators
 
@@ -126,7 +125,7 @@ def nad(model: nn.Module, clean: DataLoader, settings: NADSettings, *, seed: int
     train = TrainSettings(epochs=settings.teacher_epochs, lr=settings.lr,
                           momentum=settings.momentum, weight_decay=settings.weight_decay,
                           augment=settings.augment, batch_size=clean.batch_size or 1)
-    # The teacher's fine-tune is `train_classifier`'s, run one epoch at a time (finetune.py).
+    # The teacher's fine-tune is `train_classifier`'s, run one epoch at a time (training.py).
     teacher_optimizer, teacher_scheduler = classifier_optimizer(teacher, train, len(clean))
     # The student's optimiser, built here rather than after the teacher's epochs (building it
     # draws nothing and reads only the student, which the teacher's epochs leave alone), so
