@@ -16,6 +16,9 @@ operation after purification erase it? (docs/deep-purification.md, look 2.)
    - reinit_first: the first convolution and its BatchNorm re-initialised, then the fine-tune,
    - reinit_both: both of the above, then the fine-tune,
    - noise_03: Gaussian noise of 0.3 × each weight tensor's RMS added, then the fine-tune,
+   - relearn_1, relearn_3: the first 1 or 3 convolutions re-initialised and trained alone to
+     reproduce the purified model's own features there on clean images (30 epochs, MSE),
+     then the fine-tune (look 2's diagnostic found the trigger's features in those layers),
    - project_999, project_99: each convolution's and linear layer's weights projected onto
      the span of its clean inputs (the eigenvectors of the inputs' second moment that hold
      99.9% or 99% of its energy, over 3×3 patches for convolutions), then the fine-tune.
@@ -43,13 +46,13 @@ from torch.utils.data import DataLoader
 from tscpurify.curve import cross_entropy_loss
 from tscpurify.data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from tscpurify.data.augment import random_crop_flip
-from tscpurify.defenses._common import BatchNorm
 from tscpurify.evaluation import evaluate
 from tscpurify.retune import RetuneSettings, retune_profile
 from tscpurify.runs import load_run
 from tscpurify.seeding import derive_seed, seed_everything
 from tscpurify.training import TrainSettings, train_classifier
 
+BatchNorm = nn.modules.batchnorm._BatchNorm
 FINAL_FT = TrainSettings(epochs=15, lr=0.03, batch_size=256)
 
 
@@ -144,6 +147,44 @@ def reinit_both(model: nn.Module, loader: DataLoader) -> None:
     reinit_head(model, loader)
 
 
+def relearn_early(model: nn.Module, loader: DataLoader, convs: int, epochs: int = 30) -> None:
+    """Re-initialise the first `convs` convolutions (with their BatchNorm and activation) and
+    train them alone to reproduce, on augmented clean images, what the model's own first
+    block computed (mean squared error on its output). The layers above keep their weights.
+    A trigger's features that clean images never excite have nothing to be re-learnt from."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError("relearn_early needs an nn.Sequential model (the CNN)")
+    end = [i for i, m in enumerate(model) if isinstance(m, nn.Conv2d)][convs - 1] + 1
+    while end < len(model) and isinstance(model[end], (BatchNorm, nn.ReLU)):
+        end += 1
+    teacher = copy.deepcopy(model[:end]).eval()
+    block = model[:end]  # the model's own modules: training it trains the model
+    for m in block:
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, BatchNorm):
+            m.reset_running_stats()
+    shuffled = DataLoader(loader.dataset, batch_size=256, shuffle=True)
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(shuffled))
+    block.train()
+    for _ in range(epochs):
+        for x, *_ in shuffled:
+            x = random_crop_flip(x)
+            with torch.no_grad():
+                target = teacher(x)
+            loss = F.mse_loss(block(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    print(f"  relearnt {end} modules; last feature loss {loss.item():.4f}")
+
+
+def relearning(convs: int):
+    return lambda model, loader: relearn_early(model, loader, convs)
+
+
 def projection(energy: float):
     return lambda model, loader: project_to_clean_inputs(model, loader, energy)
 
@@ -152,6 +193,8 @@ def projection(energy: float):
 CANDIDATES = {"as_is": (None, False), "ft15": (None, True), "reinit_head": (reinit_head, True),
               "reinit_first": (reinit_first, True), "reinit_both": (reinit_both, True),
               "noise_03": (add_noise, True),
+              "relearn_1": (relearning(1), True), "relearn_3": (relearning(3), True),
+              "relearn_3_alone": (relearning(3), False),
               "project_999": (projection(0.999), True),
               "project_99_alone": (projection(0.99), False),
               "project_99": (projection(0.99), True),
