@@ -24,6 +24,9 @@ operation after purification erase it? (docs/deep-purification.md, look 2.)
      99.9% or 99% of its energy, over 3×3 patches for convolutions), then the fine-tune.
      Directions the clean data never excites carry nothing a clean input needs, and are where
      a trigger's features can live. `_alone`: the projection without the fine-tune.
+   - ibau_15, sau_15: i-BAU (15 rounds) or SAU (15 epochs) with their published settings,
+     run on the purified model instead of the fine-tune: unlearning adversarial perturbations,
+     a proxy of the trigger that needs no trigger,
    - as_is: nothing (the purified model itself, for its head-only re-tune).
 Every model is re-tuned (the full re-tune, all parameters) and measured on the whole test split.
 Prints a table and writes it as JSON next to PURIFIED (deepen.json). A pilot on tuning models
@@ -46,13 +49,14 @@ from torch.utils.data import DataLoader
 from tscpurify.curve import cross_entropy_loss
 from tscpurify.data import CLEAN_FRACTION, load_dataset, select_clean_subset
 from tscpurify.data.augment import random_crop_flip
+from tscpurify.defenses import defend
 from tscpurify.evaluation import evaluate
 from tscpurify.retune import RetuneSettings, retune_profile
 from tscpurify.runs import load_run
 from tscpurify.seeding import derive_seed, seed_everything
 from tscpurify.training import TrainSettings, train_classifier
 
-BatchNorm = nn.modules.batchnorm._BatchNorm
+BatchNorm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FINAL_FT = TrainSettings(epochs=15, lr=0.03, batch_size=256)
 
 
@@ -185,6 +189,16 @@ def relearning(convs: int):
     return lambda model, loader: relearn_early(model, loader, convs)
 
 
+def unlearning(defense: str, **settings):
+    """A baseline that unlearns adversarial perturbations (a trigger's proxy), run on the
+    purified model in place of the fine-tune, with its published settings otherwise."""
+    def run(model: nn.Module, loader: DataLoader) -> None:
+        shuffled = DataLoader(loader.dataset, batch_size=256, shuffle=True)
+        result = defend(defense, model, shuffled, progress=False, **settings)
+        model.load_state_dict(result.model.state_dict())
+    return run
+
+
 def projection(energy: float):
     return lambda model, loader: project_to_clean_inputs(model, loader, energy)
 
@@ -195,6 +209,8 @@ CANDIDATES = {"as_is": (None, False), "ft15": (None, True), "reinit_head": (rein
               "noise_03": (add_noise, True),
               "relearn_1": (relearning(1), True), "relearn_3": (relearning(3), True),
               "relearn_3_alone": (relearning(3), False),
+              "ibau_15": (unlearning("ibau", rounds=15), False),
+              "sau_15": (unlearning("sau", epochs=15), False),
               "project_999": (projection(0.999), True),
               "project_99_alone": (projection(0.99), False),
               "project_99": (projection(0.99), True),
