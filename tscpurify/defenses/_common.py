@@ -3,7 +3,7 @@ names), measure clean accuracy, split off held-out clean data, and loop over bat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +21,6 @@ BatchNorm = nn.modules.batchnorm._BatchNorm
 def inputs_of(batch: Any) -> Tensor:
     """The images of a batch: (images, labels, ...) or bare images."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def endless(loader: DataLoader) -> Iterator[Any]:
-    """Batches forever, re-iterating the loader (so a shuffling loader reshuffles)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise DataError("the clean data loader gave no batches")
 
 
 @torch.no_grad()
