@@ -1,5 +1,5 @@
 """Helpers shared by the baseline defenses: find layers by what they do (never by architecture
-names), measure clean accuracy, split off held-out clean data, and loop over batches."""
+names), measure clean accuracy and split off held-out clean data."""
 
 from __future__ import annotations
 
