@@ -108,6 +108,10 @@ def test_a_damaged_save_is_refused_with_its_path(trained_cnn, band_data, tmp_pat
     with pytest.raises(CheckpointError, match="cannot be read"):
         defend("ibau", trained_cnn, loader, progress=False, rounds=2,
                callbacks={"resume_dir": tmp_path})
+    torch.save(torch.zeros(3), tmp_path / FILE)  # loadable, but not ours
+    with pytest.raises(CheckpointError, match="not a tscpurify epoch checkpoint"):
+        defend("ibau", trained_cnn, loader, progress=False, rounds=2,
+               callbacks={"resume_dir": tmp_path})
 
 
 def test_saves_wait_for_the_interval_and_the_last_epoch_is_never_saved(tmp_path):

@@ -113,6 +113,9 @@ class EpochCheckpoints:
         except Exception as err:  # a cut write never lands (replaced_whole); this is damage
             raise CheckpointError(f"{self.path} cannot be read ({type(err).__name__}); delete "
                                   f"it to start over") from None
+        if not isinstance(saved, dict) or not {"identity", "state", "record"} <= saved.keys():
+            raise CheckpointError(f"{self.path} is not a tscpurify epoch checkpoint; delete it "
+                                  f"to start over")
         if saved.get("identity") != self.identity:
             changed = sorted(k for k in self.identity.keys() | saved.get("identity", {}).keys()
                              if self.identity.get(k) != saved.get("identity", {}).get(k))
