@@ -54,7 +54,7 @@ class TrainSettings:
                                 f"{self.momentum}, {self.weight_decay}")
 
 
-def classifier_optimizer(model: nn.Module, settings: TrainSettings, batches: int
+def _classifier_optimizer(model: nn.Module, settings: TrainSettings, batches: int
                          ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """`train_classifier`'s optimiser (SGD with momentum, or AdamW) over `model`'s parameters
     and its per-step cosine from `lr` to 0 over `settings.epochs` epochs of `batches` batches."""
@@ -71,7 +71,7 @@ def classifier_optimizer(model: nn.Module, settings: TrainSettings, batches: int
     return optimizer, scheduler
 
 
-def classifier_epoch(model: nn.Module, loader: DataLoader, settings: TrainSettings,
+def _classifier_epoch(model: nn.Module, loader: DataLoader, settings: TrainSettings,
                      optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler,
                      loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -97,6 +97,10 @@ def classifier_epoch(model: nn.Module, loader: DataLoader, settings: TrainSettin
         total += loss.item()
         count += 1
     return total / max(count, 1)
+
+
+# What `train_classifier` saves to its checkpoints (a phased run declares it: resume.py).
+CLASSIFIER_STATE = ("model", "optimizer", "scheduler")
 
 
 def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettings, *,
@@ -126,15 +130,15 @@ def train_classifier(model: nn.Module, loader: DataLoader, settings: TrainSettin
     if checkpoints is not None and distributed:
         raise SettingsError("training saves checkpoints from one process only; distributed "
                             "training takes none")
-    optimizer, scheduler = classifier_optimizer(model, settings, len(loader))
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    optimizer, scheduler = _classifier_optimizer(model, settings, len(loader))
+    stateful = dict(zip(CLASSIFIER_STATE, (model, optimizer, scheduler), strict=True))
     done, saved = checkpoints.resume(stateful) if checkpoints is not None else (0, {})
     history: list[float] = list(saved.get("losses", []))
     bar = tqdm(range(done, settings.epochs), desc=desc, disable=not progress, leave=False,
                initial=done, total=settings.epochs)
     for epoch in bar:
         start = time.perf_counter()
-        history.append(classifier_epoch(model, loader, settings, optimizer, scheduler, loss_fn,
+        history.append(_classifier_epoch(model, loader, settings, optimizer, scheduler, loss_fn,
                                         distributed))
         bar.set_postfix(loss=f"{history[-1]:.3f}", sec=f"{time.perf_counter() - start:.0f}")
         for callback in callbacks:

@@ -196,6 +196,11 @@ def _squared_norm(weights: dict[str, Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(list(weights.values()))).square().sum()
 
 
+# What `train_curve` saves to its checkpoints, the generator last and only when one is given
+# (a phased run declares it: defenses/resume.py).
+CURVE_STATE = ("curve", "template", "optimizer", "scheduler", "generator")
+
+
 def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
                 settings: CurveSettings, *, callbacks: Sequence[Callback] = (),
                 progress: bool = True, generator: torch.Generator | None = None,
@@ -230,10 +235,10 @@ def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=settings.cosine_t_max or max(settings.epochs, 1))
     half_l2 = 0.5 * settings.l2_reg
-    stateful: dict[str, Any] = {"curve": curve, "template": curve.template,
-                                "optimizer": optimizer, "scheduler": scheduler}
+    saved_objects: list[Any] = [curve, curve.template, optimizer, scheduler]
     if generator is not None:
-        stateful["generator"] = _GeneratorState(generator)
+        saved_objects.append(_GeneratorState(generator))
+    stateful = dict(zip(CURVE_STATE, saved_objects, strict=False))  # generator: if given
     done, saved = checkpoints.resume(stateful) if checkpoints is not None else (0, {})
     log: list[dict] = list(saved.get("log", []))
     bar = tqdm(range(done, settings.epochs), desc="curve", disable=not progress, initial=done,

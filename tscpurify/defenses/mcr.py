@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -66,14 +64,15 @@ from ..curve import (
     recompute_bn_stats,
     train_curve,
 )
+from ..curve.train import CURVE_STATE
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..seeding import derive_seed
-from ..training import TrainSettings, train_classifier
+from ..training import CLASSIFIER_STATE, TrainSettings, train_classifier
 from .base import DefenseResult
 from .budget import scale_counts
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
+from .resume import EpochCheckpoints, PhasedCheckpoints
 
 # The curve at a CPU budget: 30 epochs at 0.02 (the rate of the TSC reference's curves; module
 # docstring: published MCR rates range from 3e-5 to 0.01), annealed to zero over the curve.
@@ -114,65 +113,6 @@ class MCRSettings:
                        curve=replace(self.curve, epochs=counts["epochs"]))
 
 
-class _Slot:
-    """An object that one phase's loop builds (its optimiser, its curve...), as an entry of the
-    run's one save: empty until the phase binds it. The save's entries for a phase it had not
-    reached are empty too, and a phase it had reached resumes from it once bound (`_Phase`):
-    what loads into an unbound slot is never needed."""
-
-    def __init__(self) -> None:
-        self.target: Any = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.target.state_dict() if self.target is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.target is not None:
-            self.target.load_state_dict(state)
-
-
-class _Run:
-    """MCR's checkpoints (resume.py): one save for both phases, the endpoint's fine-tune and
-    then the curve's training, whose epochs count over both; each entry a `_Slot`."""
-
-    def __init__(self, checkpoints: EpochCheckpoints, names: set[str], epochs: int) -> None:
-        self.checkpoints, self.epochs = checkpoints, epochs
-        self.slots = {name: _Slot() for name in sorted(names)}
-        self.done = 0
-        self.record: dict[str, Any] = {}
-
-
-class _Phase:
-    """One phase's view of the run's checkpoints, as `train_classifier` and `train_curve` take
-    them: its loop's entries saved under `names[entry]`, its record's `field` as the run's
-    `key`, its epochs after the `first` of the run's.
-
-    The first phase resumes from the save; a later one resumes from it again if the save holds
-    some of its epochs, so that its generators are the save's whatever ran between the phases
-    (MCR's fresh control point re-seeds the global generator), and otherwise starts afresh."""
-
-    def __init__(self, run: _Run, first: int, epochs: int, names: dict[str, str], key: str,
-                 field: str) -> None:
-        self.run, self.first, self.epochs = run, first, epochs
-        self.names, self.key, self.field = names, key, field
-
-    def resume(self, stateful: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-        run = self.run
-        for name, obj in stateful.items():
-            run.slots[self.names[name]].target = obj
-        if self.first == 0 or run.done > self.first:
-            run.done, run.record = run.checkpoints.resume(run.slots)
-        done = min(max(run.done - self.first, 0), self.epochs)
-        return done, {self.field: run.record.get(self.key, [])}
-
-    def save(self, epochs: int, stateful: Mapping[str, Any], record: Mapping[str, Any],
-             final: bool = False) -> None:
-        run = self.run
-        run.record[self.key] = record[self.field]
-        run.checkpoints.save(self.first + epochs, run.slots, run.record,
-                             final=self.first + epochs == run.epochs)
-
-
 @DEFENSES.register("mcr", settings=MCRSettings, needs_labels=True)
 def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int,
         progress: bool, callbacks: dict) -> DefenseResult:
@@ -185,16 +125,11 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
                           augment=settings.augment, batch_size=clean.batch_size or 1)
     # A run cut short resumes after its last saved epoch (resume.py), counted over both phases:
     # the endpoint's fine-tune, then the curve's training.
-    ft_names = {"model": "endpoint", "optimizer": "ft_optimizer", "scheduler": "ft_scheduler"}
-    curve_names = {"curve": "curve", "template": "curve_template",
-                   "optimizer": "curve_optimizer", "scheduler": "curve_scheduler",
-                   "generator": "t_generator"}
-    run = _Run(EpochCheckpoints.from_callbacks(callbacks, "mcr", settings),
-               {*ft_names.values(), *curve_names.values()},
-               settings.ft_epochs + settings.curve.epochs)
-    ft_losses = train_classifier(
-        endpoint, clean, train, progress=progress, desc="fine-tune", loss_fn=loss_fn,
-        checkpoints=_Phase(run, 0, settings.ft_epochs, ft_names, "ft_losses", "losses"))
+    run = PhasedCheckpoints(EpochCheckpoints.from_callbacks(callbacks, "mcr", settings),
+                            {"endpoint": (settings.ft_epochs, CLASSIFIER_STATE),
+                             "curve": (settings.curve.epochs, CURVE_STATE)})
+    ft_losses = train_classifier(endpoint, clean, train, progress=progress, desc="fine-tune",
+                                 loss_fn=loss_fn, checkpoints=run.phase("endpoint"))
     seconds = {"finetune": time.perf_counter() - began}
 
     began = time.perf_counter()
@@ -205,9 +140,7 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
         loss_fn = cross_entropy_loss(random_crop_flip if settings.augment else None)
     generator = torch.Generator().manual_seed(derive_seed(seed, "mcr", "t"))
     log = train_curve(curve, clean, loss_fn, settings.curve, progress=progress,
-                      generator=generator,
-                      checkpoints=_Phase(run, settings.ft_epochs, settings.curve.epochs,
-                                         curve_names, "curve_log", "log"))
+                      generator=generator, checkpoints=run.phase("curve"))
     seconds["curve"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -216,5 +149,5 @@ def mcr(model: nn.Module, clean: DataLoader, settings: MCRSettings, *, seed: int
     seconds["batchnorm"] = time.perf_counter() - began
     details = {"t": settings.t, "curve": curve, "endpoint": endpoint, "curve_log": log,
                "ft_losses": ft_losses}
-    return DefenseResult(repaired, details, {**seconds, **run.checkpoints.seconds()},
+    return DefenseResult(repaired, details, {**seconds, **run.seconds()},
                          steps=settings.planned_steps(len(clean)))

@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
-from ..training import TrainSettings, classifier_epoch, classifier_optimizer, device_of
+from ..training import CLASSIFIER_STATE, TrainSettings, device_of, train_classifier
 from ._common import inputs_of, stage_outputs
 from .base import DefenseResult
 from .budget import scale_counts
 from .registered import DEFENSES
-from .resume import EpochCheckpoints, generator_states, restore_generators
+from .resume import EpochCheckpoints, PhasedCheckpoints
 
 
 @dataclass(frozen=True)
@@ -125,61 +125,39 @@ def nad(model: nn.Module, clean: DataLoader, settings: NADSettings, *, seed: int
     train = TrainSettings(epochs=settings.teacher_epochs, lr=settings.lr,
                           momentum=settings.momentum, weight_decay=settings.weight_decay,
                           augment=settings.augment, batch_size=clean.batch_size or 1)
-    # The teacher's fine-tune is `train_classifier`'s, run one epoch at a time (training.py).
-    teacher_optimizer, teacher_scheduler = classifier_optimizer(teacher, train, len(clean))
-    # The student's optimiser, built here rather than after the teacher's epochs (building it
-    # draws nothing and reads only the student, which the teacher's epochs leave alone), so
-    # that every save holds the same state.
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, settings.epochs * len(clean)))
     # A run cut short resumes after its last saved epoch (resume.py), counted over both phases:
-    # the teacher's epochs, then the student's.
-    checkpoints = EpochCheckpoints.from_callbacks(callbacks, "nad", settings)
-    stateful = {"teacher": teacher, "teacher_optimizer": teacher_optimizer,
-                "teacher_scheduler": teacher_scheduler, "model": model, "optimizer": optimizer,
-                "scheduler": scheduler}
-    done, saved = checkpoints.resume(stateful)
-    total = settings.teacher_epochs + settings.epochs
-    teacher_losses: list[float] = saved.get("teacher_losses", [])
-    history: list[dict[str, float]] = saved.get("history", [])
-    seconds = saved.get("seconds", {"teacher": 0.0})
-    for epoch in tqdm(range(min(done, settings.teacher_epochs), settings.teacher_epochs),
-                      desc="teacher", disable=not progress, leave=False,
-                      initial=min(done, settings.teacher_epochs), total=settings.teacher_epochs):
-        teacher_losses.append(classifier_epoch(teacher, clean, train, teacher_optimizer,
-                                               teacher_scheduler))
-        seconds["teacher"] += time.perf_counter() - began
-        began = time.perf_counter()
-        checkpoints.save(epoch + 1, stateful, {"teacher_losses": teacher_losses,
-                                               "history": history, "seconds": seconds},
-                         final=epoch + 1 == total)
-    teacher.eval()
-    seconds["teacher"] += time.perf_counter() - began
+    # the teacher's fine-tune, then the student's distillation.
+    run = PhasedCheckpoints(EpochCheckpoints.from_callbacks(callbacks, "nad", settings),
+                            {"teacher": (settings.teacher_epochs, CLASSIFIER_STATE),
+                             "student": (settings.epochs, CLASSIFIER_STATE)})
+    teacher_losses = train_classifier(teacher, clean, train, progress=progress, desc="teacher",
+                                      checkpoints=run.phase("teacher"))
+    seconds = {"teacher": time.perf_counter() - began}
 
     betas = settings.beta_values()
-    # Reading one batch draws the loader's shuffle: a run resumed inside the distillation has
-    # that draw in its restored generators already, so there it must leave them as they are.
-    drawn = generator_states() if done > settings.teacher_epochs else None
     stages = stage_outputs(model, inputs_of(next(iter(clean)))[:2])
-    if drawn is not None:
-        restore_generators(drawn)
     if len(stages) < len(betas):
         raise SettingsError(f"{len(betas)} betas but the model has only {len(stages)} stages "
                             f"({[s.name for s in stages]}); pass fewer betas")
     names = [s.name for s in stages[-len(betas):]]
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, settings.epochs * len(clean)))
+    # Resumed after the batch read above: its shuffle is then in the restored generators.
+    student = run.phase("student")
+    stateful = dict(zip(CLASSIFIER_STATE, (model, optimizer, scheduler), strict=True))
+    done, saved = student.resume(stateful)
+    history: list[dict[str, float]] = list(saved.get("history", []))
 
     # Distil: CE on the clean labels plus the attention term against the frozen teacher.
     began = time.perf_counter()
-    seconds.setdefault("distill", 0.0)
     device = device_of(model)
     student_taps, teacher_taps = _Taps(model, names), _Taps(teacher, names)
     teacher.eval()
     try:
-        for epoch in tqdm(range(max(done - settings.teacher_epochs, 0), settings.epochs),
-                          desc="nad", disable=not progress, leave=False,
-                          initial=max(done - settings.teacher_epochs, 0), total=settings.epochs):
+        for epoch in tqdm(range(done, settings.epochs), desc="nad", disable=not progress,
+                          leave=False, initial=done, total=settings.epochs):
             model.train()
             sums, count = torch.zeros(2), 0
             for x, y, *_ in clean:
@@ -199,17 +177,13 @@ def nad(model: nn.Module, clean: DataLoader, settings: NADSettings, *, seed: int
                 sums += torch.tensor([ce.item(), float(at.detach())]) * len(y)
                 count += len(y)
             history.append({"ce": float(sums[0]) / count, "attention": float(sums[1]) / count})
-            seconds["distill"] += time.perf_counter() - began
-            began = time.perf_counter()
-            done_now = settings.teacher_epochs + epoch + 1
-            checkpoints.save(done_now, stateful, {"teacher_losses": teacher_losses,
-                                                  "history": history, "seconds": seconds},
-                             final=done_now == total)
+            student.save(epoch + 1, stateful, {"history": history},
+                         final=epoch + 1 == settings.epochs)
     finally:
         student_taps.remove()
         teacher_taps.remove()
-    seconds["distill"] += time.perf_counter() - began
+    seconds["distill"] = time.perf_counter() - began
     details = {"stages": names, "betas": betas, "teacher": teacher.eval(),
                "teacher_losses": teacher_losses, "history": history}
     steps = (settings.teacher_epochs + settings.epochs) * len(clean)
-    return DefenseResult(model, details, {**seconds, **checkpoints.seconds()}, steps=steps)
+    return DefenseResult(model, details, {**seconds, **run.seconds()}, steps=steps)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -150,3 +150,84 @@ class EpochCheckpoints:
     def seconds(self) -> dict[str, float]:
         """For the result's `seconds`: the time the resumed epochs took when they ran."""
         return {"resumed": self.resumed_seconds} if self.resumed_epochs else {}
+
+
+class _Slot:
+    """An entry of a phased run's one save, bound to the object its phase's loop builds (an
+    optimiser, a curve...) once that phase starts. An unbound slot saves as empty and ignores
+    what loads into it: a phase not yet reached has nothing to keep, and one already reached
+    resumes from the save again once bound (`_Phase.resume`)."""
+
+    def __init__(self) -> None:
+        self.target: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.target.state_dict() if self.target is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.target is not None:
+            self.target.load_state_dict(state)
+
+
+class PhasedCheckpoints:
+    """One save for a defense that runs several training loops in a row (NAD's teacher and then
+    its student, MCR's endpoint and then its curve), whose epochs count over the whole run.
+
+    `phases` maps each phase, in order, to (its epochs, the names of what its loop saves: the
+    `stateful` keys of `train_classifier`, `train_curve` or the defense's own loop, which must
+    be known before the first phase resumes, since a save holds them all). `phase(name)` is the
+    view that loop takes as its `checkpoints`; its record is saved under the phase's name.
+
+    Example (inside a defense):
+        >>> run = PhasedCheckpoints(EpochCheckpoints.from_callbacks(callbacks, "nad", settings),
+        ...                         {"teacher": (2, CLASSIFIER_STATE), "student": (8, names)})
+        >>> train_classifier(teacher, clean, train, checkpoints=run.phase("teacher"))
+    """
+
+    def __init__(self, checkpoints: EpochCheckpoints,
+                 phases: Mapping[str, tuple[int, Sequence[str]]]) -> None:
+        self.checkpoints = checkpoints
+        self.first, first = {}, 0
+        for name, (epochs, _) in phases.items():
+            self.first[name], first = first, first + epochs
+        self.epochs = first
+        self.lengths = {name: epochs for name, (epochs, _) in phases.items()}
+        self.slots = {f"{name}.{entry}": _Slot()
+                      for name, (_, entries) in phases.items() for entry in entries}
+        self.done = 0
+        self.record: dict[str, Any] = {}
+
+    def phase(self, name: str) -> _Phase:
+        return _Phase(self, name)
+
+    def seconds(self) -> dict[str, float]:
+        return self.checkpoints.seconds()
+
+
+class _Phase:
+    """One phase's view of a `PhasedCheckpoints` (the `Checkpoints` protocol of curve/train.py).
+
+    The first phase resumes from the save. A later one resumes from it again when the save holds
+    some of its epochs, so that its random generators are the save's, whatever ran between the
+    phases (a fresh control point re-seeds the global generator; reading a batch draws a
+    shuffle); otherwise it starts afresh from where the phases before it left them."""
+
+    def __init__(self, run: PhasedCheckpoints, name: str) -> None:
+        self.run, self.name = run, name
+        self.first, self.epochs = run.first[name], run.lengths[name]
+
+    def resume(self, stateful: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        run = self.run
+        for entry, obj in stateful.items():
+            run.slots[f"{self.name}.{entry}"].target = obj
+        if self.first == 0 or run.done > self.first:
+            run.done, run.record = run.checkpoints.resume(run.slots)
+        done = min(max(run.done - self.first, 0), self.epochs)
+        return done, dict(run.record.get(self.name, {}))
+
+    def save(self, epochs: int, stateful: Mapping[str, Any], record: Mapping[str, Any],
+             final: bool = False) -> None:
+        run = self.run
+        run.record[self.name] = dict(record)
+        run.checkpoints.save(self.first + epochs, run.slots, run.record,
+                             final=self.first + epochs == run.epochs)
