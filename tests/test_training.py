@@ -76,7 +76,7 @@ def test_training_cut_after_an_epoch_resumes_from_its_checkpoints_to_the_same_we
         tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
-    from tscpurify.defenses.resume import EpochCheckpoints
+    from tscpurify.resume import EpochCheckpoints
 
     class StopAfterOne(EpochCheckpoints):
         def save(self, epochs, *args, **kwargs):
@@ -111,8 +111,8 @@ def test_training_cut_after_an_epoch_resumes_from_its_checkpoints_to_the_same_we
 def test_checkpoints_are_refused_with_distributed_training():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from tscpurify.defenses.resume import EpochCheckpoints
     from tscpurify.errors import SettingsError
+    from tscpurify.resume import EpochCheckpoints
 
     model = create_model("mlp", num_classes=2, image_size=4, hidden=(8,))
     loader = DataLoader(TensorDataset(torch.rand(8, 1, 4, 4), torch.zeros(8).long()))

@@ -41,6 +41,7 @@ from .job import AUTO_DEVICE, resolve_device
 from .models import MODELS, create_model
 from .models.factory import is_factory_path
 from .outputs import atomic_folder
+from .resume import EpochCheckpoints
 from .retune import RetuneSettings, retune_profiles, retune_set
 from .run_kinds import kind_of
 from .seeding import derive_seed, seed_everything
@@ -74,11 +75,14 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
                      model: str = "cnn", model_args: dict[str, Any] | None = None,
                      train: TrainSettings | None = None, seed: int = 0,
                      device: str = AUTO_DEVICE, progress: bool = True,
-                     overwrite: bool = False) -> Metrics:
+                     overwrite: bool = False, resume_dir: str | Path | None = None) -> Metrics:
     """Train a backdoored model and write its run folder; returns its metrics.
 
     `attack=None` trains the same model on clean data: the floor a re-tuning evaluation
-    compares purified models with (its run folder records no attack)."""
+    compares purified models with (its run folder records no attack). `resume_dir`: save the
+    training after each epoch there (resume.py) and resume from it, so that a run cut
+    short ends with the model an uninterrupted one trains; the save goes once the folder is
+    written."""
     train = train or TrainSettings()
     device = resolve_device(device)
     seed_everything(seed)
@@ -101,10 +105,20 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
         kwargs = model_kwargs(model, train_data, kwargs_extra)
         net = create_model(model, **kwargs).to(device)
         loader = make_loader(poisoned, train.batch_size, shuffle=True, seed=seed)
+        checkpoints = None
+        if resume_dir is not None:
+            checkpoints = EpochCheckpoints(
+                Path(resume_dir),
+                {"run": "train_backdoored", "data": data, "data_root": data_root,
+                 "attack": attack, "attack_args": attack_args or {}, "model": model,
+                 "model_args": kwargs, "train": train, "seed": seed, "device": str(device)},
+                generators={"shuffle": loader.generator})
         start = time.perf_counter()
         train_classifier(net, loader, train, progress=progress,
-                         desc=f"{attack or 'clean'} → {model}")
+                         desc=f"{attack or 'clean'} → {model}", checkpoints=checkpoints)
         seconds = time.perf_counter() - start
+        if checkpoints is not None:
+            seconds += checkpoints.resumed_seconds
         if not all(bool(torch.isfinite(v).all()) for v in net.state_dict().values()
                    if v.is_floating_point()):
             raise DataError("training diverged: the model's weights are NaN or infinite; "
@@ -116,6 +130,8 @@ def train_backdoored(out: str | Path, *, data: str = "fashion-mnist", data_root:
             attack=attack_obj.record() if attack_obj is not None else None, seed=seed,
             train=asdict(train), poisoned=len(indices), tool_version=__version__))
         write_json(folder / "metrics.json", {**metrics.as_dict(), "train_seconds": seconds})
+    if checkpoints is not None:
+        checkpoints.discard()
     log.info("wrote %s: %s", out, metrics)
     return metrics
 

@@ -325,6 +325,31 @@ def test_shards_split_a_grid_and_their_rows_merge(tmp_path, fmnist_root, monkeyp
     assert len(calls) == 2 and (folder / "metrics.json").exists()
 
 
+def test_a_cached_model_whose_save_is_unusable_is_trained_afresh(tmp_path, fmnist_root,
+                                                                monkeypatch):
+    """The bench's models save each epoch aside; a save it cannot read is dropped, never a
+    traceback, and none is left once the model is written."""
+    from tscpurify.bench import cache
+    from tscpurify.resume import FILE
+    from tscpurify.training import TrainSettings
+
+    real, calls = cache.train_backdoored, []
+
+    def damaged_save_first(folder, **kwargs):
+        calls.append(kwargs["resume_dir"])
+        if len(calls) == 1:
+            kwargs["resume_dir"].mkdir(parents=True)
+            (kwargs["resume_dir"] / FILE).write_bytes(b"not a checkpoint")
+        return real(folder, **kwargs)
+
+    monkeypatch.setattr(cache, "train_backdoored", damaged_save_first)
+    folder = cache.cached_backdoored(tmp_path / "cache", attack="badnets", model="cnn", seed=9,
+                                     train=TrainSettings(epochs=1, batch_size=64),
+                                     model_args={"width": 4}, data_root=str(fmnist_root))
+    assert len(calls) == 2 and (folder / "metrics.json").exists()
+    assert calls[0].name == f".partial-{folder.name}" and not calls[0].exists()
+
+
 def test_model_and_attack_aliases_run_one_architecture_at_several_settings(tmp_path):
     """The width and poisoning-rate studies: [models.X] arch = ... and [attack_args.Y]
     attack = ... name entries of registered ones; the names label rows, never change a run."""
@@ -427,7 +452,7 @@ def test_a_tsc_row_cut_short_resumes_at_its_last_finished_stage(tmp_path, fmnist
 
 def test_a_baseline_row_cut_short_resumes_at_its_last_saved_epoch(tmp_path, fmnist_root,
                                                                   monkeypatch):
-    from tscpurify.defenses import resume
+    from tscpurify import resume
 
     grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), defenses=("ibau",),
                       extra="[defense_args.ibau]\nrounds = 3")
@@ -439,7 +464,7 @@ def test_a_baseline_row_cut_short_resumes_at_its_last_saved_epoch(tmp_path, fmni
 
     def stop_after_round_two(self, epochs, *args, **kwargs):
         real(self, epochs, *args, **kwargs)
-        if epochs == 2:
+        if epochs == 2 and self.identity.get("defense") == "ibau":  # not the models' training
             raise KeyboardInterrupt  # the session stops
 
     monkeypatch.setattr(resume.EpochCheckpoints, "save", stop_after_round_two)

@@ -228,7 +228,7 @@ class _SessionStopped(Exception):
 def test_curve_training_cut_after_an_epoch_resumes_from_its_checkpoints_identically(
         cnn_pair, images, tmp_path):
     from tscpurify.data.augment import random_crop_flip
-    from tscpurify.defenses.resume import EpochCheckpoints
+    from tscpurify.resume import EpochCheckpoints
 
     class StopAfterOne(EpochCheckpoints):
         def save(self, epochs, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""Epoch checkpoints (defenses/resume.py): a baseline cut short after an epoch resumes to the
+"""Epoch checkpoints (resume.py): a baseline cut short after an epoch resumes to the
 very weights, steps and record of a run that was never stopped, and never mixes in a run with
 other settings."""
 
@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from tscpurify.defenses import defend
-from tscpurify.defenses.resume import FILE, EpochCheckpoints
 from tscpurify.errors import CheckpointError
+from tscpurify.resume import FILE, EpochCheckpoints
 
 # Three epochs (rounds; for ANP passes over the loader: 15 iterations of its 5 batches) each:
 # a cut after the first leaves two to resume. NAD and MCR count their two phases' epochs

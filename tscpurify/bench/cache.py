@@ -8,7 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutputBusyError
+from ..errors import CheckpointError, OutputBusyError
+from ..resume import FILE
 from ..runs import train_backdoored
 from ..settings import settings_hash
 from ..training import TrainSettings
@@ -33,18 +34,24 @@ def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed
                       data_root: str | None = None, device: str = "cpu",
                       progress: bool = False) -> Path:
     """The run folder of this backdoored model, training it first if it is not cached
-    (attack None: the same model trained on clean data)."""
+    (attack None: the same model trained on clean data). The training saves each epoch
+    aside (`.partial-<name>`), so that one cut short resumes where it was; a save it cannot
+    use (another tool version's, damaged) is dropped and the model trained afresh."""
     key = {"attack": attack, "attack_args": attack_args or {}, "model": model,
            "model_args": model_args or {}, "seed": seed, "train": train_key(train), "data": data}
     if data_root is not None:  # only when set, so caches made before the option stay valid
         key["data_root"] = str(data_root)
     folder = Path(cache) / f"{attack or 'clean'}-{model}-s{seed}-{settings_hash(key)}"
+    partial = folder.parent / f".partial-{folder.name}"
     while not (folder / "metrics.json").exists():
         try:
             train_backdoored(folder, data=data, data_root=data_root, attack=attack,
                              attack_args=attack_args, model=model,
                              model_args=model_args, train=train, seed=seed, device=device,
-                             progress=progress, overwrite=True)
+                             progress=progress, overwrite=True, resume_dir=partial)
+        except CheckpointError:
+            # The bench's own save, unusable: the model is trained again from its first epoch.
+            (partial / FILE).unlink(missing_ok=True)
         except OutputBusyError:
             # Another shard of the grid is training this very model: use it once it is done.
             time.sleep(WAIT_SECONDS)

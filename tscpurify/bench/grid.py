@@ -480,7 +480,7 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
         batches = math.ceil(len(clean) / own_batch)
         settings = at_budget(settings, cell.budget_steps, batches)
         # Every defense saves its progress under partial/ (TSC each finished stage, the others
-        # their last epoch, defenses/resume.py), so that a row cut short (a stopped session, a
+        # their last epoch, resume.py), so that a row cut short (a stopped session, a
         # lost worker) resumes where it was, with the same result; the folder goes once the
         # row is written (write_row).
         services = {"resume_dir": partial_folder(out, cell.key),

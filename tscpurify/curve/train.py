@@ -33,7 +33,7 @@ Callback = Callable[[int, dict], None]
 class Checkpoints(Protocol):
     """Where a training loop (`train_curve`, `training.train_classifier`) saves its state after
     each epoch and resumes from, so that a run cut short ends as one never stopped; duck-typed,
-    `tscpurify.defenses.resume.EpochCheckpoints` is one.
+    `tscpurify.resume.EpochCheckpoints` is one.
 
     `resume(stateful)` loads the last save into `stateful` (objects with `state_dict` and
     `load_state_dict`) and the random generators, and returns (epochs done, the loop's record
@@ -197,7 +197,7 @@ def _squared_norm(weights: dict[str, Tensor]) -> Tensor:
 
 
 # What `train_curve` saves to its checkpoints, the generator last and only when one is given
-# (a phased run declares it: defenses/resume.py).
+# (a phased run declares it: resume.py).
 CURVE_STATE = ("curve", "template", "optimizer", "scheduler", "generator")
 
 

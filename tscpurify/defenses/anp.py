@@ -54,11 +54,11 @@ from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
 from ..errors import DataError, SettingsError, SpecError
+from ..resume import EpochCheckpoints
 from ..training import device_of
 from ._common import BatchNorm, inputs_of, module_calls
 from .base import DefenseResult
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
 
 Noise = tuple[dict[str, Tensor], dict[str, Tensor]]  # (scale noise δ, shift noise ξ) per layer
 

@@ -51,12 +51,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import SettingsError, SpecError
+from ..resume import EpochCheckpoints
 from ..training import TrainSettings, device_of, train_classifier
 from ._common import Output, accuracy, inputs_of, module_outputs, split_loader
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 from ..curve import cross_entropy_loss, fresh_control_point
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
+from ..resume import EpochCheckpoints
 from ..seeding import derive_seed
 from ..training import TrainSettings, train_classifier
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)

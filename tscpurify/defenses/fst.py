@@ -47,12 +47,12 @@ from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError, SpecError
+from ..resume import EpochCheckpoints
 from ..training import device_of
 from ._common import inputs_of
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)

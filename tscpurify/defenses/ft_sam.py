@@ -45,12 +45,12 @@ from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
+from ..resume import EpochCheckpoints
 from ..training import device_of
 from . import budget
 from ._common import BatchNorm
 from .base import DefenseResult
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import DataError, SettingsError
+from ..resume import EpochCheckpoints
 from ..training import device_of
 from . import budget
 from .base import DefenseResult
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,12 @@ from ..curve import (
 from ..curve.train import CURVE_STATE
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
+from ..resume import EpochCheckpoints, PhasedCheckpoints
 from ..seeding import derive_seed
 from ..training import CLASSIFIER_STATE, TrainSettings, train_classifier
 from .base import DefenseResult
 from .budget import scale_counts
 from .registered import DEFENSES
-from .resume import EpochCheckpoints, PhasedCheckpoints
 
 # The curve at a CPU budget: 30 epochs at 0.02 (the rate of the TSC reference's curves; module
 # docstring: published MCR rates range from 3e-5 to 0.01), annealed to zero over the curve.

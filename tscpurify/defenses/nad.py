@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
+from ..resume import EpochCheckpoints, PhasedCheckpoints
 from ..training import CLASSIFIER_STATE, TrainSettings, device_of, train_classifier
 from ._common import inputs_of, stage_outputs
 from .base import DefenseResult
 from .budget import scale_counts
 from .registered import DEFENSES
-from .resume import EpochCheckpoints, PhasedCheckpoints
 
 
 @dataclass(frozen=True)

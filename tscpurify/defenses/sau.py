@@ -58,11 +58,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import SettingsError
+from ..resume import EpochCheckpoints
 from ..training import device_of
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES
-from .resume import EpochCheckpoints
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ Example (inside a defense):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -34,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
-from ..outputs import replaced_whole
+from .errors import CheckpointError
+from .outputs import replaced_whole
 
 FILE = "epochs.pt"
 # The least time between two saves, so that a fast epoch loop on a big model does not spend
@@ -78,13 +79,16 @@ class EpochCheckpoints:
 
     `identity` is what the saved state depends on besides the epochs run: the defense, its
     settings and whatever the caller adds (its model, data and environment). `interval`: the
-    least seconds between two saves (default SAVE_INTERVAL).
+    least seconds between two saves (default SAVE_INTERVAL). `generators`: torch.Generators of
+    the caller's own (a DataLoader's shuffle) saved and restored with the global ones.
     """
 
     def __init__(self, folder: Path | None, identity: Mapping[str, Any],
-                 interval: float | None = None) -> None:
+                 interval: float | None = None,
+                 generators: Mapping[str, torch.Generator] | None = None) -> None:
         self.folder = Path(folder) if folder is not None else None
         self.identity = _plain(dict(identity))
+        self.generators = dict(generators or {})
         self.interval = SAVE_INTERVAL if interval is None else interval
         self.started = time.perf_counter()
         self.last_save = self.started
@@ -121,12 +125,15 @@ class EpochCheckpoints:
                              if self.identity.get(k) != saved.get("identity", {}).get(k))
             raise CheckpointError(f"{self.path} was saved by a run with another "
                                   f"{', '.join(changed)}; delete it to start over")
-        if set(saved["state"]) != set(stateful):
-            raise CheckpointError(f"{self.path} does not hold this defense's state; delete it "
+        own = saved.get("generators", {}).get("own", {})
+        if set(saved["state"]) != set(stateful) or set(own) != set(self.generators):
+            raise CheckpointError(f"{self.path} does not hold this run's state; delete it "
                                   f"to start over")
         for name, obj in stateful.items():
             obj.load_state_dict(saved["state"][name])
         restore_generators(saved["generators"])
+        for name, generator in self.generators.items():
+            generator.set_state(own[name])
         self.resumed_seconds = float(saved["seconds"])
         self.resumed_epochs = int(saved["epochs"])
         return self.resumed_epochs, saved["record"]
@@ -142,10 +149,20 @@ class EpochCheckpoints:
         payload = {"identity": self.identity, "epochs": epochs,
                    "seconds": self.resumed_seconds + now - self.started,
                    "state": {name: obj.state_dict() for name, obj in stateful.items()},
-                   "record": dict(record), "generators": generator_states()}
+                   "record": dict(record),
+                   "generators": {**generator_states(),
+                                  "own": {name: generator.get_state()
+                                          for name, generator in self.generators.items()}}}
         with replaced_whole(self.path) as temporary:
             torch.save(payload, temporary)
         self.last_save = time.perf_counter()
+
+    def discard(self) -> None:
+        """Delete the save (the run's result is written): only the file this class writes."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder may hold something else
+                self.folder.rmdir()
 
     def seconds(self) -> dict[str, float]:
         """For the result's `seconds`: the time the resumed epochs took when they ran."""
