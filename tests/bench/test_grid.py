@@ -241,12 +241,13 @@ def test_cells_run_seed_by_seed_each_with_all_its_rows():
     cells = read_grid("fair").cells
     order = grid_module.seed_major(cells)
     assert sorted(order, key=lambda c: c.key) == sorted(cells, key=lambda c: c.key)
-    first = [(c.attack, c.model, c.seed) for c in order[:16]]
+    rows = len(read_grid("fair").row_args)  # per cell and setting
+    first = [(c.attack, c.model, c.seed) for c in order[:rows]]
     assert set(first) == {("badnets", "cnn", 0)}
-    assert [c.setting for c in order[:32]] == ["default"] * 16 + ["tuned"] * 16
-    assert {c.attack for c in order[:6 * 32]} == {
+    assert [c.setting for c in order[:2 * rows]] == ["default"] * rows + ["tuned"] * rows
+    assert {c.attack for c in order[:6 * 2 * rows]} == {
         "badnets", "blended", "wanet", "trojannn", "input_aware", "sig"}
-    assert {c.seed for c in order[:6 * 32]} == {0}
+    assert {c.seed for c in order[:6 * 2 * rows]} == {0}
 
 
 def interrupt_after_first_run(monkeypatch, grid, out):
