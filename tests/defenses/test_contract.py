@@ -18,6 +18,7 @@ from .conftest import CLASSES, SIZE, snapshot
 TINY = {
     "anp": dict(iterations=3),
     "clp": {},
+    "distill": dict(epochs=1),
     "fine_pruning": dict(epochs=1),
     "fst": dict(epochs=1),
     "ft": dict(epochs=1),

@@ -15,6 +15,7 @@ from tscpurify.resume import FILE, EpochCheckpoints
 # together, two each.
 RESUMABLE = {
     "anp": dict(iterations=15),
+    "distill": dict(epochs=3),
     "fine_pruning": dict(epochs=3),
     "fst": dict(epochs=3),
     "ft": dict(epochs=3),

@@ -22,3 +22,11 @@ def random_crop_flip(x: torch.Tensor, padding: int = 2, flip: bool = True,
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[batch, channels, rows, cols]
+
+
+def mix_images(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Mixup of the images alone: each image blended with another of the batch, one weight λ ~
+    Beta(alpha, alpha) per batch (Zhang et al., ICLR 2018). Without labels to mix, it serves
+    a loss whose targets come from the mixed images themselves (a teacher's outputs)."""
+    lam = torch.distributions.Beta(alpha, alpha).sample().to(x.device)
+    return lam * x + (1 - lam) * x[torch.randperm(len(x)).to(x.device)]

@@ -5,7 +5,20 @@ never the attack, the trigger, poisoned samples or ASR.
 """
 
 # Importing the modules registers their defenses (in .registered).
-from . import anp, clp, fine_pruning, finetune, fst, ft_sam, ibau, mcr, nad, sau, tsc  # noqa: F401
+from . import (  # noqa: F401
+    anp,
+    clp,
+    distill,
+    fine_pruning,
+    finetune,
+    fst,
+    ft_sam,
+    ibau,
+    mcr,
+    nad,
+    sau,
+    tsc,
+)
 from .base import DefenseResult, defend
 from .registered import DEFENSES
 

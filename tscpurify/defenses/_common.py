@@ -12,10 +12,20 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from ..curve import fresh_control_point
 from ..errors import DataError, SpecError
 from ..training import device_of
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def reinitialise(model: nn.Module, seed: int) -> None:
+    """Give `model` a fresh, seeded initialisation of its architecture, BatchNorm statistics
+    included: what a defense that throws the suspect weights away starts from."""
+    model.load_state_dict({**model.state_dict(), **fresh_control_point(model, seed)})
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            module.reset_running_stats()
 
 
 def inputs_of(batch: Any) -> Tensor:

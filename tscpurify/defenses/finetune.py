@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..curve import cross_entropy_loss, fresh_control_point
+from ..curve import cross_entropy_loss
 from ..data.augment import random_crop_flip
 from ..errors import SettingsError
 from ..resume import EpochCheckpoints
 from ..seeding import derive_seed
 from ..training import TrainSettings, train_classifier
+from ._common import reinitialise
 from .base import DefenseResult
 from .budget import epochs_for
 from .registered import DEFENSES
@@ -59,11 +60,7 @@ class FineTuneSettings:
 def fine_tune(model: nn.Module, clean: DataLoader, settings: FineTuneSettings, *, seed: int,
               progress: bool, callbacks: dict) -> DefenseResult:
     if settings.reinit:
-        model.load_state_dict({**model.state_dict(),
-                               **fresh_control_point(model, derive_seed(seed, "scratch"))})
-        for module in model.modules():  # fresh BatchNorm statistics too
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
+        reinitialise(model, derive_seed(seed, "scratch"))
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, augment=settings.augment,
                           batch_size=clean.batch_size or 1)
