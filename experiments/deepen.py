@@ -27,6 +27,10 @@ operation after purification erase it? (docs/deep-purification.md, look 2.)
    - ibau_15, sau_15: i-BAU (15 rounds) or SAU (15 epochs) with their published settings,
      run on the purified model instead of the fine-tune: unlearning adversarial perturbations,
      a proxy of the trigger that needs no trigger,
+   - distill_fresh: every layer re-initialised, then trained for TSC's whole budget to match
+     the purified model's outputs on clean images (soft targets, no labels; crop, flip and
+     mixup); scratch: the same student trained on the labels instead (what re-training on
+     the clean data alone gives). Added after look 2's first runs, before their own.
    - as_is: nothing (the purified model itself, for its head-only re-tune).
 Every model is re-tuned (the full re-tune, all parameters) and measured on the whole test split.
 Prints a table and writes it as JSON next to PURIFIED (deepen.json). A pilot on tuning models
@@ -199,6 +203,49 @@ def unlearning(defense: str, **settings):
     return run
 
 
+def fresh_student(model: nn.Module, loader: DataLoader, distill: bool, steps: int = 2460,
+                  temperature: float = 4.0) -> None:
+    """Re-initialise every layer and train the model again from scratch on the clean images, for
+    TSC's whole budget (2,460 steps), crop, flip and mixup: with `distill`, to match the given
+    model's own outputs (soft targets at `temperature`, no labels); otherwise on the labels
+    (label smoothing 0.1), the reference of what re-training on the clean data alone gives.
+    A fresh student never had a trigger's features, and clean images do not teach them."""
+    teacher = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, BatchNorm):
+            m.reset_running_stats()
+    shuffled = DataLoader(loader.dataset, batch_size=256, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    mixing = torch.distributions.Beta(1.0, 1.0)
+    model.train()
+    step = 0
+    while step < steps:
+        for x, y in shuffled:
+            x = random_crop_flip(x)
+            lam, order = float(mixing.sample()), torch.randperm(len(x))
+            x = lam * x + (1 - lam) * x[order]
+            out = model(x)
+            if distill:
+                with torch.no_grad():
+                    target = F.softmax(teacher(x) / temperature, dim=1)
+                loss = F.kl_div(F.log_softmax(out / temperature, dim=1), target,
+                                reduction="batchmean") * temperature ** 2
+            else:
+                loss = (lam * F.cross_entropy(out, y, label_smoothing=0.1)
+                        + (1 - lam) * F.cross_entropy(out, y[order], label_smoothing=0.1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step == steps:
+                break
+    print(f"  fresh student after {steps} steps; last loss {loss.item():.4f}")
+
+
 def projection(energy: float):
     return lambda model, loader: project_to_clean_inputs(model, loader, energy)
 
@@ -214,7 +261,9 @@ CANDIDATES = {"as_is": (None, False), "ft15": (None, True), "reinit_head": (rein
               "project_999": (projection(0.999), True),
               "project_99_alone": (projection(0.99), False),
               "project_99": (projection(0.99), True),
-              "project_95_alone": (projection(0.95), False)}
+              "project_95_alone": (projection(0.95), False),
+              "distill_fresh": (lambda m, loader: fresh_student(m, loader, distill=True), False),
+              "scratch": (lambda m, loader: fresh_student(m, loader, distill=False), False)}
 
 
 def main() -> None:
