@@ -1,6 +1,7 @@
-"""Epoch checkpoints for the baseline defenses: a long run cut short (a stopped session, a lost
-worker) resumes at its last saved epoch and ends with the same weights, steps and record as a
-run that was never stopped.
+"""Epoch checkpoints for long training runs (the baseline defenses; the bench's backdoored and
+clean models, runs.train_backdoored): a run cut short (a stopped session, a lost worker)
+resumes at its last saved epoch and ends with the same weights, steps and record as a run that
+was never stopped.
 
 A defense saves at the end of an epoch (or round) everything that the epochs after it read:
 the model, its optimizer and scheduler, its own running record, and the random number
@@ -75,7 +76,7 @@ def _plain(value: Any) -> Any:
 
 
 class EpochCheckpoints:
-    """The saved state of one defense run, in `folder` (None: saving and resuming are off).
+    """The saved state of one training run, in `folder` (None: saving and resuming are off).
 
     `identity` is what the saved state depends on besides the epochs run: the defense, its
     settings and whatever the caller adds (its model, data and environment). `interval`: the
