@@ -2,9 +2,12 @@
 
 The student starts from a fresh, seeded initialisation and learns to match the suspect model's
 softened outputs on the clean images (Hinton et al.'s T²-scaled KL); it never sees a label.
-What the suspect knows about clean inputs moves to the student; a trigger, which clean inputs
-never show, has nothing to move through. It is the baseline that throws the suspect's weights
-away but keeps its knowledge, as training from scratch (`ft` with `reinit`) throws both away.
+What the suspect knows about clean inputs moves to the student; the hope is that a trigger,
+which clean inputs never show, has nothing to move through. That fails for a trigger clean
+inputs come close to: on the Blended tuning model the student carried the backdoor over (ASR
+93.58%; mixed images are themselves blends, docs/deep-purification.md). It is the baseline
+that throws the suspect's weights away but keeps its knowledge, as training from scratch (`ft`
+with `reinit`) throws both away.
 
 Reference: Yoshida & Fujino, "Disabling Backdoor and Identifying Poison Data by using Knowledge
 Distillation in Backdoor Attacks on Deep Neural Networks", AISec 2020 (distil the backdoored
@@ -13,7 +16,8 @@ of 4, SGD with one cosine over all steps, and crop, flip and mixup of the clean 
 the teacher is asked about more inputs than the few thousand clean images (mixup needs no
 labels here: both models see the same mixed image). Added 2026-12-04 after a deep-purification
 pilot (docs/deep-purification.md, look 2) found it removed BadNets from a tuning model with less
-accuracy lost than TSC; it joined the fair grid then, before any run of it on a benchmark cell.
+accuracy lost than TSC; it joined the fair grid then, before any run of it on a benchmark cell
+(and before the pilot found it carries Blended over).
 
 Example:
     >>> result = defend("distill", model, clean_images_loader)   # no labels needed
