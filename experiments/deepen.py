@@ -96,6 +96,15 @@ def trainable_from(model: nn.Module, layers_up: int) -> nn.Module:
     return net
 
 
+def reset(modules) -> None:
+    """Each module's own fresh initialisation (PyTorch's default), BatchNorm statistics too."""
+    for m in modules:
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, BatchNorm):
+            m.reset_running_stats()
+
+
 def reinit_head(model: nn.Module, loader: DataLoader) -> None:
     head_of(model).reset_parameters()
 
@@ -167,11 +176,7 @@ def relearn_early(model: nn.Module, loader: DataLoader, convs: int, epochs: int 
         end += 1
     teacher = copy.deepcopy(model[:end]).eval()
     block = model[:end]  # the model's own modules: training it trains the model
-    for m in block:
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-        if isinstance(m, BatchNorm):
-            m.reset_running_stats()
+    reset(block)
     shuffled = DataLoader(loader.dataset, batch_size=256, shuffle=True)
     optimizer = torch.optim.SGD(block.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(shuffled))
@@ -211,11 +216,7 @@ def fresh_student(model: nn.Module, loader: DataLoader, distill: bool, steps: in
     (label smoothing 0.1), the reference of what re-training on the clean data alone gives.
     A fresh student never had a trigger's features, and clean images do not teach them."""
     teacher = copy.deepcopy(model).eval()
-    for m in model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-        if isinstance(m, BatchNorm):
-            m.reset_running_stats()
+    reset(model.modules())
     shuffled = DataLoader(loader.dataset, batch_size=256, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
