@@ -1,8 +1,9 @@
-"""The bench tables' re-tune readings: the distance diagnostic, and floors that cannot tell."""
+"""The bench tables' re-tune readings (the distance diagnostic, floors that cannot tell) and the
+per-row curve profiles."""
 
 import pytest
 
-from tscpurify.bench.tables import distance_vs_retune, markdown_table
+from tscpurify.bench.tables import distance_vs_retune, markdown_table, plot_bench
 
 
 def row(defense, distance, retune, base="ft"):
@@ -11,7 +12,8 @@ def row(defense, distance, retune, base="ft"):
             "before": {"acc": 90.0, "asr": 100.0, "ra": 0.0},
             "after": {"acc": 89.0, "asr": 1.0, "ra": 80.0}, "der": 0.9, "steps": 10,
             "seconds": 1.0, "distance": {"raw": distance, "aligned": distance},
-            "retune": {"epochs": [1, 2, 5], "asr": [0.0, retune, 100.0]}}
+            "retune": {"epochs": [1, 2, 5], "asr": [0.0, retune, 100.0], "images": 1000,
+                       "poisoned": 50}}
 
 
 def test_the_diagnostic_ranks_distance_against_retune_asr_over_defenses_only():
@@ -36,3 +38,17 @@ def test_cells_whose_floor_learns_the_trigger_at_once_are_named():
     assert "Re-tune uninformative in badnets:cnn:0:" in table
     assert "blended:cnn:1" not in table.split("Re-tune uninformative")[1].split("\n")[0]
     assert "Re-tune uninformative" not in markdown_table([slow, row("a", 0.2, 100.0)])
+
+
+def test_a_row_that_profiled_its_curves_gets_its_own_figure(tmp_path):
+    profile = [{"t": t, "loss": 0.5, "acc": 80.0, "asr": 5.0} for t in (0.0, 0.5, 1.0)]
+    profiled = row("tsc", 0.8, 20.0, base="tsc")
+    profiled["stages"] = [{"round": 0, "stage": stage, "t": 0.4, "metrics": {}, "profile": profile}
+                          for stage in (1, 2)]
+    unprofiled = row("tsc", 0.8, 20.0, base="tsc")
+    unprofiled["cell"] = {**unprofiled["cell"], "seed": 1}
+    unprofiled["stages"] = [{**s, "profile": []} for s in profiled["stages"]]
+    names = [p.name for p in plot_bench([profiled, unprofiled, row("a", 0.2, 100.0)], tmp_path)]
+    assert [n for n in names if n.startswith("profiles-")] == [
+        "profiles-tsc-badnets-cnn-s0-default.png"]
+    assert (tmp_path / "profiles-tsc-badnets-cnn-s0-default.png").stat().st_size > 0

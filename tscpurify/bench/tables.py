@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..outputs import save_figure_atomic  # noqa: E402
+from ..report.plots import profile_figure  # noqa: E402
 from ..retune import UNINFORMATIVE_FLOOR, uninformative_floor  # noqa: E402
 from .tuning import retune_asr  # noqa: E402
 
@@ -237,8 +238,9 @@ def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
 def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     """asr_heatmap.png (attack × model rows, defense columns, mean over seeds),
     acc_vs_asr.png (one colour per defense), stages.png when rows recorded their stages (mean
-    ACC and ASR at each stage point) and, when rows were re-tuned, retune.png (mean ASR
-    against re-tune epochs per defense)."""
+    ACC and ASR at each stage point), when rows were re-tuned, retune.png (mean ASR
+    against re-tune epochs per defense) and, per row that profiled its curves,
+    profiles-<defense>-<attack>-<model>-s<seed>-<setting>.png."""
     folder.mkdir(parents=True, exist_ok=True)
     defenses = list(dict.fromkeys(r["cell"]["defense"] for r in rows))
     settings = list(dict.fromkeys(f"{attack_name(r['cell'])} / {model_name(r['cell'])}"
@@ -328,6 +330,20 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = folder / "retune.png"
+        save_figure_atomic(fig, path, dpi=110)
+        plt.close(fig)
+        plots.append(path)
+
+    # Rows that profiled their curves (a grid's `profile_points`) get one figure each: why a
+    # stage's point lost accuracy or kept the backdoor is read off its curve.
+    for r in rows:
+        cell = r["cell"]
+        name = f"{cell['defense']} on {attack_name(cell)} / {model_name(cell)}, seed {cell['seed']}"
+        fig = profile_figure(r.get("stages") or [], f"{name} ({cell['setting']}): along each curve")
+        if fig is None:
+            continue
+        path = folder / (f"profiles-{cell['defense']}-{cell['attack']}-{cell['model']}-"
+                         f"s{cell['seed']}-{cell['setting']}.png")
         save_figure_atomic(fig, path, dpi=110)
         plt.close(fig)
         plots.append(path)

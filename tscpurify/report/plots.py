@@ -2,40 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from .schema import PurifyReport  # noqa: E402
 
 
-def plot_profiles(report: PurifyReport, path: Path) -> bool:
-    """ACC and ASR against t, one panel per stage; returns False if there is nothing to plot."""
-    stages = [s for s in report.stages if s.profile]
+def profile_figure(stages: list[dict], title: str = "") -> Figure | None:
+    """ACC and ASR against t, one panel per stage (a row per round), from stage records as
+    plain dicts (`round`, `stage`, `t`, `profile`: a report's stages or a bench row's); None
+    if no stage was profiled."""
+    stages = [s for s in stages if s.get("profile")]
     if not stages:
-        return False
-    rounds = max(s.round for s in stages) + 1
+        return None
+    rounds = max(s["round"] for s in stages) + 1
     fig, axes = plt.subplots(rounds, 2, figsize=(9, 3 * rounds), squeeze=False, sharey=True)
     for ax in axes.flat:
         ax.set_visible(False)
     for s in stages:
-        ax = axes[s.round][s.stage - 1]
+        ax = axes[s["round"]][s["stage"] - 1]
         ax.set_visible(True)
-        ts = [p["t"] for p in s.profile]
+        ts = [p["t"] for p in s["profile"]]
         for key, style in (("acc", "o-"), ("asr", "s--")):
-            if s.profile[0].get(key) is not None:
-                ax.plot(ts, [p[key] for p in s.profile], style, label=key.upper(), ms=4)
-        ax.axvline(s.t, color="grey", lw=1, ls=":")
-        ax.set_title(f"round {s.round}, stage {s.stage} (point at t={s.t:g})", fontsize=10)
+            if s["profile"][0].get(key) is not None:
+                ax.plot(ts, [p[key] for p in s["profile"]], style, label=key.upper(), ms=4)
+        ax.axvline(s["t"], color="grey", lw=1, ls=":")
+        ax.set_title(f"round {s['round']}, stage {s['stage']} (point at t={s['t']:g})",
+                     fontsize=10)
         ax.set_xlabel("t")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
     axes[0][0].set_ylabel("%")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_profiles(report: PurifyReport, path: Path) -> bool:
+    """The report's curve profiles (`profile_figure`); returns False if there is nothing to plot."""
+    fig = profile_figure([dataclasses.asdict(s) for s in report.stages])
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
