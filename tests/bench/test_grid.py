@@ -6,7 +6,8 @@ import json
 import pytest
 
 from tscpurify.bench import grid as grid_module
-from tscpurify.bench.grid import finished_rows, plan, read_grid, run_grid
+from tscpurify.bench.executors import run_serial
+from tscpurify.bench.grid import Cell, finished_rows, plan, read_grid, run_grid
 from tscpurify.bench.tables import markdown_table, plot_bench, stage_points, summary
 from tscpurify.errors import OutputBusyError, SettingsError
 
@@ -479,3 +480,28 @@ def test_a_baseline_row_cut_short_resumes_at_its_last_saved_epoch(tmp_path, fmni
     assert resumed["steps"] == uninterrupted["steps"]
     assert 0 < resumed["resumed_seconds"] < resumed["seconds"]
     assert "resumed_seconds" not in uninterrupted and not list(partial.iterdir())
+
+
+def test_a_serial_grid_names_the_run_in_progress_and_prints_each_finished_one(capsys):
+    # A row can take hours: the bar must say which one runs, and each finished one its result.
+    running = Cell(attack="badnets", model="cnn", seed=120, defense="tsc", base="tsc")
+    other = Cell(attack="blended", model="cnn_w32", seed=121, defense="ft", base="ft",
+                 model_label="cnn_w32", setting="tuned")
+    skipped = Cell(attack="sig", model="cnn", seed=120, defense="nad", base="nad")
+    written = []
+
+    def run(cell):
+        return {"after": {"acc": 88.971, "asr": 1.19}, "steps": 2460, "seconds": 1131.4}
+
+    run_serial([running, other, skipped], run, lambda key: key == skipped.key, written.append,
+               progress=True, desc="bench")
+    err = capsys.readouterr().err
+    assert len(written) == 2  # the run another writer finished is neither run nor printed
+    assert "done tsc on badnets:cnn:120 (default): ACC 88.97 ASR 1.19, 2460 steps, 1131 s" in err
+    assert "done ft on blended:cnn_w32:121 (tuned)" in err
+    assert "nad on sig" not in err
+    # the name shows in the bar while the run is in progress, before its "done" line
+    assert err.index("tsc on badnets:cnn:120") < err.index("done tsc on badnets:cnn:120")
+
+    run_serial([running], run, lambda key: False, written.append, progress=False, desc="bench")
+    assert capsys.readouterr().err == ""  # progress=False: silent

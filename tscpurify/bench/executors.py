@@ -26,6 +26,7 @@ Ray only:
 from __future__ import annotations
 
 import json
+import sys
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -75,12 +76,34 @@ def import_ray() -> Any:
     return ray
 
 
+def row_name(cell: Any) -> str:
+    """A run as people read it: `tsc on badnets:cnn:120 (default)`."""
+    return (f"{cell.defense} on {cell.attack_label or cell.attack}:"
+            f"{cell.model_label or cell.model}:{cell.seed} ({cell.setting})")
+
+
+def finished_line(cell: Any, row: dict) -> str:
+    """One line per finished run, so a grid that runs for hours says what each run gave."""
+    after = row.get("after") or {}
+    scores = " ".join(f"{name.upper()} {after[name]:.2f}" for name in ("acc", "asr")
+                      if after.get(name) is not None)
+    return f"done {row_name(cell)}: {scores}, {row.get('steps', 0)} steps, " \
+           f"{row.get('seconds', 0.0):.0f} s"
+
+
 def run_serial(todo: Iterable[Any], run: Callable[[Any], dict], is_done: Callable[[str], bool],
                write: Callable[[dict], None], progress: bool, desc: str) -> None:
-    """Run each cell in turn in this process, skipping any another writer finished meanwhile."""
-    for cell in tqdm(list(todo), desc=desc, disable=not progress):
-        if not is_done(cell.key):
-            write(run(cell))
+    """Run each cell in turn in this process, skipping any another writer finished meanwhile.
+    The bar names the run in progress (a row can take hours) and prints each finished one."""
+    bar = tqdm(list(todo), desc=desc, disable=not progress)
+    for cell in bar:
+        if is_done(cell.key):
+            continue
+        bar.set_postfix_str(row_name(cell), refresh=True)
+        row = run(cell)
+        write(row)
+        if progress:
+            bar.write(finished_line(cell, row), file=sys.stderr)
 
 
 def _with_threads(threads: int, function: Callable[..., Any], *args: Any) -> Any:
@@ -140,7 +163,10 @@ def run_ray(todo: Iterable[Any], out: Path, device: str, write: Callable[[dict],
             done, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(done[0])
             try:
-                write(ray.get(done[0]))
+                row = ray.get(done[0])
+                write(row)
+                if progress:
+                    bar.write(finished_line(cell, row), file=sys.stderr)
             except ray.exceptions.RayError as error:
                 failure = {"key": cell.key, "cell": asdict(cell), "error": _error_line(error)}
                 failures.append(failure)
