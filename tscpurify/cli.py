@@ -397,7 +397,7 @@ def print_plan(lines: list[dict], out: Path) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .bench.grid import finished_rows, parse_shard, plan, read_all, read_grid, run_grid
-    from .bench.tables import markdown_table, plot_bench, tuning_table
+    from .bench.tables import markdown_table, plot_bench, stages_table, tuning_table
     from .bench.tuning import summarise
 
     grid = read_grid(args.grid)  # every key checked before anything trains
@@ -443,6 +443,8 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         table = ""
     if table:
+        # Where each staged candidate (TSC's) removes the backdoor and loses its accuracy.
+        table += stages_table(list(read_all(out, "tuning").values()))
         write_atomic(out / "tuning.md", table)
         print(table)
         print(f"tuning: {out / 'tuning.md'}")

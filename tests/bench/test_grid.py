@@ -505,3 +505,22 @@ def test_a_serial_grid_names_the_run_in_progress_and_prints_each_finished_one(ca
 
     run_serial([running], run, lambda key: False, written.append, progress=False, desc="bench")
     assert capsys.readouterr().err == ""  # progress=False: silent
+
+
+def test_the_tuning_table_shows_a_staged_candidate_along_its_stages(tmp_path, fmnist_root):
+    extra = """[tuning]
+models = [{attack = "badnets", seed = 100}]
+[tuning.candidates.tsc]
+default = {}"""
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), extra=extra)
+    out = tmp_path / "out"
+    run_grid(grid, out, progress=False, phase="tune")
+    from tscpurify.cli import main
+
+    assert main(["bench", str(grid), "--out", str(out), "--render", "--quiet",
+                 "--phase", "tune"]) == 0
+    text = (out / "tuning.md").read_text()
+    assert "**yes**" in text  # the rule's table, then where the candidate's stages went
+    assert text.index("**yes**") < text.index("Along the stages")
+    assert "| tsc (default) | cells | before | R1 S1 | R1 S2 |" in text
+    assert "| badnets:cnn:100 | 1 |" in text
