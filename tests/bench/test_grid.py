@@ -110,6 +110,8 @@ epochs = [1, 2]"""
                       defenses=("none", "clean_floor", "ft", "ft_ls", "tsc", "tsc_identity"))
     rows = run_grid(grid, tmp_path / "out", progress=False)
     by = {r["cell"]["defense"]: r for r in rows}
+    # Where each row ran is part of its provenance (CPU and GPU sums differ), as its threads.
+    assert {r["device"] for r in rows} == {"cpu"}
     # Every training defense at the same budget: 54 clean images in batches of 32 → 2 a step
     # epoch; ft: 20 epochs; tsc (2 curves + nothing else per round): 10 epochs a curve.
     assert {by[d]["steps"] for d in ("ft", "ft_ls", "tsc", "tsc_identity")} == {40}

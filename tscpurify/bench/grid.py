@@ -534,7 +534,7 @@ def run_cell(cell: Cell, out: Path, device: str, progress: bool) -> dict:
            **({"resumed_seconds": result.seconds["resumed"]}
               if cell.base and "resumed" in result.seconds else {}),
            # Floating-point sums, and so results, depend on these: recorded with every row.
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "tool_version": __version__}
     if cell.retune is not None:
         retune = RetuneSettings(**{k: tuple(v) if isinstance(v, list) else v
