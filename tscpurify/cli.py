@@ -388,8 +388,9 @@ def print_plan(lines: list[dict], out: Path) -> None:
               f"{'–' if hours is None else f'{mark}{hours:.1f}'} |")
     print(f"\nabout {known:.1f} hours left at this folder's own pace (one process), up to "
           f"{possible:.1f} more for tuned rows, ~{estimated:.1f} estimated (~) for rows that "
-          f"have not run yet from their step budget and their model's seconds a step (defenses "
-          f"differ per step, so a rough guide; tuned ones included as 'up to'), and {unknown} "
+          f"have not run yet from their step budget and their seconds a step on another model, "
+          f"scaled between the models, else their model's seconds a step (defenses differ per "
+          f"step, so a rough guide; tuned ones included as 'up to'), and {unknown} "
           f"run(s) with nothing to time them by. "
           f"Reference rows (none, clean_floor) train no defense; tuned rows say 'up to' until "
           f"the tuning has chosen (a choice equal to the default shares its run).")

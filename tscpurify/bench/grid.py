@@ -661,10 +661,8 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
     budgeted from this machine's own record. Before the tuning has chosen, a tuned row's runs
     are "possible": one equal to its default shares that run.
 
-    A training row with no finished run of its own but a step budget gets `estimated_seconds`:
-    the budget times the median seconds a step of the finished training rows on its model. A
-    rough guide (defenses differ per step: ANP's cost 2.5 times FT's here), flagged as
-    such, so a grid can be budgeted before every row has run once."""
+    A training row with no finished run of its own but a step budget gets `estimated_seconds`
+    (estimated_seconds below), so a grid can be budgeted before every row has run once."""
     grid, out = read_grid(source), Path(out)
     choice = None
     if grid.tuning is not None and (out / "tuning.json").exists():
@@ -676,13 +674,13 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
                                    for c in grid.cells if c.setting == "tuned"])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
     seconds: dict[tuple[str, str], list[float]] = {}
-    pace: dict[str, list[float]] = {}  # model → seconds a step of its finished training rows
+    per_step: dict[tuple[str, str], list[float]] = {}  # (row, model) → seconds a step
     for rows in done.values():
         for row in rows.values():
             if row.get("steps"):
-                seconds.setdefault((row["cell"]["defense"], row["cell"]["model"]),
-                                   []).append(row["seconds"])
-                pace.setdefault(row["cell"]["model"], []).append(row["seconds"] / row["steps"])
+                key = (row["cell"]["defense"], row["cell"]["model"])
+                seconds.setdefault(key, []).append(row["seconds"])
+                per_step.setdefault(key, []).append(row["seconds"] / row["steps"])
     counted: set[str] = set()
     lines = []
     for part, stem, cells in parts:
@@ -703,12 +701,35 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
             line["done" if cell.key in done[stem] and not possible else "left"] += 1
         for line in grouped.values():
             line["median_seconds"] = _median(seconds.get((line["defense"], line["model"]), []))
-            per_step = _median(pace.get(line["model"], []))
             budget = line.pop("budget_steps")
-            line["estimated_seconds"] = (budget * per_step if line["median_seconds"] is None
-                                         and budget and per_step is not None else None)
+            line["estimated_seconds"] = (
+                estimated_seconds(line["defense"], line["model"], budget, per_step)
+                if line["median_seconds"] is None and budget else None)
             lines.append(line)
     return lines
+
+
+def estimated_seconds(defense: str, model: str, steps: int,
+                      per_step: dict[tuple[str, str], list[float]]) -> float | None:
+    """Seconds a run of `defense` on `model` at `steps` should take, from the seconds a step of
+    the finished rows (per (row, model)) when it has none of its own there: the same defense on
+    another model, scaled by how the two models' paces compare over the rows they share (its
+    per-step cost matters: here SAU's and i-BAU's steps cost about ten times FT's); else the
+    median pace of the other rows on `model`. None when nothing has run on `model`."""
+    def pace(row: str, on: str) -> float | None:
+        return _median(per_step.get((row, on), []))
+
+    on_model = [v for (row, on), values in per_step.items() if on == model for v in values]
+    if not on_model:
+        return None
+    for (row, other), _ in per_step.items():
+        if row != defense or other == model:
+            continue
+        shared = [r for (r, on) in per_step if on == other and (r, model) in per_step]
+        ratios = [pace(r, model) / pace(r, other) for r in shared if pace(r, other)]
+        if ratios:
+            return steps * pace(defense, other) * _median(ratios)
+    return steps * _median(on_model)
 
 
 def _median(values: list[float]) -> float | None:
