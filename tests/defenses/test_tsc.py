@@ -366,3 +366,14 @@ def test_a_spec_that_moves_few_weights_is_warned_about(loader):
     with pytest.warns(UserWarning, match=r"moves only \d+% of its weights"):
         _, report = purify(model, loader, settings, progress=False, leaf_modules=(_OpaqueStem,))
     assert report.symmetry["coverage"] < 0.5
+
+
+def test_each_progress_bar_says_which_round_and_stage_it_is(setup, capsys):
+    # A run is six or more bars, tens of minutes each on a CPU: each names its place.
+    model, loader = setup
+    purify(model, loader, TINY, progress=True)
+    err = capsys.readouterr().err
+    for label in ("TSC round 1/2 · stage 1 curve", "TSC round 1/2 · stage 2 curve",
+                  "TSC round 1/2 · fine-tune", "TSC round 2/2 · stage 1 curve",
+                  "TSC round 2/2 · stage 2 curve", "TSC round 2/2 · last fine-tune"):
+        assert label in err

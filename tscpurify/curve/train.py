@@ -204,8 +204,8 @@ CURVE_STATE = ("curve", "template", "optimizer", "scheduler", "generator")
 def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
                 settings: CurveSettings, *, callbacks: Sequence[Callback] = (),
                 progress: bool = True, generator: torch.Generator | None = None,
-                distributed: bool = False, checkpoints: Checkpoints | None = None
-                ) -> list[dict]:
+                distributed: bool = False, checkpoints: Checkpoints | None = None,
+                desc: str = "curve") -> list[dict]:
     """Train `curve.mid` in place; returns one log entry per epoch (epoch, loss, lr, seconds).
 
     `loss` is the epoch's mean over mini-batches of the full objective (task loss + L2 term);
@@ -241,7 +241,7 @@ def train_curve(curve: BezierCurve, loader: Iterable[Any], loss_fn: LossFn,
     stateful = dict(zip(CURVE_STATE, saved_objects, strict=False))  # generator: if given
     done, saved = checkpoints.resume(stateful) if checkpoints is not None else (0, {})
     log: list[dict] = list(saved.get("log", []))
-    bar = tqdm(range(done, settings.epochs), desc="curve", disable=not progress, initial=done,
+    bar = tqdm(range(done, settings.epochs), desc=desc, disable=not progress, initial=done,
                total=settings.epochs)
     for epoch in bar:
         began = time.perf_counter()

@@ -430,6 +430,10 @@ class _Stages:
         """Seconds per phase spent since `before` (a copy of self.seconds)."""
         return {k: self.seconds[k] - before.get(k, 0.0) for k in self.seconds}
 
+    def where(self, round_: int) -> str:
+        """The progress bars' label: a run is six or more bars, and each says which it is."""
+        return f"TSC round {round_ + 1}/{self.settings.rounds}"
+
     def connect(self, start: dict, end: dict, t: float, round_: int, stage: int,
                 began: dict[str, float] | None = None
                 ) -> tuple[dict[str, torch.Tensor], StageRecord]:
@@ -441,7 +445,8 @@ class _Stages:
         self.seed_process(round_, stage, "curve")  # a fresh control point seeds the global RNG
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_, stage, "t"))
         self.timed("curve", train_curve, curve, self.clean, self.loss_fn, self.settings.curve,
-                   progress=self.progress, generator=generator, distributed=self.distributed)
+                   progress=self.progress, generator=generator, distributed=self.distributed,
+                   desc=f"{self.where(round_)} · stage {stage} curve")
         point = curve.point(t)
         self.timed("batchnorm", recompute_bn_stats, point, self.clean,
                    distributed=self.distributed)
@@ -598,7 +603,8 @@ class _Stages:
                 anchor = apply_permutation(self.template.state_dict(), self.spec, perm)
                 loss_fn = path_aware_loss(loss_fn, anchor, settings.final_ft_path_aware)
             self.timed("finetune", train_classifier, model, self.clean, ft,
-                       progress=self.progress, desc="fine-tune", loss_fn=loss_fn,
+                       progress=self.progress, loss_fn=loss_fn,
+                       desc=f"{self.where(round_)} · {'last ' if last else ''}fine-tune",
                        distributed=self.distributed)
             if last and settings.final_ft_path_aware > 0:
                 # Its batches were normalised at the shifted point: statistics for this one.
