@@ -364,7 +364,7 @@ def failed_runs(out: Path) -> int:
 def print_plan(lines: list[dict], out: Path) -> None:
     """bench --plan: runs done and left per part, model and row, and the hours left where this
     folder's finished runs of the same row and model give a median; a row with none is
-    estimated (~) from its step budget and its model's seconds a step, and counted apart."""
+    estimated (~) from its step budget (bench.grid.estimated_seconds), and counted apart."""
     print(f"| part | model | row | done | left | median seconds a run (in {out}) | hours left |")
     print("|---|---|---|---|---|---|---|")
     known, possible, estimated, unknown = 0.0, 0.0, 0.0, 0
