@@ -636,7 +636,8 @@ class _Stages:
                 else:
                     state, record = finished
                     self.resumed.append(record)
-                    log.info("resumed round %d stage %d from %s", round_, stage, self.resume_dir)
+                    log.info("resumed round %d stage %d from %s", round_ + 1, stage,
+                             self.resume_dir)
                 records.append(record)
                 if stage == 1:
                     theta_1 = state

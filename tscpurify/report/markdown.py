@@ -26,6 +26,12 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         if metrics:
             lines.append(f"| {name} | {fmt(metrics.get('acc'))} | {fmt(metrics.get('asr'))} | "
                          f"{fmt(metrics.get('ra'))} |")
+    before, after = report.before or {}, report.after or {}
+    if all(isinstance(m.get(k), (int, float)) for m in (before, after) for k in ("acc", "asr")):
+        lines += ["", f"Clean accuracy {before['acc']:.2f}% → {after['acc']:.2f}% (a drop of "
+                      f"{before['acc'] - after['acc']:.2f} points); the trigger sends "
+                      f"{after['asr']:.2f}% of the poisoned test images to the target, "
+                      f"{before['asr']:.2f}% before."]
     if report.distance:
         lines += ["", f"Moved from the suspect model (relative L2 over the parameters): "
                       f"{report.distance['raw']:.3f} raw, {report.distance['aligned']:.3f} with "
@@ -58,7 +64,7 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         for s in report.stages:
             tuned = (f"{fmt(s.finetuned.get('acc'))} / {fmt(s.finetuned.get('asr'))}"
                      if s.finetuned else "–")
-            lines.append(f"| {s.round} | {s.stage} | {s.t:g} | {fmt(s.metrics.get('acc'))} | "
+            lines.append(f"| {s.round + 1} | {s.stage} | {s.t:g} | {fmt(s.metrics.get('acc'))} | "
                          f"{fmt(s.metrics.get('asr'))} | {tuned} | "
                          f"{sum(s.seconds.values()):.0f} |")
     if any(s.profile for s in report.stages):
@@ -67,7 +73,7 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         for s in report.stages:
             if not s.profile:
                 continue
-            lines += [f"Round {s.round}, stage {s.stage}:", "",
+            lines += [f"Round {s.round + 1}, stage {s.stage}:", "",
                       "| t | " + " | ".join(f"{p['t']:g}" for p in s.profile) + " |",
                       "|---" * (len(s.profile) + 1) + "|"]
             for key in ("acc", "asr", "loss"):
@@ -78,7 +84,10 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
             lines.append("")
     if report.seconds:
         lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in report.seconds.items()]
+        # "total" is the purification's own (the phases before it); the checks after it
+        # (distance, re-tune) are timed apart.
+        lines += [f"| {'**total** of the purification' if k == 'total' else k} | {v:.1f} |"
+                  for k, v in report.seconds.items()]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Settings", "", "```json"]

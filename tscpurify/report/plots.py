@@ -33,7 +33,7 @@ def profile_figure(stages: list[dict], title: str = "") -> Figure | None:
             if s["profile"][0].get(key) is not None:
                 ax.plot(ts, [p[key] for p in s["profile"]], style, label=key.upper(), ms=4)
         ax.axvline(s["t"], color="grey", lw=1, ls=":")
-        ax.set_title(f"round {s['round']}, stage {s['stage']} (point at t={s['t']:g})",
+        ax.set_title(f"round {s['round'] + 1}, stage {s['stage']} (point at t={s['t']:g})",
                      fontsize=10)
         ax.set_xlabel("t")
         ax.set_ylim(-2, 102)
