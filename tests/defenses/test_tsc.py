@@ -377,3 +377,5 @@ def test_each_progress_bar_says_which_round_and_stage_it_is(setup, capsys):
                   "TSC round 1/2 · fine-tune", "TSC round 2/2 · stage 1 curve",
                   "TSC round 2/2 · stage 2 curve", "TSC round 2/2 · last fine-tune"):
         assert label in err
+    # and one bar for the whole run, in steps: 2 rounds × 2 curves + 2 fine-tunes, 3 batches each
+    assert "TSC: 100%" in err and "18/18" in err

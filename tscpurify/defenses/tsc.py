@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..curve import (
@@ -363,6 +364,7 @@ class _Stages:
                         "evaluation": 0.0, "caller_evaluation": 0.0, "profile": 0.0,
                         "report": 0.0}
         self.resumed: list[StageRecord] = []  # stages loaded from resume_dir, not run here
+        self.overall: tqdm | None = None  # the whole run's bar, in steps (run())
         example = example_batch(clean)[:4].to(device_of(template))
         self.spec = (spec if spec is not None
                      else derive_spec(template, example, leaf_modules=leaf_modules))
@@ -430,6 +432,19 @@ class _Stages:
         """Seconds per phase spent since `before` (a copy of self.seconds)."""
         return {k: self.seconds[k] - before.get(k, 0.0) for k in self.seconds}
 
+    def advance(self, epochs: int) -> None:
+        """Move the whole run's bar on by `epochs` passes over the clean data."""
+        if self.overall is not None:
+            self.overall.update(epochs * self.batches)
+
+    def stage_epochs(self, round_: int, stage: int) -> int:
+        """Passes over the clean data a stage takes: its curve, and stage 2's fine-tune."""
+        if stage == 1:
+            return self.settings.curve.epochs
+        last = round_ == self.settings.rounds - 1
+        return self.settings.curve.epochs + (self.settings.final_ft_epochs if last
+                                             else self.settings.ft_epochs)
+
     def where(self, round_: int) -> str:
         """The progress bars' label: a run is six or more bars, and each says which it is."""
         return f"TSC round {round_ + 1}/{self.settings.rounds}"
@@ -446,7 +461,8 @@ class _Stages:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_, stage, "t"))
         self.timed("curve", train_curve, curve, self.clean, self.loss_fn, self.settings.curve,
                    progress=self.progress, generator=generator, distributed=self.distributed,
-                   desc=f"{self.where(round_)} · stage {stage} curve")
+                   desc=f"{self.where(round_)} · stage {stage} curve",
+                   callbacks=[lambda epoch, entry: self.advance(1)])
         point = curve.point(t)
         self.timed("batchnorm", recompute_bn_stats, point, self.clean,
                    distributed=self.distributed)
@@ -605,7 +621,8 @@ class _Stages:
             self.timed("finetune", train_classifier, model, self.clean, ft,
                        progress=self.progress, loss_fn=loss_fn,
                        desc=f"{self.where(round_)} · {'last ' if last else ''}fine-tune",
-                       distributed=self.distributed)
+                       distributed=self.distributed,
+                       callbacks=[lambda epoch, model: self.advance(1)])
             if last and settings.final_ft_path_aware > 0:
                 # Its batches were normalised at the shifted point: statistics for this one.
                 self.timed("batchnorm", recompute_bn_stats, model, self.clean,
@@ -617,6 +634,20 @@ class _Stages:
         return state, record
 
     def run(self, start: dict) -> tuple[dict, list[StageRecord]]:
+        # The whole run in one bar, with its time left: each stage's own bar shows only its part.
+        try:
+            self.batches = len(self.clean)
+        except TypeError:  # a loader without a length (an IterableDataset's): no whole-run bar
+            return self._run(start)
+        self.overall = tqdm(total=self.settings.planned_steps(self.batches), desc="TSC",
+                            unit="step", disable=not self.progress or not self.main)
+        try:
+            return self._run(start)
+        finally:
+            self.overall.close()
+            self.overall = None
+
+    def _run(self, start: dict) -> tuple[dict, list[StageRecord]]:
         current, records = start, []
         for round_ in range(self.settings.rounds):
             theta_1 = None
@@ -636,6 +667,7 @@ class _Stages:
                 else:
                     state, record = finished
                     self.resumed.append(record)
+                    self.advance(self.stage_epochs(round_, stage))
                     log.info("resumed round %d stage %d from %s", round_ + 1, stage,
                              self.resume_dir)
                 records.append(record)
