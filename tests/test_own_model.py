@@ -152,7 +152,7 @@ def test_own_model_errors_are_one_line(user_project, fmnist_root, capsys):
         (["--weights", weights], "--weights needs --arch"),
         (["--weights", weights, "--arch", "usernet:make_net"], "--weights needs --arch"),
         (["somerun", "--weights", weights], "not both"),
-        (["somerun", "--data", "cifar10"], "describe a --weights file"),
+        (["somerun", "--data", "cifar10"], "--data describes a --weights file"),
         (["--weights", weights, "--arch", "nosuchmodule:make_net", "--data", "fashion-mnist",
           "--data-root", str(fmnist_root)], "cannot import 'nosuchmodule'"),
         (["--weights", weights, "--arch", "usernet:missing", "--data", "fashion-mnist",

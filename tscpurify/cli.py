@@ -289,7 +289,8 @@ def run_purify(args: argparse.Namespace) -> int:
                                 "ARCH --data NAME for a model trained elsewhere")
         given = [flag for flag, value in own.items() if value]
         if given:
-            raise SettingsError(f"{', '.join(given)} describe a --weights file; a run folder "
+            verb = "describes" if len(given) == 1 else "describe"
+            raise SettingsError(f"{', '.join(given)} {verb} a --weights file; a run folder "
                                 f"records its own")
     elif args.run is not None:
         raise SettingsError(f"give a run folder ({args.run}) or --weights, not both")
