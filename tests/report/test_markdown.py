@@ -18,8 +18,9 @@ def test_a_floor_that_learns_the_trigger_at_once_is_called_uninformative():
     slow = render_markdown(report_with(retune={"after": profile([8.6, 61.0, 94.5]),
                                                "floor": profile([9.0, 9.2, 50.6])}))
     assert "cannot tell" not in slow and "| trained without poison | 9.00 |" in slow
-    assert "cannot tell" not in render_markdown(report_with(
-        retune={"after": profile([97.0, 98.0, 99.0])}))  # no floor, nothing to judge by
+    assert "After 2 epoch(s): purified 61.00%, trained without poison 9.20% (+51.80 points)" in slow
+    alone = render_markdown(report_with(retune={"after": profile([97.0, 98.0, 99.0])}))
+    assert "cannot tell" not in alone and "--retune-floor RUN" in alone  # no floor: say so
 
 
 def test_the_distance_moved_is_shown_when_measured():

@@ -52,7 +52,17 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
         for name, profile in report.retune.items():
             lines.append(f"| {labels.get(name, name)} | "
                          + " | ".join(fmt(a) for a in profile["asr"]) + " |")
-        floor = report.retune.get("floor")
+        floor, purified = report.retune.get("floor"), report.retune.get("after")
+        if floor is None:
+            lines += ["", "No model trained without poison was given (`--retune-floor RUN`): "
+                          "without it, only the suspect's row tells how fast a trigger is "
+                          "learnt here."]
+        elif purified is not None:
+            # The comparison the check exists for, at the second epoch (the first if only one).
+            i = min(1, len(epochs) - 1)
+            gap = purified["asr"][i] - floor["asr"][i]
+            lines += ["", f"After {epochs[i]} epoch(s): purified {fmt(purified['asr'][i])}%, "
+                          f"trained without poison {fmt(floor['asr'][i])}% ({gap:+.2f} points)."]
         if floor and uninformative_floor(floor["asr"]):
             lines += ["", f"The model trained without poison learns this trigger within "
                           f"{floor['epochs'][0]} epoch(s) ({fmt(floor['asr'][0])}%): at these "
