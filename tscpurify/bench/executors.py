@@ -87,8 +87,8 @@ def finished_line(cell: Any, row: dict) -> str:
     after = row.get("after") or {}
     scores = " ".join(f"{name.upper()} {after[name]:.2f}" for name in ("acc", "asr")
                       if after.get(name) is not None)
-    return f"done {row_name(cell)}: {scores}, {row.get('steps', 0)} steps, " \
-           f"{row.get('seconds', 0.0):.0f} s"
+    return (f"done {row_name(cell)}: {scores}, {row.get('steps', 0)} steps, "
+            f"{row.get('seconds', 0.0):.0f} s")
 
 
 def run_serial(todo: Iterable[Any], run: Callable[[Any], dict], is_done: Callable[[str], bool],

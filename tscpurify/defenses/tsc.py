@@ -365,6 +365,7 @@ class _Stages:
                         "report": 0.0}
         self.resumed: list[StageRecord] = []  # stages loaded from resume_dir, not run here
         self.overall: tqdm | None = None  # the whole run's bar, in steps (run())
+        self.batches: int | None = None  # clean batches a pass, when the loader has a length
         example = example_batch(clean)[:4].to(device_of(template))
         self.spec = (spec if spec is not None
                      else derive_spec(template, example, leaf_modules=leaf_modules))
@@ -434,7 +435,7 @@ class _Stages:
 
     def advance(self, epochs: int) -> None:
         """Move the whole run's bar on by `epochs` passes over the clean data."""
-        if self.overall is not None:
+        if self.overall is not None and self.batches is not None:
             self.overall.update(epochs * self.batches)
 
     def stage_epochs(self, round_: int, stage: int) -> int:
