@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tscpurify.bench.grid import read_all  # noqa: E402
 from tscpurify.bench.tables import attack_name, model_name  # noqa: E402
+from tscpurify.bench.tuning import retune_asr  # noqa: E402
 from tscpurify.outputs import save_figure_atomic  # noqa: E402
 
 
@@ -53,9 +54,7 @@ def main() -> None:
         asrs = [r["after"]["asr"] for r in rows]
         seconds = [r["seconds"] / 60 for r in rows]
         for r, fraction, drop, asr in zip(rows, fractions, drops, asrs, strict=True):
-            retune = r.get("retune") or {}
-            at_two = (retune["asr"][retune["epochs"].index(2)]
-                      if 2 in retune.get("epochs", []) else None)
+            at_two = retune_asr(r, 2)
             print(f"| {name} | {fraction:g}% | {drop:.2f} | "
                   f"{asr:.2f} | {'–' if at_two is None else f'{at_two:.1f}'} | "
                   f"{r['seconds']:.0f} |")
