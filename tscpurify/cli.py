@@ -398,12 +398,21 @@ def print_plan(lines: list[dict], out: Path) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench.grid import finished_rows, parse_shard, plan, read_all, read_grid, run_grid
+    from .bench.grid import (
+        Selection,
+        finished_rows,
+        parse_shard,
+        plan,
+        read_all,
+        read_grid,
+        run_grid,
+    )
     from .bench.tables import markdown_table, plot_bench, stages_table, tuning_table
     from .bench.tuning import summarise
 
     grid = read_grid(args.grid)  # every key checked before anything trains
     parse_shard(args.shard)
+    Selection.parse(args.rows, args.cells, grid)
     status = 0
     ray = None
     if args.executor == "ray":
@@ -417,7 +426,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SettingsError("--address, --cpus-per-cell and --gpus-per-cell need --executor ray")
     out = Path(args.out or f"runs/bench-{Path(args.grid).stem}")
     if args.plan:
-        print_plan(plan(args.grid, out), out)
+        print_plan(plan(args.grid, out, args.rows, args.cells), out)
         return 0
     if args.render:
         if not out.is_dir():
@@ -425,7 +434,8 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         failed_before = failed_runs(out)
         run_grid(args.grid, out, device=resolve_device(args.device), progress=not args.quiet,
-                 phase=args.phase, shard=args.shard, ray=ray)
+                 phase=args.phase, shard=args.shard, ray=ray, only_rows=args.rows,
+                 only_cells=args.cells)
         failed = failed_runs(out) - failed_before
         if failed:
             print(f"warning: {failed} run(s) failed twice; their errors are in "
@@ -606,6 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run every N-th run of the phase only (I from 0), e.g. two "
                             "processes with 0/2 and 1/2; each writes its own results file and "
                             "the tables merge them")
+    bench.add_argument("--rows", default=None, metavar="ROW,...",
+                       help="run only these rows of the grid (its defenses, variants or "
+                            "reference rows, by name), e.g. sau,ibau; the rest waits for a "
+                            "later run or another machine, and the tables merge them")
+    bench.add_argument("--cells", default=None, metavar="ATTACK:MODEL:SEED,...",
+                       help="run only these cells of the grid, named as its tables name them, "
+                            "e.g. badnets:cnn:0 (tuning models included)")
     bench.add_argument("--executor", choices=("serial", "ray"), default="serial",
                        help="where the runs execute: one after another in this process, or as "
                             "Ray tasks (pip install 'tscpurify[ray]'); the rows are the same "

@@ -329,6 +329,46 @@ def test_shards_split_a_grid_and_their_rows_merge(tmp_path, fmnist_root, monkeyp
     assert len(calls) == 2 and (folder / "metrics.json").exists()
 
 
+def test_rows_and_cells_run_part_of_a_grid_that_the_whole_grid_then_completes(tmp_path,
+                                                                             fmnist_root):
+    from tscpurify.cli import main
+
+    extra = """[tuning]
+models = [{attack = "badnets", seed = 100}, {attack = "blended", seed = 101}]
+[tuning.candidates.ft]
+default = {}
+hot = {lr = 0.2}"""
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, extra=extra, defenses=("none", "ft"))
+    out = tmp_path / "out"
+    # Names are checked against the grid before any work: one error line, nothing written.
+    for flag, bad in (("--rows", "sau"), ("--cells", "badnets:cnn:7"), ("--rows", ",")):
+        assert main(["bench", str(grid), "--out", str(out), flag, bad, "--quiet"]) == 2
+        assert not out.exists()
+    with pytest.raises(SettingsError, match="--cells: badnets:cnn:7 is not one of"):
+        run_grid(grid, out, progress=False, only_cells="badnets:cnn:7")
+    # Part of the tuning: no choice until every candidate has run on every tuning model.
+    run_grid(grid, out, progress=False, phase="tune", only_cells="badnets:cnn:100")
+    tuned = [json.loads(line)["cell"] for line in (out / "tuning.jsonl").read_text().splitlines()]
+    assert {(c["attack"], c["seed"]) for c in tuned} == {("badnets", 100)}
+    assert not (out / "tuning.json").exists()
+    run_grid(grid, out, progress=False, phase="tune")
+    assert (out / "tuning.json").exists()
+    # One row of one cell, planned and run alone; the whole grid then runs only the rest.
+    selected = {(p["part"], p["defense"]): p["left"]
+                for p in plan(grid, out, only_rows="ft", only_cells="blended:cnn:0")}
+    assert selected == {("default", "ft"): 1}
+    part = run_grid(grid, out, progress=False, phase="default", only_rows="ft",
+                    only_cells="blended:cnn:0")
+    assert [(r["cell"]["defense"], r["cell"]["attack"]) for r in part] == [("ft", "blended")]
+    whole = run_grid(grid, out, progress=False, phase="default")
+    assert len(whole) == 4
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # the selected row ran once, under the whole grid's key
+    assert {r["key"] for r in whole} == {json.loads(line)["key"] for line in lines}
+    assert next(r for r in whole if (r["cell"]["defense"], r["cell"]["attack"])
+                == ("ft", "blended"))["after"] == part[0]["after"]
+
+
 def test_a_cached_model_whose_save_is_unusable_is_trained_afresh(tmp_path, fmnist_root,
                                                                 monkeypatch):
     """The bench's models save each epoch aside; a save it cannot read is dropped, never a

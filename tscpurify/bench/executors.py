@@ -78,8 +78,7 @@ def import_ray() -> Any:
 
 def row_name(cell: Any) -> str:
     """A run as people read it: `tsc on badnets:cnn:120 (default)`."""
-    return (f"{cell.defense} on {cell.attack_label or cell.attack}:"
-            f"{cell.model_label or cell.model}:{cell.seed} ({cell.setting})")
+    return f"{cell.defense} on {cell.name} ({cell.setting})"
 
 
 def finished_line(cell: Any, row: dict) -> str:

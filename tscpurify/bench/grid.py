@@ -100,6 +100,11 @@ class Cell:
     attack_label: str = ""
 
     @property
+    def name(self) -> str:
+        """The cell as tables and --cells name it, aliases as the grid has them: badnets:cnn:120."""
+        return f"{self.attack_label or self.attack}:{self.model_label or self.model}:{self.seed}"
+
+    @property
     def key(self) -> str:
         """Everything that decides the result, and nothing else: two rows that run the same
         thing (a tuned choice equal to the default, say) share one run."""
@@ -130,6 +135,36 @@ class Grid:
         fixed, overrides = self.row_args[cell.defense]
         args = {**fixed, **choice[target]["overrides"], **overrides}
         return dataclasses.replace(cell, defense_args=args)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What of a grid to run (`bench --rows`, `--cells`): rows by their names in the grid, cells
+    as `attack:model:seed`; None = all. A selection runs the same cells, with the same keys, as
+    the whole grid, so its rows count for the grid, and the rest runs later or elsewhere."""
+
+    rows: frozenset[str] | None = None
+    cells: frozenset[str] | None = None
+
+    @classmethod
+    def parse(cls, rows: str | None, cells: str | None, grid: Grid) -> Selection:
+        """From the flags' comma lists, each name checked against `grid` before any work."""
+        def names(text: str | None, known: list[str], flag: str) -> frozenset[str] | None:
+            if text is None:
+                return None
+            given = [n.strip() for n in text.split(",") if n.strip()]
+            unknown = [n for n in given if n not in known]
+            if not given or unknown:
+                raise SettingsError(f"{flag}: {', '.join(unknown) or repr(text)} is not one of "
+                                    f"this grid's; choices: {', '.join(dict.fromkeys(known))}")
+            return frozenset(given)
+        every = [*grid.cells, *grid.tuning_cells]
+        return cls(names(rows, [c.defense for c in every], "--rows"),
+                   names(cells, [c.name for c in every], "--cells"))
+
+    def __contains__(self, cell: Cell) -> bool:
+        return ((self.rows is None or cell.defense in self.rows)
+                and (self.cells is None or cell.name in self.cells))
 
 
 def _require(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -567,12 +602,12 @@ def seed_major(cells: list[Cell]) -> list[Cell]:
 def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: bool,
                desc: str, shard: tuple[int, int] | None = None,
                order: Callable[[list[Cell]], list[Cell]] = list,
-               ray: RayOptions | None = None) -> list[dict]:
-    """Run the unfinished cells in `order` (of this shard: every N-th distinct run, so the
-    shards share each cell's rows) on this process, or on Ray when `ray` is given
+               ray: RayOptions | None = None, only: Selection = Selection()) -> list[dict]:
+    """Run the unfinished cells of `only` in `order` (of this shard: every N-th distinct run, so
+    the shards share each cell's rows) on this process, or on Ray when `ray` is given
     (executors.py); return every finished row of `cells`, in their order."""
     path = out / (f"{stem}.jsonl" if shard is None else f"{stem}.shard{shard[0]}of{shard[1]}.jsonl")
-    running = order(cells)
+    running = [c for c in order(cells) if c in only]
     keys = list(dict.fromkeys(c.key for c in running))
     mine = set(keys if shard is None else keys[shard[0]::shard[1]])
     # One writer per results file: a second process writing the same file is refused (the
@@ -599,15 +634,15 @@ def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: b
 
 
 def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True,
-               shard: tuple[int, int] | None = None, ray: RayOptions | None = None
-               ) -> dict[str, dict[str, Any]] | None:
-    """Run every candidate on the tuning models; write and return the choice (tuned.toml,
-    and tuning.json with the table behind each choice). None while other shards' candidates
-    are unfinished."""
+               shard: tuple[int, int] | None = None, ray: RayOptions | None = None,
+               only: Selection = Selection()) -> dict[str, dict[str, Any]] | None:
+    """Run every candidate (of `only`) on the tuning models; write and return the choice
+    (tuned.toml, and tuning.json with the table behind each choice). None while candidates of
+    other shards or parts are unfinished."""
     if grid.tuning is None:
         raise SettingsError("this grid has no [tuning] section")
     rows = _run_cells(grid.tuning_cells, out, "tuning", device, progress, "tuning", shard,
-                      ray=ray)
+                      ray=ray, only=only)
     if len(rows) < len(grid.tuning_cells):
         return None  # sharded (other shards still running), or runs failed on Ray
     choice = choose(rows, grid.tuning)
@@ -619,10 +654,12 @@ def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
 
 def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
              progress: bool = True, phase: str = "all", shard: str | None = None,
-             ray: RayOptions | None = None) -> list[dict]:
+             ray: RayOptions | None = None, only_rows: str | None = None,
+             only_cells: str | None = None) -> list[dict]:
     """Run every unfinished cell of `phase` ('tune', 'default', 'tuned' or 'all'); returns the
     benchmark rows of the phases run, in grid order. `shard` 'I/N' runs every N-th run only,
     so N processes (or machines sharing the folder) split a grid; each writes its own file.
+    `only_rows` and `only_cells` (comma lists: Selection) run only those rows and cells of the grid.
     `ray` runs the cells as tasks on a Ray cluster instead of in this process (executors.py)."""
     if phase not in PHASES:
         raise SettingsError(f"unknown phase {phase!r}; choices: {', '.join(PHASES)}")
@@ -631,6 +668,7 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
     if ray is not None:
         check_device(ray, device)
     grid = read_grid(source)
+    only = Selection.parse(only_rows, only_cells, grid)
     out = check_resumable_out(out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "bench.json").exists():
@@ -640,21 +678,24 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
                                                      "tool_version": __version__}) + "\n")
     cells = grid.cells
     if grid.tuning is not None and phase in ("tune", "tuned", "all"):
-        choice = run_tuning(grid, out, device, progress, part, ray)
+        choice = run_tuning(grid, out, device, progress, part, ray, only)
         if choice is None and phase != "tune":
-            raise SettingsError("the tuning is unfinished (other shards are still running its "
-                                "candidates, or some failed: see failed.jsonl); run the tuned "
-                                "rows once every candidate has a row")
+            raise SettingsError("the tuning is unfinished (other shards or --rows/--cells parts "
+                                "still have candidates to run, or some failed: see "
+                                "failed.jsonl); run the tuned rows once every candidate has a "
+                                "row")
         if choice is not None:
             cells = [grid.tuned(c, choice) for c in cells]
     if phase == "tune":
         return []
     wanted = {"default": ("default",), "tuned": ("tuned",), "all": SETTINGS_ROWS}[phase]
     cells = [c for c in cells if c.setting in wanted]
-    return _run_cells(cells, out, "results", device, progress, "bench", part, seed_major, ray)
+    return _run_cells(cells, out, "results", device, progress, "bench", part, seed_major, ray,
+                      only)
 
 
-def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
+def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
+         only_cells: str | None = None) -> list[dict[str, Any]]:
     """What a grid has left, per part ("tuning", "default", "tuned"), model and row: distinct
     runs done and left, and the median seconds of the finished runs of that row on that model
     in `out` (tuning and benchmark rows alike; None before any), so that the time left can be
@@ -668,10 +709,12 @@ def plan(source: str | Path, out: str | Path) -> list[dict[str, Any]]:
     if grid.tuning is not None and (out / "tuning.json").exists():
         choice = json.loads((out / "tuning.json").read_text())["choice"]
     tuned_rows = grid.tuning.tuned_as if grid.tuning is not None else {}
-    parts = [("tuning", "tuning", grid.tuning_cells),
-             ("default", "results", [c for c in grid.cells if c.setting == "default"]),
+    only = Selection.parse(only_rows, only_cells, grid)
+    parts = [("tuning", "tuning", [c for c in grid.tuning_cells if c in only]),
+             ("default", "results", [c for c in grid.cells
+                                     if c.setting == "default" and c in only]),
              ("tuned", "results", [grid.tuned(c, choice) if choice else c
-                                   for c in grid.cells if c.setting == "tuned"])]
+                                   for c in grid.cells if c.setting == "tuned" and c in only])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
     seconds: dict[tuple[str, str], list[float]] = {}
     per_step: dict[tuple[str, str], list[float]] = {}  # (row, model) → seconds a step
