@@ -427,6 +427,16 @@ rate = 0.01
              "after": {"acc": 89.0, "asr": 1.0, "ra": 80.0}, "der": 0.9} for c in cells]
     table = markdown_table(rows)
     assert "| badnets_r01 | cnn_w8 | 120 | ft |" in table and "| badnets | cnn_w4 |" in table
+    # --plan keeps the widths apart, each timed by its own rows (a width-8 run costs more).
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench.json").write_text('{"grid": "aliases"}')
+    (out / "results.jsonl").write_text(json.dumps(
+        {**rows[0], "key": cells[0].key, "steps": 10, "seconds": 5.0}) + "\n")
+    lines = {(p["model"], p["defense"]): p for p in plan(path, out)}
+    assert set(lines) == {("cnn_w4", "ft"), ("cnn_w8", "ft")}
+    assert lines[(cells[0].model_name, "ft")]["median_seconds"] == 5.0
+    assert lines[({"cnn_w4", "cnn_w8"} - {cells[0].model_name}).pop(), "ft"]["done"] == 0
     path.write_text(path.read_text().replace('arch = "cnn"\nwidth = 8', 'arch = "cnn9"'))
     with pytest.raises(SettingsError, match="cnn9"):
         read_grid(path)

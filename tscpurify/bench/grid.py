@@ -102,7 +102,12 @@ class Cell:
     @property
     def name(self) -> str:
         """The cell as tables and --cells name it, aliases as the grid has them: badnets:cnn:120."""
-        return f"{self.attack_label or self.attack}:{self.model_label or self.model}:{self.seed}"
+        return f"{self.attack_label or self.attack}:{self.model_name}:{self.seed}"
+
+    @property
+    def model_name(self) -> str:
+        """The model entry as the grid names it: `cnn_w32` for an alias of `cnn` at width 32."""
+        return self.model_label or self.model
 
     @property
     def key(self) -> str:
@@ -721,7 +726,9 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
     for rows in done.values():
         for row in rows.values():
             if row.get("steps"):
-                key = (row["cell"]["defense"], row["cell"]["model"])
+                # by the grid's model entry: widths of one architecture run at their own pace
+                ran = row["cell"]
+                key = (ran["defense"], ran.get("model_label") or ran["model"])
                 seconds.setdefault(key, []).append(row["seconds"])
                 per_step.setdefault(key, []).append(row["seconds"] / row["steps"])
     counted: set[str] = set()
@@ -737,8 +744,8 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
             counted.add(cell.key)
             trains = bool(cell.base) and hasattr(DEFENSES.meta[cell.base]["settings"],
                                                  "planned_steps")
-            line = grouped.setdefault((cell.model, cell.defense), {
-                "part": part, "model": cell.model, "defense": cell.defense, "done": 0,
+            line = grouped.setdefault((cell.model_name, cell.defense), {
+                "part": part, "model": cell.model_name, "defense": cell.defense, "done": 0,
                 "left": 0, "possible": possible,
                 "budget_steps": cell.budget_steps if trains else None})
             line["done" if cell.key in done[stem] and not possible else "left"] += 1
