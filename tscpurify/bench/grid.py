@@ -643,7 +643,7 @@ def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True
                only: Selection = Selection()) -> dict[str, dict[str, Any]] | None:
     """Run every candidate (of `only`) on the tuning models; write and return the choice
     (tuned.toml, and tuning.json with the table behind each choice). None while candidates of
-    other shards or parts are unfinished."""
+    other shards or selections are unfinished."""
     if grid.tuning is None:
         raise SettingsError("this grid has no [tuning] section")
     rows = _run_cells(grid.tuning_cells, out, "tuning", device, progress, "tuning", shard,
