@@ -55,6 +55,7 @@ from ..training import TrainSettings
 from ..version import __version__
 from .cache import cached_backdoored, run_metrics
 from .executors import RayOptions, check_device, run_ray, run_serial
+from .tables import model_name
 from .tuning import FLOOR, TuningSpec, choose, parse_tuning, write_tuned
 
 if sys.version_info >= (3, 11):
@@ -727,8 +728,7 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
         for row in rows.values():
             if row.get("steps"):
                 # by the grid's model entry: widths of one architecture run at their own pace
-                ran = row["cell"]
-                key = (ran["defense"], ran.get("model_label") or ran["model"])
+                key = (row["cell"]["defense"], model_name(row["cell"]))
                 seconds.setdefault(key, []).append(row["seconds"])
                 per_step.setdefault(key, []).append(row["seconds"] / row["steps"])
     counted: set[str] = set()
