@@ -16,7 +16,12 @@ import argparse
 from pathlib import Path
 
 from tscpurify.bench.grid import read_all
-from tscpurify.bench.tables import RETUNE_EPOCH, distance_vs_retune, model_name
+from tscpurify.bench.tables import (
+    RETUNE_EPOCH,
+    aligned_distance,
+    distance_vs_retune,
+    model_name,
+)
 from tscpurify.bench.tuning import retune_asr
 
 
@@ -44,10 +49,10 @@ def main() -> None:
     print("| defense | attack:model:seed | setting | ASR after | aligned distance | "
           f"re-tune ASR after {RETUNE_EPOCH} |")
     print("|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: r["distance"]["aligned"]):
+    for r in sorted(rows, key=aligned_distance):
         c = r["cell"]
         print(f"| {c['defense']} | {c['attack']}:{model_name(c)}:{c['seed']} | {c['setting']} | "
-              f"{r['after']['asr']:.2f} | {r['distance']['aligned']:.3f} | "
+              f"{r['after']['asr']:.2f} | {aligned_distance(r):.3f} | "
               f"{retune_asr(r, RETUNE_EPOCH):.1f} |")
     found = distance_vs_retune(rows)
     if found is None or found["spearman"] is None:

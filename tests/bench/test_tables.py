@@ -3,7 +3,7 @@ per-row curve profiles."""
 
 import pytest
 
-from tscpurify.bench.tables import distance_vs_retune, markdown_table, plot_bench
+from tscpurify.bench.tables import distance_vs_retune, markdown_table, plot_bench, summary
 
 
 def row(defense, distance, retune, base="ft"):
@@ -26,6 +26,16 @@ def test_the_diagnostic_ranks_distance_against_retune_asr_over_defenses_only():
     flat = [row(name, 0.5, 100.0) for name in "abc"]
     assert distance_vs_retune(flat) == {"rows": 3, "spearman": None}
     assert "Spearman" not in markdown_table(flat)
+
+
+def test_a_row_recorded_with_a_matched_distance_above_its_raw_one_counts_the_raw_one():
+    # Rows written before 2026-12-05 could hold such a distance (model_distances now keeps the
+    # smaller): the identity is a permutation too.
+    old = row("a", 0.3, 50.0)
+    old["distance"] = {"raw": 0.3, "aligned": 0.5}
+    rows = [old, row("b", 0.4, 40.0), row("c", 0.2, 60.0)]
+    assert summary([old])[0]["distance"] == pytest.approx(0.3)
+    assert distance_vs_retune(rows)["spearman"] == pytest.approx(-1.0)  # 0.5 would say -0.5
 
 
 def test_cells_whose_floor_learns_the_trigger_at_once_are_named():

@@ -30,6 +30,14 @@ def model_name(cell: dict) -> str:
     return cell.get("model_label") or cell["model"]
 
 
+def aligned_distance(row: dict) -> float | None:
+    """The row's distance from the suspect model up to permuting units, None if not recorded.
+    Rows written before 2026-12-05 could hold an activation-matched distance above the raw one
+    (permutation.model_distances now keeps the smaller); the smaller is taken here for them."""
+    distance = row.get("distance")
+    return min(distance["raw"], distance["aligned"]) if distance else None
+
+
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -121,7 +129,7 @@ def distance_vs_retune(rows: list[dict], epoch: int = RETUNE_EPOCH) -> dict[str,
     defenses (not the reference rows), the Spearman rank correlation between the aligned
     distance from the suspect model, which a defender can measure without knowing the attack,
     and the ASR after `epoch` re-tune epochs. None with fewer than 3 such rows."""
-    pairs = [(r["distance"]["aligned"], retune_asr(r, epoch)) for r in rows
+    pairs = [(aligned_distance(r), retune_asr(r, epoch)) for r in rows
              if r["cell"].get("base") and r.get("distance") and retune_asr(r, epoch) is not None]
     if len(pairs) < 3:
         return None
@@ -184,7 +192,7 @@ def summary(rows: list[dict]) -> list[dict[str, Any]]:
              "ra": _mean([r["after"]["ra"] for r in group]),
              "der": mean(r["der"] for r in group),
              "retune_asr": _mean([retune_asr(r, RETUNE_EPOCH) for r in group]),
-             "distance": _mean([r.get("distance", {}).get("aligned") for r in group]),
+             "distance": _mean([aligned_distance(r) for r in group]),
              "steps": mean(r.get("steps", 0) for r in group),
              "seconds": mean(r.get("seconds", 0.0) for r in group)}
             for name, group in by_defense.items()]
