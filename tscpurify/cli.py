@@ -365,7 +365,7 @@ def failed_runs(out: Path) -> int:
 def print_plan(lines: list[dict], out: Path) -> None:
     """bench --plan: runs done and left per part, model and row, and the hours left where this
     folder's finished runs of the same row and model give a median; a row with none is
-    estimated (~) from its step budget (bench.grid.estimated_seconds), and counted apart."""
+    estimated (~) from its step budget (bench.plan.estimated_seconds), and counted apart."""
     print(f"| part | model | row | done | left | median seconds a run (in {out}) | hours left |")
     print("|---|---|---|---|---|---|---|")
     known, possible, estimated, unknown = 0.0, 0.0, 0.0, 0
@@ -402,11 +402,11 @@ def run_bench(args: argparse.Namespace) -> int:
         Selection,
         finished_rows,
         parse_shard,
-        plan,
         read_all,
         read_grid,
         run_grid,
     )
+    from .bench.plan import plan
     from .bench.tables import markdown_table, plot_bench, stages_table, tuning_table
     from .bench.tuning import summarise
 

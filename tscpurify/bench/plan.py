@@ -1,0 +1,99 @@
+"""`tscpurify bench GRID --plan`: what a grid has left, and how long it should take on this
+machine, from the seconds its finished rows took (nothing runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..defenses import DEFENSES
+from .grid import Selection, read_all, read_grid
+from .tables import model_name
+
+
+def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
+         only_cells: str | None = None) -> list[dict[str, Any]]:
+    """What a grid has left, per part ("tuning", "default", "tuned"), model and row: distinct
+    runs done and left, and the median seconds of the finished runs of that row on that model
+    in `out` (tuning and benchmark rows alike; None before any), so that the time left can be
+    budgeted from this machine's own record. Before the tuning has chosen, a tuned row's runs
+    are "possible": one equal to its default shares that run.
+
+    A training row with no finished run of its own but a step budget gets `estimated_seconds`
+    (estimated_seconds below), so a grid can be budgeted before every row has run once."""
+    grid, out = read_grid(source), Path(out)
+    choice = None
+    if grid.tuning is not None and (out / "tuning.json").exists():
+        choice = json.loads((out / "tuning.json").read_text())["choice"]
+    tuned_rows = grid.tuning.tuned_as if grid.tuning is not None else {}
+    only = Selection.parse(only_rows, only_cells, grid)
+    parts = [("tuning", "tuning", [c for c in grid.tuning_cells if c in only]),
+             ("default", "results", [c for c in grid.cells
+                                     if c.setting == "default" and c in only]),
+             ("tuned", "results", [grid.tuned(c, choice) if choice else c
+                                   for c in grid.cells if c.setting == "tuned" and c in only])]
+    done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    per_step: dict[tuple[str, str], list[float]] = {}  # (row, model) → seconds a step
+    for rows in done.values():
+        for row in rows.values():
+            if row.get("steps"):
+                # by the grid's model entry: widths of one architecture run at their own pace
+                key = (row["cell"]["defense"], model_name(row["cell"]))
+                seconds.setdefault(key, []).append(row["seconds"])
+                per_step.setdefault(key, []).append(row["seconds"] / row["steps"])
+    counted: set[str] = set()
+    lines = []
+    for part, stem, cells in parts:
+        grouped: dict[tuple[str, str], dict[str, Any]] = {}
+        for cell in cells:
+            possible = part == "tuned" and choice is None
+            if possible and not tuned_rows.get(cell.defense):
+                continue  # a row the tuning does not touch runs as its default
+            if cell.key in counted and not possible:  # a run shared by two rows counts once
+                continue
+            counted.add(cell.key)
+            trains = bool(cell.base) and hasattr(DEFENSES.meta[cell.base]["settings"],
+                                                 "planned_steps")
+            line = grouped.setdefault((cell.model_name, cell.defense), {
+                "part": part, "model": cell.model_name, "defense": cell.defense, "done": 0,
+                "left": 0, "possible": possible,
+                "budget_steps": cell.budget_steps if trains else None})
+            line["done" if cell.key in done[stem] and not possible else "left"] += 1
+        for line in grouped.values():
+            line["median_seconds"] = _median(seconds.get((line["defense"], line["model"]), []))
+            budget = line.pop("budget_steps")
+            line["estimated_seconds"] = (
+                estimated_seconds(line["defense"], line["model"], budget, per_step)
+                if line["median_seconds"] is None and budget else None)
+            lines.append(line)
+    return lines
+
+
+def estimated_seconds(defense: str, model: str, steps: int,
+                      per_step: dict[tuple[str, str], list[float]]) -> float | None:
+    """Seconds a run of `defense` on `model` at `steps` should take, from the seconds a step of
+    the finished rows (per (row, model)) when it has none of its own there: the same defense on
+    another model, scaled by how the two models' paces compare over the rows they share (its
+    per-step cost matters: here SAU's and i-BAU's steps cost about ten times FT's); else the
+    median pace of the other rows on `model`. None when nothing has run on `model`."""
+    def pace(row: str, on: str) -> float | None:
+        return _median(per_step.get((row, on), []))
+
+    on_model = [v for (row, on), values in per_step.items() if on == model for v in values]
+    if not on_model:
+        return None
+    for (row, other), _ in per_step.items():
+        if row != defense or other == model:
+            continue
+        shared = [r for (r, on) in per_step if on == other and (r, model) in per_step]
+        ratios = [pace(r, model) / pace(r, other) for r in shared if pace(r, other)]
+        if ratios:
+            return steps * pace(defense, other) * _median(ratios)
+    return steps * _median(on_model)
+
+
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
