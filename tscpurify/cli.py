@@ -389,8 +389,9 @@ def print_plan(lines: list[dict], out: Path) -> None:
               f"{'–' if hours is None else f'{mark}{hours:.1f}'} |")
     print(f"\nabout {known:.1f} hours left at this folder's own pace (one process), up to "
           f"{possible:.1f} more for tuned rows, ~{estimated:.1f} estimated (~) for rows that "
-          f"have not run yet from their step budget and their seconds a step on another model, "
-          f"scaled between the models, else their model's seconds a step (defenses differ per "
+          f"have not run yet from their step budget and their seconds a step on another model "
+          f"(here or in --pace-from folders), scaled between the models, else their model's "
+          f"seconds a step (defenses differ per "
           f"step, so a rough guide; tuned ones included as 'up to'), and {unknown} "
           f"run(s) with nothing to time them by. "
           f"Reference rows (none, clean_floor) train no defense; tuned rows say 'up to' until "
@@ -425,8 +426,13 @@ def run_bench(args: argparse.Namespace) -> int:
     elif any(v is not None for v in (args.address, args.cpus_per_cell, args.gpus_per_cell)):
         raise SettingsError("--address, --cpus-per-cell and --gpus-per-cell need --executor ray")
     out = Path(args.out or f"runs/bench-{Path(args.grid).stem}")
+    if args.pace_from and not args.plan:
+        raise SettingsError("--pace-from needs --plan")
+    for folder in args.pace_from or ():
+        if not (read_all(Path(folder), "results") or read_all(Path(folder), "tuning")):
+            raise SettingsError(f"--pace-from {folder}: no finished bench rows there")
     if args.plan:
-        print_plan(plan(args.grid, out, args.rows, args.cells), out)
+        print_plan(plan(args.grid, out, args.rows, args.cells, args.pace_from or ()), out)
         return 0
     if args.render:
         if not out.is_dir():
@@ -634,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: CPUs reserved for each run, and its torch threads (default: 1)")
     bench.add_argument("--gpus-per-cell", type=finite_float, default=None, metavar="G",
                        help="ray: GPUs reserved for each run; with --device cuda (default: 0)")
+    bench.add_argument("--pace-from", action="append", default=None, metavar="FOLDER",
+                       help="with --plan: also time rows not yet run from the finished rows of "
+                            "this bench folder (another grid's, on this machine); repeatable")
     bench.add_argument("--plan", action="store_true",
                        help="run nothing: list the runs done and left per part and row, and "
                             "the hours left at the pace of this folder's finished runs")

@@ -1,9 +1,14 @@
 """bench --plan's estimate for a row that has not run yet (the runs-left counts are checked
 where grids run, in test_grid.py)."""
 
+import dataclasses
+import json
+
 import pytest
 
-from tscpurify.bench.plan import estimated_seconds
+from tscpurify.bench.grid import Cell
+from tscpurify.bench.plan import estimated_seconds, plan
+from tscpurify.cli import main
 
 
 def test_a_row_that_has_not_run_is_estimated_from_its_own_cost_per_step_elsewhere():
@@ -17,3 +22,58 @@ def test_a_row_that_has_not_run_is_estimated_from_its_own_cost_per_step_elsewher
     assert estimated_seconds("nad", "cnn", 100, per_step) == pytest.approx(100 * 0.5)
     # Nothing has run on the model: no estimate.
     assert estimated_seconds("ft", "vit", 100, per_step) is None
+
+
+GRID = """
+seeds = [120]
+attacks = ["badnets"]
+defenses = ["ft"]
+budget_steps = 200
+[models.cnn_w4]
+arch = "cnn"
+width = 4
+"""
+
+
+def lender(folder, width, seconds_a_step):
+    """A bench folder of another grid that ran FT, and TSC at four times FT's cost a step, on
+    the CNN at `width`."""
+    folder.mkdir()
+    lines = []
+    for defense, cost in (("ft", seconds_a_step), ("tsc", 4 * seconds_a_step)):
+        cell = dataclasses.asdict(Cell(attack="blended", model="cnn", seed=7, defense=defense,
+                                       base=defense, model_args={"width": width}))
+        lines.append(json.dumps({"key": defense, "cell": cell, "steps": 100,
+                                 "seconds": 100 * cost}))
+    (folder / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_a_new_folder_is_timed_by_another_grids_rows_of_the_same_model(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID)
+    out = tmp_path / "new"  # nothing has run here
+    assert plan(path, out)[0]["estimated_seconds"] is None
+    same = lender(tmp_path / "same", width=4, seconds_a_step=0.5)
+    wider = lender(tmp_path / "wider", width=64, seconds_a_step=5.0)
+    # The same architecture at the same width lends its pace, whatever the grids call it; FT's
+    # own, not the model's mix of defenses.
+    [line] = plan(path, out, pace_from=[same, wider])
+    assert line["estimated_seconds"] == pytest.approx(200 * 0.5)
+    # Another width is another model: it lends nothing.
+    assert plan(path, out, pace_from=[wider])[0]["estimated_seconds"] is None
+
+
+def test_pace_from_is_checked_before_anything_runs(tmp_path, capsys):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID)
+    out = str(tmp_path / "out")
+    assert main(["bench", str(path), "--out", out, "--pace-from", str(tmp_path)]) == 2
+    assert "--pace-from needs --plan" in capsys.readouterr().err
+    assert main(["bench", str(path), "--out", out, "--plan", "--pace-from",
+                 str(tmp_path / "nowhere")]) == 2
+    assert "no finished bench rows" in capsys.readouterr().err
+    same = lender(tmp_path / "same", width=4, seconds_a_step=0.5)
+    assert main(["bench", str(path), "--out", out, "--plan", "--pace-from", str(same)]) == 0
+    assert "| default | cnn_w4 | ft | 0 | 1 | ~100 | ~0.0 |" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

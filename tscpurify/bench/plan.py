@@ -4,6 +4,8 @@ machine, from the seconds its finished rows took (nothing runs)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,17 @@ from .grid import Selection, read_all, read_grid
 from .tables import model_name
 
 
+def step_cost_key(cell: Mapping[str, Any]) -> str:
+    """What sets the cost of a defense's step on a model: the architecture with its arguments,
+    the data and the batch size, not the grid's name for the model (`cnn` may be width 16 in
+    one grid and 64 in another, and `cnn_w16` in a third is the same model as the first)."""
+    return (f"{cell['model']}{json.dumps(cell.get('model_args') or {}, sort_keys=True)} "
+            f"on {cell.get('data', 'fashion-mnist')}, batch {cell.get('batch_size', 256)}")
+
+
 def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
-         only_cells: str | None = None) -> list[dict[str, Any]]:
+         only_cells: str | None = None,
+         pace_from: Sequence[str | Path] = ()) -> list[dict[str, Any]]:
     """What a grid has left, per part ("tuning", "default", "tuned"), model and row: distinct
     runs done and left, and the median seconds of the finished runs of that row on that model
     in `out` (tuning and benchmark rows alike; None before any), so that the time left can be
@@ -21,7 +32,9 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
     are "possible": one equal to its default shares that run.
 
     A training row with no finished run of its own but a step budget gets `estimated_seconds`
-    (estimated_seconds below), so a grid can be budgeted before every row has run once."""
+    (estimated_seconds below), so a grid can be budgeted before every row has run once: from
+    the seconds a step of the rows finished in `out` and in the folders of `pace_from` (other
+    grids' bench folders on this machine), matched by `step_cost_key`."""
     grid, out = read_grid(source), Path(out)
     choice = None
     if grid.tuning is not None and (out / "tuning.json").exists():
@@ -34,14 +47,20 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
              ("tuned", "results", [grid.tuned(c, choice) if choice else c
                                    for c in grid.cells if c.setting == "tuned" and c in only])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
-    seconds: dict[tuple[str, str], list[float]] = {}
-    per_step: dict[tuple[str, str], list[float]] = {}  # (row, model) → seconds a step
+    seconds: dict[tuple[str, str], list[float]] = {}  # (row, model entry) → seconds a run
+    per_step: dict[tuple[str, str], list[float]] = {}  # (row, step_cost_key) → seconds a step
     for rows in done.values():
         for row in rows.values():
             if row.get("steps"):
                 # by the grid's model entry: widths of one architecture run at their own pace
                 key = (row["cell"]["defense"], model_name(row["cell"]))
                 seconds.setdefault(key, []).append(row["seconds"])
+    lenders = [read_all(Path(folder), stem) for folder in pace_from
+               for stem in ("tuning", "results")]
+    for rows in [*done.values(), *lenders]:
+        for row in rows.values():
+            if row.get("steps"):
+                key = (row["cell"]["defense"], step_cost_key(row["cell"]))
                 per_step.setdefault(key, []).append(row["seconds"] / row["steps"])
     counted: set[str] = set()
     lines = []
@@ -59,13 +78,14 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
             line = grouped.setdefault((cell.model_name, cell.defense), {
                 "part": part, "model": cell.model_name, "defense": cell.defense, "done": 0,
                 "left": 0, "possible": possible,
-                "budget_steps": cell.budget_steps if trains else None})
+                "budget_steps": cell.budget_steps if trains else None,
+                "cost_key": step_cost_key(asdict(cell))})
             line["done" if cell.key in done[stem] and not possible else "left"] += 1
         for line in grouped.values():
             line["median_seconds"] = _median(seconds.get((line["defense"], line["model"]), []))
-            budget = line.pop("budget_steps")
+            budget, cost_key = line.pop("budget_steps"), line.pop("cost_key")
             line["estimated_seconds"] = (
-                estimated_seconds(line["defense"], line["model"], budget, per_step)
+                estimated_seconds(line["defense"], cost_key, budget, per_step)
                 if line["median_seconds"] is None and budget else None)
             lines.append(line)
     return lines
@@ -74,16 +94,19 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
 def estimated_seconds(defense: str, model: str, steps: int,
                       per_step: dict[tuple[str, str], list[float]]) -> float | None:
     """Seconds a run of `defense` on `model` at `steps` should take, from the seconds a step of
-    the finished rows (per (row, model)) when it has none of its own there: the same defense on
-    another model, scaled by how the two models' paces compare over the rows they share (its
-    per-step cost matters: here SAU's and i-BAU's steps cost about ten times FT's); else the
-    median pace of the other rows on `model`. None when nothing has run on `model`."""
+    the finished rows (per (row, model)): its own on `model` (in another folder), else the
+    same defense on another model, scaled by how the two models' paces compare over the rows
+    they share (its per-step cost matters: here SAU's and i-BAU's steps cost about ten times
+    FT's); else the median pace of the other rows on `model`. None when nothing has run on
+    `model`. Models are named by `step_cost_key`."""
     def pace(row: str, on: str) -> float | None:
         return _median(per_step.get((row, on), []))
 
     on_model = [v for (row, on), values in per_step.items() if on == model for v in values]
     if not on_model:
         return None
+    if (defense, model) in per_step:  # its own pace on this model, lent by another folder
+        return steps * pace(defense, model)
     for (row, other), _ in per_step.items():
         if row != defense or other == model:
             continue
