@@ -101,9 +101,14 @@ def test_purify_writes_model_report_and_plots(backdoored_run, tmp_path, capsys):
     assert "Moved from the suspect model" in (out / "report.md").read_text()
     assert len(report["clean_indices"]) == 120 and len(report["stages"]) == 2
     assert report["settings"]["rounds"] == 1 and report["after"]["asr"] is not None
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "report.md" in printed
     assert f"permutation symmetry: {report['symmetry']['groups']} groups, moving " in printed
+    # What the numbers must not hide is said in a warning line (this tiny run: whatever it did).
+    assert ("warning: the trigger still works" in captured.err) == (report["after"]["asr"] > 5)
+    drop = report["before"]["acc"] - report["after"]["acc"]
+    assert ("warning: clean accuracy fell" in captured.err) == (drop > 3)
     # The purified folder is itself a run folder: it evaluates like any other.
     assert main(["evaluate", str(out)]) == 0
     assert not list(tmp_path.glob(".*")), "no staging folder may be left behind"

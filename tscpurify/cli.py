@@ -255,6 +255,7 @@ def tsc_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report_summary(report, out: str) -> None:
+    from .report.concerns import concerns
     from .run_kinds import KINDS
 
     before, after = report.before, report.after
@@ -272,6 +273,8 @@ def print_report_summary(report, out: str) -> None:
               + ", ".join(map(str, at)) + ": "
               + "; ".join(f"{name} " + " / ".join(f"{a:.1f}%" for a in p["asr"])
                           for name, p in report.retune.items()))
+    for concern in concerns(report):  # beside the numbers they qualify
+        print(f"warning: {concern}", file=sys.stderr)
     print(f"report: {Path(out) / 'report.md'} (plots in {Path(out) / 'plots'})")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..retune import uninformative_floor
+from .concerns import concerns
 from .schema import PurifyReport
 
 
@@ -32,6 +33,8 @@ def render_markdown(report: PurifyReport, plots: list[str] = ()) -> str:
                       f"{before['acc'] - after['acc']:.2f} points); the trigger sends "
                       f"{after['asr']:.2f}% of the poisoned test images to the target, "
                       f"{before['asr']:.2f}% before."]
+    lines += [line for concern in concerns(report)
+              for line in ("", f"**Warning:** {concern[0].upper()}{concern[1:]}.")]
     if report.distance:
         lines += ["", f"Moved from the suspect model (relative L2 over the parameters): "
                       f"{report.distance['raw']:.3f} raw, {report.distance['aligned']:.3f} with "
