@@ -47,21 +47,17 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
              ("tuned", "results", [grid.tuned(c, choice) if choice else c
                                    for c in grid.cells if c.setting == "tuned" and c in only])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
+    own = [row for rows in done.values() for row in rows.values() if row.get("steps")]
+    lent = [row for folder in pace_from for stem in ("tuning", "results")
+            for row in read_all(Path(folder), stem).values() if row.get("steps")]
     seconds: dict[tuple[str, str], list[float]] = {}  # (row, model entry) → seconds a run
     per_step: dict[tuple[str, str], list[float]] = {}  # (row, step_cost_key) → seconds a step
-    for rows in done.values():
-        for row in rows.values():
-            if row.get("steps"):
-                # by the grid's model entry: widths of one architecture run at their own pace
-                key = (row["cell"]["defense"], model_name(row["cell"]))
-                seconds.setdefault(key, []).append(row["seconds"])
-    lenders = [read_all(Path(folder), stem) for folder in pace_from
-               for stem in ("tuning", "results")]
-    for rows in [*done.values(), *lenders]:
-        for row in rows.values():
-            if row.get("steps"):
-                key = (row["cell"]["defense"], step_cost_key(row["cell"]))
-                per_step.setdefault(key, []).append(row["seconds"] / row["steps"])
+    for row in own:  # by the grid's model entry: widths of one architecture run at their own pace
+        seconds.setdefault((row["cell"]["defense"], model_name(row["cell"])), []).append(
+            row["seconds"])
+    for row in own + lent:
+        per_step.setdefault((row["cell"]["defense"], step_cost_key(row["cell"])), []).append(
+            row["seconds"] / row["steps"])
     counted: set[str] = set()
     lines = []
     for part, stem, cells in parts:
