@@ -90,6 +90,23 @@ def test_choice_from_rows_and_the_written_preset_round_trips():
         choose(rows[:3], tuning)
 
 
+def test_per_model_columns_follow_the_tuning_models_whichever_finished_first():
+    from tscpurify.bench.tuning import summarise
+
+    def row(candidate, attack, seed, acc, asr):
+        return {"cell": {"defense": "ft", "setting": candidate, "attack": attack, "seed": seed},
+                "before": {"acc": 91.0}, "after": {"acc": acc, "asr": asr}}
+
+    # Blended landed first for the default; `fast` has only Blended so far.
+    rows = [row("default", "blended", 101, 90.0, 98.0), row("default", "badnets", 100, 90.5, 99.0),
+            row("fast", "blended", 101, 88.5, 30.0)]
+    choice = {"ft": {"candidate": None, "table": summarise(rows, spec())["ft"]}}
+    table = tuning_table(choice)
+    assert "ACC drop per model (badnets:100 / blended:101)" in table
+    assert "| ft | default | defaults | 0.50 / 1.00 | 99.00 / 98.00 |" in table
+    assert "| ft | fast | lr=0.1 | – / 2.50 | – / 30.00 |" in table
+
+
 def deep_line(name, drops, asrs, retunes, floors):
     return {"candidate": name, "overrides": {}, "drops": drops, "asrs": asrs,
             "retunes": retunes, "floors": floors, "mean_drop": sum(drops) / len(drops),

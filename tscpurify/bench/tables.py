@@ -210,8 +210,12 @@ def _summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _per_model(values: list[float | None]) -> str:
-    return " / ".join(fmt(v) for v in values)
+def _per_model(line: dict[str, Any], key: str) -> str:
+    """A candidate's values of `key` one per tuning model in the spec's order, "–" for a model
+    it has not finished on, so that a half-run candidate does not read as the other model's."""
+    values = dict(zip(line["models"], line[key], strict=True))
+    return " / ".join(fmt(values[m]) if m in values else "–"
+                      for m in line.get("slots") or line["models"])
 
 
 def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
@@ -219,9 +223,12 @@ def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
     (candidate None: nothing chosen yet); under the deep rule with the re-tune ASR per model
     and the clean floor's."""
     deep = any("retunes" in line for picked in choice.values() for line in picked["table"])
-    extra = (" re-tune ASR per model | floor per model | mean re-tune ASR | passes every bound |"
+    slots = next((line.get("slots") for picked in choice.values() for line in picked["table"]
+                  if line.get("slots")), None)
+    per = f"per model ({' / '.join(slots)})" if slots else "per model"
+    extra = (f" re-tune ASR {per} | floor {per} | mean re-tune ASR | passes every bound |"
              if deep else "")
-    lines = ["| defense | candidate | settings | ACC drop per model | ASR per model |" + extra
+    lines = [f"| defense | candidate | settings | ACC drop {per} | ASR {per} |" + extra
              + " mean drop | mean ASR | chosen |",
              "|---|---|---|---|---|" + "---|" * (4 if deep else 0) + "---|---|---|"]
     for name, picked in choice.items():
@@ -234,11 +241,11 @@ def tuning_table(choice: dict[str, dict[str, Any]]) -> str:
             mark = ("**yes** (none passes: the default stays)" if chosen and none_pass
                     else "**yes**" if chosen else "")
             passes = {True: "yes", False: "no", None: "–"}[line.get("passes")]
-            retunes = (f" {_per_model(line['retunes'])} | {_per_model(line['floors'])} | "
+            retunes = (f" {_per_model(line, 'retunes')} | {_per_model(line, 'floors')} | "
                        f"{fmt(line['mean_retune'])} | {passes} |" if deep else "")
             lines.append(
-                f"| {name} | {line['candidate']} | {settings} | {_per_model(line['drops'])} | "
-                f"{_per_model(line['asrs'])} |{retunes} {fmt(line['mean_drop'])} | "
+                f"| {name} | {line['candidate']} | {settings} | {_per_model(line, 'drops')} | "
+                f"{_per_model(line, 'asrs')} |{retunes} {fmt(line['mean_drop'])} | "
                 f"{fmt(line['mean_asr'])} | {mark} |")
     return "\n".join(lines) + "\n"
 

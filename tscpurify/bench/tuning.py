@@ -176,16 +176,22 @@ def summarise(rows: list[dict], spec: TuningSpec) -> dict[str, list[dict[str, An
     passes every bound on them (None until its runs and floors are in)."""
     floors = {_model(r): retune_asr(r, spec.retune_epoch) for r in rows
               if r["cell"]["defense"] == "clean_floor" and r["cell"]["setting"] == FLOOR}
+    # Runs in the spec's order of tuning models, whichever finished first, so that the
+    # per-model columns of every candidate read the same model in the same place.
+    order = {f"{attack}:{seed}": i for i, (attack, seed) in enumerate(spec.models)}
     table: dict[str, list[dict[str, Any]]] = {}
     for row_name, listed in spec.candidates.items():
         lines = []
         for candidate in listed:
-            runs = [r for r in rows
-                    if r["cell"]["defense"] == row_name and r["cell"]["setting"] == candidate]
+            runs = sorted((r for r in rows
+                           if r["cell"]["defense"] == row_name
+                           and r["cell"]["setting"] == candidate),
+                          key=lambda r: order.get(_model(r), len(order)))
             drops = [r["before"]["acc"] - r["after"]["acc"] for r in runs]
             asrs = [r["after"]["asr"] for r in runs]
             line = {"candidate": candidate, "overrides": listed[candidate],
-                    "models": [_model(r) for r in runs], "drops": drops, "asrs": asrs,
+                    "models": [_model(r) for r in runs], "slots": list(order),
+                    "drops": drops, "asrs": asrs,
                     "mean_drop": mean(drops) if drops else None,
                     "mean_asr": mean(asrs) if asrs else None}
             if spec.deep:
