@@ -70,6 +70,7 @@ def main() -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = args.folder / "plots" / "clean_data.png"
+    path.parent.mkdir(exist_ok=True)
     save_figure_atomic(fig, path)
     plt.close(fig)
     print(f"\nplot: {path}")

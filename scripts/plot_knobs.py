@@ -95,6 +95,7 @@ def main() -> None:
             axes_row[0].legend(fontsize=8)
     fig.tight_layout()
     path = args.folder / "plots" / "knobs.png"
+    path.parent.mkdir(exist_ok=True)
     save_figure_atomic(fig, path)
     plt.close(fig)
     print(f"\nplot: {path} (dotted: the default)")

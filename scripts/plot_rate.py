@@ -1,0 +1,110 @@
+"""Study 5 of docs/ablations.md: TSC and plain fine-tuning against the poisoning rate, one line
+per attack, from a bench folder's rows (`none`, `clean_floor`, `ft`, `tsc` on each attack at
+each rate; the rate is the attack's own, read from its settings and its defaults).
+
+    python scripts/plot_rate.py benchmarks/results/ablations_rate
+
+writes FOLDER/plots/rate.png and prints the table behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tscpurify.attacks import create_attack  # noqa: E402
+from tscpurify.bench.grid import read_all  # noqa: E402
+from tscpurify.bench.tables import model_name  # noqa: E402
+from tscpurify.bench.tuning import retune_asr  # noqa: E402
+from tscpurify.outputs import save_figure_atomic  # noqa: E402
+
+ROWS = ("none", "clean_floor", "ft", "tsc")
+RETUNE_EPOCH = 2  # the re-tune column the deep-purification rule reads
+
+
+def rows_by_rate(folder: Path) -> dict[str, dict[float, dict[str, dict]]]:
+    """(attack:model:seed) → poisoning rate in % → row name → row, the default settings only."""
+    found: dict[str, dict[float, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for row in read_all(folder, "results").values():
+        cell = row["cell"]
+        if cell["defense"] not in ROWS or cell.get("setting", "default") != "default":
+            continue
+        rate = 100 * create_attack(cell["attack"], **cell["attack_args"]).rate
+        found[f"{cell['attack']}:{model_name(cell)}:{cell['seed']}"][rate][cell["defense"]] = row
+    return {name: dict(sorted(rates.items())) for name, rates in found.items()}
+
+
+def _retunes(row: dict | None) -> str:
+    profile = (row or {}).get("retune") or {}
+    return " / ".join(f"{a:.1f}" for a in profile.get("asr", [])) or "–"
+
+
+def _drop(row: dict | None) -> float | None:
+    return None if row is None else row["before"]["acc"] - row["after"]["acc"]
+
+
+def _asr(row: dict | None) -> float | None:
+    return None if row is None else row["after"]["asr"]
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args()
+    lines = rows_by_rate(args.folder)
+    if not lines:
+        raise SystemExit(f"error: no rows of {', '.join(ROWS)} in {args.folder}")
+    print("| attack | rate (%) | suspect ACC / ASR | FT drop / ASR | TSC drop / ASR | "
+          "TSC re-tune ASR 1 / 2 / 5 | floor re-tune ASR 1 / 2 / 5 | FT re-tune ASR 1 / 2 / 5 |")
+    print("|---|---|---|---|---|---|---|---|")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for name, rates in lines.items():
+        for rate, rows in rates.items():
+            suspect = rows.get("none") or rows.get("tsc") or rows.get("ft")
+            before = (f"{suspect['before']['acc']:.2f} / {suspect['before']['asr']:.2f}"
+                      if suspect else "–")
+            print(f"| {name} | {rate:g} | {before} | {_fmt(_drop(rows.get('ft')))} / "
+                  f"{_fmt(_asr(rows.get('ft')))} | {_fmt(_drop(rows.get('tsc')))} / "
+                  f"{_fmt(_asr(rows.get('tsc')))} | {_retunes(rows.get('tsc'))} | "
+                  f"{_retunes(rows.get('clean_floor'))} | {_retunes(rows.get('ft'))} |")
+        for ax, defense, value, style in (
+                (axes[0], "tsc", _drop, "-"), (axes[0], "ft", _drop, "--"),
+                (axes[1], "tsc", _asr, "-"), (axes[1], "ft", _asr, "--"),
+                (axes[2], "tsc", lambda r: r and retune_asr(r, RETUNE_EPOCH), "-"),
+                (axes[2], "clean_floor", lambda r: r and retune_asr(r, RETUNE_EPOCH), ":")):
+            points = [(rate, value(rows.get(defense))) for rate, rows in rates.items()]
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o",
+                        label=f"{defense} · {name.split(':')[0]}")
+    for ax, label in zip(axes, ("accuracy drop (points)", "ASR after the defense (%)",
+                                f"ASR after {RETUNE_EPOCH} re-tune epochs (%)"), strict=True):
+        ax.set_xscale("log")
+        rates = sorted({rate for r in lines.values() for rate in r})
+        ax.set_xticks(rates, [f"{v:g}" for v in rates])
+        ax.set_xlabel("poisoning rate (% of the training split)")
+        ax.set_ylabel(label)
+        if "ASR" in label:
+            ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = args.folder / "plots" / "rate.png"
+    path.parent.mkdir(exist_ok=True)
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
