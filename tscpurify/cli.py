@@ -368,7 +368,10 @@ def failed_runs(out: Path) -> int:
 def print_plan(lines: list[dict], out: Path) -> None:
     """bench --plan: runs done and left per part, model and row, and the hours left where this
     folder's finished runs of the same row and model give a median; a row with none is
-    estimated (~) from its step budget (bench.plan.estimated_seconds), and counted apart."""
+    estimated (~) from its step budget (bench.plan.estimated_seconds), and counted apart;
+    the models still to train come first (bench.plan.MODELS_ROW)."""
+    from .bench.plan import MODELS_ROW
+
     print(f"| part | model | row | done | left | median seconds a run (in {out}) | hours left |")
     print("|---|---|---|---|---|---|---|")
     known, possible, estimated, unknown = 0.0, 0.0, 0.0, 0
@@ -398,7 +401,10 @@ def print_plan(lines: list[dict], out: Path) -> None:
           f"step, so a rough guide; tuned ones included as 'up to'), and {unknown} "
           f"run(s) with nothing to time them by. "
           f"Reference rows (none, clean_floor) train no defense; tuned rows say 'up to' until "
-          f"the tuning has chosen (a choice equal to the default shares its run).")
+          f"the tuning has chosen (a choice equal to the default shares its run). "
+          f"{MODELS_ROW}: the suspect and clean models the runs read, each counted once, timed "
+          f"by this folder's trained models of the same architecture and training (else by "
+          f"--pace-from folders', ~).")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -647,8 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --plan: also time rows not yet run from the finished rows of "
                             "this bench folder (another grid's, on this machine); repeatable")
     bench.add_argument("--plan", action="store_true",
-                       help="run nothing: list the runs done and left per part and row, and "
-                            "the hours left at the pace of this folder's finished runs")
+                       help="run nothing: list the models to train and the runs done and "
+                            "left per part and row, and the hours left at the pace of this "
+                            "folder's finished runs")
     bench.add_argument("--render", action="store_true",
                        help="run nothing: write the tables and plots of the rows finished so far "
                             "(e.g. while another process runs the grid)")

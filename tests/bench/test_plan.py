@@ -35,6 +35,10 @@ width = 4
 """
 
 
+def defense_lines(lines):
+    return [line for line in lines if line["part"] != "models"]
+
+
 def lender(folder, width, seconds_a_step):
     """A bench folder of another grid that ran FT, and TSC at four times FT's cost a step, on
     the CNN at `width`."""
@@ -53,15 +57,15 @@ def test_a_new_folder_is_timed_by_another_grids_rows_of_the_same_model(tmp_path)
     path = tmp_path / "grid.toml"
     path.write_text(GRID)
     out = tmp_path / "new"  # nothing has run here
-    assert plan(path, out)[0]["estimated_seconds"] is None
+    assert defense_lines(plan(path, out))[0]["estimated_seconds"] is None
     same = lender(tmp_path / "same", width=4, seconds_a_step=0.5)
     wider = lender(tmp_path / "wider", width=64, seconds_a_step=5.0)
     # The same architecture at the same width lends its pace, whatever the grids call it; FT's
     # own, not the model's mix of defenses.
-    [line] = plan(path, out, pace_from=[same, wider])
+    [line] = defense_lines(plan(path, out, pace_from=[same, wider]))
     assert line["estimated_seconds"] == pytest.approx(200 * 0.5)
     # Another width is another model: it lends nothing.
-    assert plan(path, out, pace_from=[wider])[0]["estimated_seconds"] is None
+    assert defense_lines(plan(path, out, pace_from=[wider]))[0]["estimated_seconds"] is None
 
 
 def test_pace_from_is_checked_before_anything_runs(tmp_path, capsys):
@@ -77,3 +81,38 @@ def test_pace_from_is_checked_before_anything_runs(tmp_path, capsys):
     assert main(["bench", str(path), "--out", out, "--plan", "--pace-from", str(same)]) == 0
     assert "| default | cnn_w4 | ft | 0 | 1 | ~100 | ~0.0 |" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def trained(folder, seconds):
+    """A cached model as the bench leaves it, as far as the plan reads it."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"acc": 90.0, "train_seconds": seconds}))
+
+
+def test_the_models_a_grid_still_has_to_train_are_counted_once_and_timed(tmp_path):
+    from tscpurify.bench.grid import model_folders, read_grid
+    from tscpurify.bench.plan import MODELS_ROW
+
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.replace('["badnets"]', '["badnets", "blended"]')
+                    .replace('["ft"]', '["ft", "clean_floor"]'))
+    out = tmp_path / "out"
+    # Four cells read three models: two suspects and the clean twin both floors share.
+    cells = read_grid(path).cells
+    folders = {f for c in cells for f in model_folders(dataclasses.asdict(c), out).values()}
+    assert len(folders) == 3
+    [line] = [line for line in plan(path, out) if line["part"] == "models"]
+    assert (line["defense"], line["done"], line["left"]) == (MODELS_ROW, 0, 3)
+    assert line["median_seconds"] is None and line["estimated_seconds"] is None
+    badnets = model_folders(dataclasses.asdict(cells[0]), out)["backdoored"]
+    trained(badnets, 300.0)
+    [line] = [line for line in plan(path, out) if line["part"] == "models"]
+    assert (line["done"], line["left"], line["median_seconds"]) == (1, 2, 300.0)
+    # A new folder is timed by another folder's model of the same architecture and training,
+    # whatever its attack (the lender trained a Blended model at seed 7).
+    other = lender(tmp_path / "same", width=4, seconds_a_step=0.5)
+    lent_cell = json.loads((other / "results.jsonl").read_text().splitlines()[0])["cell"]
+    trained(model_folders(lent_cell, other)["backdoored"], 120.0)
+    [line] = [line for line in plan(path, tmp_path / "new", pace_from=[other])
+              if line["part"] == "models"]
+    assert line["median_seconds"] is None and line["estimated_seconds"] == 120.0

@@ -28,6 +28,18 @@ def train_key(train: TrainSettings) -> dict[str, Any]:
             if k not in LATER_TRAIN_FIELDS or v != LATER_TRAIN_FIELDS[k]}
 
 
+def cached_folder(cache: str | Path, *, attack: str | None, model: str, seed: int,
+                  train: TrainSettings, attack_args: dict[str, Any] | None = None,
+                  model_args: dict[str, Any] | None = None, data: str = "fashion-mnist",
+                  data_root: str | None = None) -> Path:
+    """Where `cached_backdoored` keeps this model (trained or not yet)."""
+    key = {"attack": attack, "attack_args": attack_args or {}, "model": model,
+           "model_args": model_args or {}, "seed": seed, "train": train_key(train), "data": data}
+    if data_root is not None:  # only when set, so caches made before the option stay valid
+        key["data_root"] = str(data_root)
+    return Path(cache) / f"{attack or 'clean'}-{model}-s{seed}-{settings_hash(key)}"
+
+
 def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed: int,
                       train: TrainSettings, attack_args: dict[str, Any] | None = None,
                       model_args: dict[str, Any] | None = None, data: str = "fashion-mnist",
@@ -37,11 +49,9 @@ def cached_backdoored(cache: str | Path, *, attack: str | None, model: str, seed
     (attack None: the same model trained on clean data). The training saves each epoch
     aside (`.partial-<name>`), so that one cut short resumes where it was; a save it cannot
     use (another tool version's, damaged) is dropped and the model trained afresh."""
-    key = {"attack": attack, "attack_args": attack_args or {}, "model": model,
-           "model_args": model_args or {}, "seed": seed, "train": train_key(train), "data": data}
-    if data_root is not None:  # only when set, so caches made before the option stay valid
-        key["data_root"] = str(data_root)
-    folder = Path(cache) / f"{attack or 'clean'}-{model}-s{seed}-{settings_hash(key)}"
+    folder = cached_folder(cache, attack=attack, model=model, seed=seed, train=train,
+                           attack_args=attack_args, model_args=model_args, data=data,
+                           data_root=data_root)
     partial = folder.parent / f".partial-{folder.name}"
     while not (folder / "metrics.json").exists():
         try:

@@ -27,7 +27,7 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from ..seeding import derive_seed
 from ..settings import replace_settings, settings_hash
 from ..training import TrainSettings
 from ..version import __version__
-from .cache import cached_backdoored, run_metrics
+from .cache import cached_backdoored, cached_folder, run_metrics
 from .executors import RayOptions, check_device, run_ray, run_serial
 from .tuning import FLOOR, TuningSpec, choose, parse_tuning, write_tuned
 
@@ -464,22 +464,37 @@ def read_results(path: Path) -> dict[str, dict]:
     return rows
 
 
-def _model_options(cell: Cell, device: str, progress: bool) -> dict[str, Any]:
-    train = replace_settings(TrainSettings(epochs=cell.train_epochs), **cell.train_args)
-    return dict(model=cell.model, seed=cell.seed, train=train,
-                model_args=cell.model_args, data=cell.data, data_root=cell.data_root,
-                device=device, progress=progress)
+def model_options(cell: Mapping[str, Any]) -> dict[str, Any]:
+    """How the cell's models are trained, from a Cell's fields or a result row's `cell`."""
+    train = replace_settings(TrainSettings(epochs=cell["train_epochs"]),
+                             **(cell.get("train_args") or {}))
+    return dict(model=cell["model"], seed=cell["seed"], train=train,
+                model_args=cell.get("model_args") or {},
+                data=cell.get("data", "fashion-mnist"), data_root=cell.get("data_root"))
+
+
+def model_folders(cell: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """Where the cell's models are cached in `out`/models, trained or not yet: "backdoored"
+    and, for the clean_floor row, "clean" (from a Cell's fields or a result row's `cell`)."""
+    options = model_options(cell)
+    folders = {"backdoored": cached_folder(out / "models", attack=cell["attack"],
+                                           attack_args=cell.get("attack_args") or {},
+                                           **options)}
+    if cell["defense"] == "clean_floor":
+        folders["clean"] = cached_folder(out / "models", attack=None, **options)
+    return folders
 
 
 def backdoored_model(cell: Cell, out: Path, device: str, progress: bool = False) -> Path:
     """The cell's backdoored model (trained once, cached in `out`/models)."""
     return cached_backdoored(out / "models", attack=cell.attack, attack_args=cell.attack_args,
-                             **_model_options(cell, device, progress))
+                             **model_options(asdict(cell)), device=device, progress=progress)
 
 
 def clean_model(cell: Cell, out: Path, device: str, progress: bool = False) -> Path:
     """The same architecture and seed trained without poison: the re-tune floor."""
-    return cached_backdoored(out / "models", attack=None, **_model_options(cell, device, progress))
+    return cached_backdoored(out / "models", attack=None, **model_options(asdict(cell)),
+                             device=device, progress=progress)
 
 
 def models_needed(cell: Cell) -> list[tuple[str, str]]:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..defenses import DEFENSES
-from .grid import Selection, read_all, read_grid
+from ..errors import SettingsError
+from .cache import train_key
+from .grid import Selection, model_folders, model_options, read_all, read_grid
 from .tables import model_name
 
 
@@ -84,7 +86,74 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
                 estimated_seconds(line["defense"], cost_key, budget, per_step)
                 if line["median_seconds"] is None and budget else None)
             lines.append(line)
-    return lines
+    cells = [cell for _, _, part_cells in parts for cell in part_cells]
+    lent_cells = [(Path(folder), row["cell"]) for folder in pace_from
+                  for stem in ("tuning", "results")
+                  for row in read_all(Path(folder), stem).values()]
+    return _models_to_train(cells, grid.tuning_cells + grid.cells, out, lent_cells) + lines
+
+
+MODELS_ROW = "(train models)"  # the plan's line for the suspect and clean models a grid trains
+
+
+def train_cost_key(cell: Mapping[str, Any]) -> str:
+    """What sets the cost of training a cell's models: architecture, data and training
+    settings, not the attack (poisoning a share of the images costs next to nothing)."""
+    options = model_options(cell)
+    return (f"{options['model']}{json.dumps(options['model_args'], sort_keys=True)} on "
+            f"{options['data']}, {json.dumps(train_key(options['train']), sort_keys=True)}")
+
+
+def _train_seconds(folder: Path) -> float | None:
+    try:
+        return float(json.loads((folder / "metrics.json").read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not trained yet, or trained before the seconds were recorded
+
+
+def _models_to_train(cells: Sequence[Any], every_cell: Sequence[Any], out: Path,
+                     lent_cells: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[dict]:
+    """One plan line per model entry for the models `cells` read that are not trained yet,
+    timed by the training seconds of the trained models of the same architecture, data and
+    training settings: this grid's own (any of its cells), else those of --pace-from folders
+    (an estimate, ~). Each model counts once however many cells share it."""
+    own: dict[str, dict[Path, float]] = {}
+    for cell in every_cell:
+        fields = asdict(cell)
+        for folder in model_folders(fields, out).values():
+            if (spent := _train_seconds(folder)) is not None:
+                own.setdefault(train_cost_key(fields), {})[folder] = spent
+    lent: dict[str, dict[Path, float]] = {}
+    for folder_of, fields in lent_cells:
+        try:
+            folders = model_folders(fields, folder_of).values()
+        except (KeyError, TypeError, SettingsError):
+            continue  # a row too old to name its models: it only lends no pace
+        for folder in folders:
+            if (spent := _train_seconds(folder)) is not None:
+                lent.setdefault(train_cost_key(fields), {})[folder] = spent
+    grouped: dict[str, dict[str, Any]] = {}
+    seen: set[Path] = set()
+    for cell in cells:
+        fields = asdict(cell)
+        for folder in model_folders(fields, out).values():
+            if folder in seen:
+                continue
+            seen.add(folder)
+            key = train_cost_key(fields)
+            line = grouped.setdefault(cell.model_name, {
+                "part": "models", "model": cell.model_name, "defense": MODELS_ROW, "done": 0,
+                "left": 0, "possible": False,
+                "median_seconds": _median(list(own.get(key, {}).values())),
+                "estimated_seconds": None, "keys": set()})
+            line["keys"].add(key)
+            line["done" if (folder / "metrics.json").exists() else "left"] += 1
+    for line in grouped.values():
+        keys = line.pop("keys")
+        if line["median_seconds"] is None:
+            line["estimated_seconds"] = _median([v for key in keys
+                                                 for v in lent.get(key, {}).values()])
+    return list(grouped.values())
 
 
 def estimated_seconds(defense: str, model: str, steps: int,
