@@ -415,6 +415,8 @@ def run_bench(args: argparse.Namespace) -> int:
         read_all,
         read_grid,
         run_grid,
+        tuning_choice,
+        tuning_rows,
     )
     from .bench.plan import plan
     from .bench.tables import markdown_table, plot_bench, stages_table, tuning_table
@@ -461,12 +463,16 @@ def run_bench(args: argparse.Namespace) -> int:
         choice = json.loads((out / "tuning.json").read_text())
         table = (f"Rule: {choice['rule']}.\n\n" + tuning_table(choice["choice"]))
     elif grid.tuning is not None and read_all(out, "tuning"):
-        # Unfinished: every candidate that has run so far, nothing chosen yet.
-        lines = summarise(list(read_all(out, "tuning").values()), grid.tuning)
-        pending = {name: {"candidate": None, "table": table}
+        # Unfinished: every candidate that has run so far; a defense is chosen for once all its
+        # candidates have run (the others' runs cannot change its choice).
+        choice = tuning_choice(grid, out)
+        lines = summarise(tuning_rows(grid, out), grid.tuning)
+        pending = {name: {"candidate": choice.get(name, {}).get("candidate"), "table": table}
                    for name, table in lines.items() if any(t["asrs"] for t in table)}
-        table = (f"Tuning unfinished: nothing is chosen until every candidate has run on every "
-                 f"tuning model. Rule: {grid.tuning.rule}.\n\n" + tuning_table(pending))
+        waiting = [name for name in lines if name not in choice]
+        table = (f"Tuning unfinished: a defense is chosen for once each of its candidates has "
+                 f"run on every tuning model; {', '.join(waiting)} still wait, and their tuned "
+                 f"rows with them. Rule: {grid.tuning.rule}.\n\n" + tuning_table(pending))
     else:
         table = ""
     if table:

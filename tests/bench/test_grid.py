@@ -7,7 +7,7 @@ import pytest
 
 from tscpurify.bench import grid as grid_module
 from tscpurify.bench.executors import run_serial
-from tscpurify.bench.grid import Cell, finished_rows, read_grid, run_grid
+from tscpurify.bench.grid import Cell, finished_rows, read_grid, run_grid, tuning_choice
 from tscpurify.bench.plan import plan
 from tscpurify.bench.tables import markdown_table, plot_bench, stage_points, summary
 from tscpurify.errors import OutputBusyError, SettingsError
@@ -212,6 +212,51 @@ hot = {lr = 0.2}"""
     assert "**yes**" in (out / "tuning.md").read_text()
     assert main(["bench", str(grid), "--out", str(tmp_path / "none"), "--render"]) == 2
 
+
+def test_a_defense_whose_tuning_is_done_runs_its_tuned_rows_while_another_waits(
+        tmp_path, fmnist_root, capsys):
+    extra = """settings = ["default", "tuned"]
+budget_steps = 4
+[tuning]
+models = [{attack = "badnets", seed = 100}]
+[tuning.candidates.ft]
+default = {}
+hot = {lr = 0.2}
+[tuning.candidates.nad]
+default = {}
+hot = {lr = 0.2}"""
+    grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",), extra=extra,
+                      defenses=("ft", "nad"))
+    out = tmp_path / "out"
+    # Only FT's candidates run (as `--rows ft` would): FT is chosen for, NAD is not.
+    assert run_grid(grid, out, progress=False, phase="tune", only_rows="ft") == []
+    choice = tuning_choice(read_grid(grid), out)
+    assert set(choice) == {"ft"} and not (out / "tuning.json").exists()
+    tuned = {(p["defense"], p["possible"]) for p in plan(grid, out) if p["part"] == "tuned"}
+    assert ("nad", True) in tuned and ("nad", False) not in tuned
+    rows = run_grid(grid, out, progress=False, phase="tuned", only_rows="ft")
+    assert [(r["cell"]["defense"], r["cell"]["setting"]) for r in rows] == [("ft", "tuned")]
+    assert rows[0]["settings"]["lr"] == choice["ft"]["overrides"].get("lr", 0.01)
+    # The benchmark cell alone (no tuning model in the selection): NAD's tuned row waits,
+    # and says so; FT's is not run again.
+    # It reads the tuning without locking it: another process may be running candidates.
+    from tscpurify.outputs import output_lock
+
+    capsys.readouterr()
+    with output_lock(out / "tuning.jsonl"):
+        rows = run_grid(grid, out, progress=False, phase="tuned", only_cells="badnets:cnn:0")
+    assert "the tuned rows of nad wait for their tuning" in capsys.readouterr().err
+    assert [(r["cell"]["defense"], r["cell"]["setting"]) for r in rows] == [("ft", "tuned")]
+    # The whole grid finishes NAD's tuning first, then its tuned row, and writes the choice.
+    rows = run_grid(grid, out, progress=False, phase="tuned")
+    assert [(r["cell"]["defense"], r["cell"]["setting"]) for r in rows] == [("ft", "tuned"),
+                                                                          ("nad", "tuned")]
+    assert set(json.loads((out / "tuning.json").read_text())["choice"]) == {"ft", "nad"}
+    assert {r["cell"]["defense"] for r in finished_rows(grid, out)} == {"ft", "nad"}
+    # With nothing chosen, asking for tuned rows alone is refused, as before.
+    other = tmp_path / "other"
+    with pytest.raises(SettingsError, match="tuning of ft is unfinished"):
+        run_grid(grid, other, progress=False, phase="tuned", only_rows="ft", shard="1/2")
 
 def test_deep_tuning_retunes_candidates_against_each_tuning_models_floor(tmp_path, fmnist_root):
     extra = """settings = ["default", "tuned"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tscpurify.bench.grid import GRIDS, read_all, read_grid
+from tscpurify.bench.grid import GRIDS, read_all, read_grid, tuning_choice
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -31,9 +31,7 @@ def shipped_folders() -> list[Path]:
 def test_every_committed_row_is_a_cell_of_its_shipped_grid(folder):
     grid = read_grid(json.loads((folder / "bench.json").read_text())["grid"])
     keys = {c.key for c in [*grid.cells, *grid.tuning_cells]}
-    if grid.tuning is not None and (folder / "tuning.json").exists():
-        choice = json.loads((folder / "tuning.json").read_text())["choice"]
-        keys |= {grid.tuned(c, choice).key for c in grid.cells}
+    keys |= {c.key for c in grid.chosen(grid.cells, tuning_choice(grid, folder))}
     for stem in ("tuning", "results"):
         orphans = [row["cell"] for key, row in read_all(folder, stem).items() if key not in keys]
         assert not orphans, f"{folder.name}/{stem}: rows no cell of the grid has: {orphans[:2]}"

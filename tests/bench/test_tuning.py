@@ -88,6 +88,12 @@ def test_choice_from_rows_and_the_written_preset_round_trips():
     assert tomllib.loads(tuned_toml(choice, tuning)) == {"ft": {"lr": 0.1}}
     with pytest.raises(SettingsError, match="incomplete"):
         choose(rows[:3], tuning)
+    # Partial: a row chooses once its own candidates are all in, whatever the others'.
+    assert choose(rows[:3], tuning, partial=True) == {}
+    two = spec(candidates={"ft": {"default": {}, "fast": {"lr": 0.1}},
+                           "tsc": {"default": {}, "t_05": {"t": 0.5}}})
+    partial = choose(rows, two, partial=True)
+    assert set(partial) == {"ft"} and partial["ft"] == choose(rows, tuning)["ft"]
 
 
 def test_per_model_columns_follow_the_tuning_models_whichever_finished_first():
@@ -167,3 +173,4 @@ def test_deep_choice_reads_the_floor_rows_of_the_same_tuning_models():
     assert "**yes** (none passes: the default stays)" in tuning_table(kept)
     with pytest.raises(SettingsError, match="before every candidate"):
         choose(rows[1:], tuning)  # a floor missing
+    assert choose(rows[1:], tuning, partial=True) == {}  # the deep rule waits for its floors

@@ -4,7 +4,9 @@ Plan:
   1. read the grid (TOML) into a Grid; every table key is checked before anything trains;
   2. tuning (when the grid has a [tuning] section): run every defense's candidate settings on
      the tuning models, pick one per defense by the written rule (`tuning.choose`), and write
-     the choice to `tuned.toml` in the output folder;
+     the choice to `tuned.toml` in the output folder; a defense whose candidates have all run
+     is chosen for at once (its choice reads its own candidates alone), so its tuned rows
+     can run while the others' tuning goes on;
   3. run the benchmark cells (seed by seed, `seed_major`), once with each defense's published
      defaults ("default" rows) and once with the tuned choice ("tuned" rows), every training
      defense resized to the grid's step budget; a backdoored model is trained once (cached)
@@ -133,13 +135,24 @@ class Grid:
     row_args: dict[str, tuple[dict[str, Any], dict[str, Any]]]
 
     def tuned(self, cell: Cell, choice: dict[str, dict[str, Any]]) -> Cell:
-        """A tuned row's cell with the chosen candidate's settings."""
+        """A tuned row's cell with the chosen candidate's settings (its choice must be made:
+        `pending`)."""
         target = self.tuning.tuned_as.get(cell.defense, "") if self.tuning else ""
         if cell.setting != "tuned" or not target:
             return cell
         fixed, overrides = self.row_args[cell.defense]
         args = {**fixed, **choice[target]["overrides"], **overrides}
         return dataclasses.replace(cell, defense_args=args)
+
+    def pending(self, cell: Cell, choice: dict[str, dict[str, Any]]) -> bool:
+        """Whether the cell is a tuned row whose defense's tuning has not chosen yet."""
+        target = self.tuning.tuned_as.get(cell.defense, "") if self.tuning else ""
+        return cell.setting == "tuned" and bool(target) and target not in choice
+
+    def chosen(self, cells: list[Cell], choice: dict[str, dict[str, Any]]) -> list[Cell]:
+        """The cells as they run under `choice`: tuned rows with their chosen settings, those
+        still waiting for their tuning left out."""
+        return [self.tuned(c, choice) for c in cells if not self.pending(c, choice)]
 
 
 @dataclass(frozen=True)
@@ -655,21 +668,46 @@ def _run_cells(cells: list[Cell], out: Path, stem: str, device: str, progress: b
 
 def run_tuning(grid: Grid, out: Path, device: str = "cpu", progress: bool = True,
                shard: tuple[int, int] | None = None, ray: RayOptions | None = None,
-               only: Selection = Selection()) -> dict[str, dict[str, Any]] | None:
-    """Run every candidate (of `only`) on the tuning models; write and return the choice
-    (tuned.toml, and tuning.json with the table behind each choice). None while candidates of
-    other shards or selections are unfinished."""
+               only: Selection = Selection()) -> dict[str, dict[str, Any]]:
+    """Run every candidate (of `only`) on the tuning models; return the choice of every tuned
+    row whose candidates have all run (`tuning_choice`), and once all have, write it
+    (tuned.toml, and tuning.json with the table behind each choice)."""
     if grid.tuning is None:
         raise SettingsError("this grid has no [tuning] section")
-    rows = _run_cells(grid.tuning_cells, out, "tuning", device, progress, "tuning", shard,
-                      ray=ray, only=only)
+    if any(c in only for c in grid.tuning_cells):
+        rows = _run_cells(grid.tuning_cells, out, "tuning", device, progress, "tuning", shard,
+                          ray=ray, only=only)
+    else:
+        # No candidate selected (e.g. `--cells` of benchmark cells only): read the tuning, do
+        # not lock its file, so that its own process may go on writing it meanwhile.
+        rows = tuning_rows(grid, out)
     if len(rows) < len(grid.tuning_cells):
-        return None  # sharded (other shards still running), or runs failed on Ray
+        # Sharded, selected, or runs failed: the rows whose candidates have all run choose.
+        return choose(rows, grid.tuning, partial=True)
     choice = choose(rows, grid.tuning)
     write_tuned(out / "tuned.toml", choice, grid.tuning)
     write_atomic(out / "tuning.json", json.dumps(
         {"rule": grid.tuning.rule, "models": grid.tuning.models, "choice": choice}, indent=1))
     return choice
+
+
+def tuning_choice(grid: Grid, out: Path) -> dict[str, dict[str, Any]]:
+    """The tuning's choice so far: the whole of it once written (tuning.json), else that of
+    each tuned row whose candidates have all run on every tuning model (a row's choice reads
+    its own candidates alone, so it does not change when the others finish); {} without
+    tuning."""
+    if grid.tuning is None:
+        return {}
+    if (out / "tuning.json").exists():
+        return json.loads((out / "tuning.json").read_text())["choice"]
+    return choose(tuning_rows(grid, out), grid.tuning, partial=True)
+
+
+def tuning_rows(grid: Grid, out: Path) -> list[dict]:
+    """The finished tuning runs, one per candidate and tuning model, each labelled as its
+    candidate (a run two candidates share appears under both)."""
+    done = read_all(out, "tuning")
+    return [{**done[c.key], "cell": asdict(c)} for c in grid.tuning_cells if c.key in done]
 
 
 def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
@@ -699,13 +737,21 @@ def run_grid(source: str | Path, out: str | Path, *, device: str = AUTO_DEVICE,
     cells = grid.cells
     if grid.tuning is not None and phase in ("tune", "tuned", "all"):
         choice = run_tuning(grid, out, device, progress, part, ray, only)
-        if choice is None and phase != "tune":
-            raise SettingsError("the tuning is unfinished (other shards or --rows/--cells parts "
-                                "still have candidates to run, or some failed: see "
-                                "failed.jsonl); run the tuned rows once every candidate has a "
-                                "row")
-        if choice is not None:
-            cells = [grid.tuned(c, choice) for c in cells]
+        if phase == "tune":
+            return []
+        waiting = sorted({grid.tuning.tuned_as[c.defense] for c in cells
+                          if c in only and grid.pending(c, choice)})
+        if waiting and phase == "tuned" and not any(
+                c.setting == "tuned" and c in only and not grid.pending(c, choice)
+                for c in cells):
+            raise SettingsError(f"the tuning of {', '.join(waiting)} is unfinished (other "
+                                f"shards or --rows/--cells parts still have candidates to run, "
+                                f"or some failed: see failed.jsonl); its tuned rows run once "
+                                f"every candidate has a row")
+        if waiting:
+            print(f"note: the tuned rows of {', '.join(waiting)} wait for their tuning; the "
+                  f"rest run", file=sys.stderr)
+        cells = grid.chosen(cells, choice)
     if phase == "tune":
         return []
     wanted = {"default": ("default",), "tuned": ("tuned",), "all": SETTINGS_ROWS}[phase]
@@ -719,8 +765,5 @@ def finished_rows(source: str | Path, out: str | Path) -> list[dict]:
     rows, and tuned rows once the tuning has chosen."""
     grid, out = read_grid(source), Path(out)
     done = read_all(out, "results")
-    cells = [c for c in grid.cells if c.setting != "tuned"]
-    if grid.tuning is not None and (out / "tuning.json").exists():
-        choice = json.loads((out / "tuning.json").read_text())["choice"]
-        cells = [grid.tuned(c, choice) for c in grid.cells]
+    cells = grid.chosen(grid.cells, tuning_choice(grid, out))
     return [{**done[c.key], "cell": asdict(c)} for c in cells if c.key in done]

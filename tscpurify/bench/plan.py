@@ -12,7 +12,14 @@ from typing import Any
 from ..defenses import DEFENSES
 from ..errors import SettingsError
 from .cache import train_key
-from .grid import Selection, model_folders, model_options, read_all, read_grid
+from .grid import (
+    Selection,
+    model_folders,
+    model_options,
+    read_all,
+    read_grid,
+    tuning_choice,
+)
 from .tables import model_name
 
 
@@ -30,23 +37,20 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
     """What a grid has left, per part ("tuning", "default", "tuned"), model and row: distinct
     runs done and left, and the median seconds of the finished runs of that row on that model
     in `out` (tuning and benchmark rows alike; None before any), so that the time left can be
-    budgeted from this machine's own record. Before the tuning has chosen, a tuned row's runs
-    are "possible": one equal to its default shares that run.
+    budgeted from this machine's own record. Until its defense's tuning has chosen, a tuned
+    row's runs are "possible": one equal to its default shares that run.
 
     A training row with no finished run of its own but a step budget gets `estimated_seconds`
     (estimated_seconds below), so a grid can be budgeted before every row has run once: from
     the seconds a step of the rows finished in `out` and in the folders of `pace_from` (other
     grids' bench folders on this machine), matched by `step_cost_key`."""
     grid, out = read_grid(source), Path(out)
-    choice = None
-    if grid.tuning is not None and (out / "tuning.json").exists():
-        choice = json.loads((out / "tuning.json").read_text())["choice"]
-    tuned_rows = grid.tuning.tuned_as if grid.tuning is not None else {}
+    choice = tuning_choice(grid, out) if out.is_dir() else {}
     only = Selection.parse(only_rows, only_cells, grid)
     parts = [("tuning", "tuning", [c for c in grid.tuning_cells if c in only]),
              ("default", "results", [c for c in grid.cells
                                      if c.setting == "default" and c in only]),
-             ("tuned", "results", [grid.tuned(c, choice) if choice else c
+             ("tuned", "results", [c if grid.pending(c, choice) else grid.tuned(c, choice)
                                    for c in grid.cells if c.setting == "tuned" and c in only])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
     own = [row for rows in done.values() for row in rows.values() if row.get("steps")]
@@ -65,9 +69,9 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
     for part, stem, cells in parts:
         grouped: dict[tuple[str, str], dict[str, Any]] = {}
         for cell in cells:
-            possible = part == "tuned" and choice is None
-            if possible and not tuned_rows.get(cell.defense):
-                continue  # a row the tuning does not touch runs as its default
+            # A tuned row still waiting for its tuning: a run "up to", as its choice may equal
+            # its default (then the runs are shared).
+            possible = part == "tuned" and grid.pending(cell, choice)
             if cell.key in counted and not possible:  # a run shared by two rows counts once
                 continue
             counted.add(cell.key)

@@ -234,12 +234,19 @@ def pick(lines: list[dict[str, Any]], spec: TuningSpec) -> str:
                                            line["mean_drop"]))["candidate"]
 
 
-def choose(rows: list[dict], spec: TuningSpec) -> dict[str, dict[str, Any]]:
-    """Per tuned row: the chosen candidate, its overrides and the table behind the choice."""
+def choose(rows: list[dict], spec: TuningSpec,
+           partial: bool = False) -> dict[str, dict[str, Any]]:
+    """Per tuned row: the chosen candidate, its overrides and the table behind the choice.
+    `partial`: only the rows whose candidates have all run (each row's choice reads its own
+    candidates alone, so it is the same whenever the others finish); else every row must be
+    complete."""
     expected = len(spec.models)
     choice = {}
     for row_name, lines in summarise(rows, spec).items():
         complete = all(len(line["asrs"]) == expected for line in lines)
+        if partial and (not complete or spec.deep and any(
+                line["mean_retune"] is None or None in line["floors"] for line in lines)):
+            continue
         if not complete:
             raise SettingsError(f"tuning of {row_name} is incomplete: every candidate needs "
                                 f"{expected} tuning models")
