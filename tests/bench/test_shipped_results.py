@@ -57,7 +57,7 @@ def readme_fair_cell() -> dict[tuple[str, str], tuple[str, str, str]]:
     for line in table.splitlines()[2:]:
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
         for label, acc, asr, retuned in (cells[0:4], cells[5:9]):
-            if acc == "running":
+            if acc == "running" or not label:  # still running, or a line's empty second half
                 continue
             name, tuned = label.split(", tuned")[0], ", tuned" in label
             shown[(README_LABELS[name], "tuned" if tuned else "default")] = (acc, asr, retuned)
