@@ -68,7 +68,8 @@ def main() -> None:
           "TSC re-tune ASR 1 / 2 / 5 | floor re-tune ASR 1 / 2 / 5 | FT re-tune ASR 1 / 2 / 5 |")
     print("|---|---|---|---|---|---|---|---|")
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for name, rates in lines.items():
+    for number, (name, rates) in enumerate(lines.items()):
+        colour = f"C{number}"  # one colour per attack; the line style tells the rows apart
         for rate, rows in rates.items():
             suspect = rows.get("none") or rows.get("tsc") or rows.get("ft")
             before = (f"{suspect['before']['acc']:.2f} / {suspect['before']['asr']:.2f}"
@@ -86,10 +87,11 @@ def main() -> None:
             points = [(x, y) for x, y in points if y is not None]
             if points:
                 ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o",
-                        label=f"{defense} · {name.split(':')[0]}")
+                        color=colour, label=f"{defense} · {name.split(':')[0]}")
     for ax, label in zip(axes, ("accuracy drop (points)", "ASR after the defense (%)",
                                 f"ASR after {RETUNE_EPOCH} re-tune epochs (%)"), strict=True):
         ax.set_xscale("log")
+        ax.minorticks_off()  # only the rates run are marked
         rates = sorted({rate for r in lines.values() for rate in r})
         ax.set_xticks(rates, [f"{v:g}" for v in rates])
         ax.set_xlabel("poisoning rate (% of the training split)")
