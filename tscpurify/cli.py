@@ -400,8 +400,8 @@ def print_plan(lines: list[dict], out: Path) -> None:
           f"seconds a step (defenses differ per "
           f"step, so a rough guide; tuned ones included as 'up to'), and {unknown} "
           f"run(s) with nothing to time them by. "
-          f"Reference rows (none, clean_floor) train no defense; tuned rows say 'up to' until "
-          f"the tuning has chosen (a choice equal to the default shares its run). "
+          f"Reference rows (none, clean_floor) train no defense; a tuned row says 'up to' until "
+          f"its defense's tuning has chosen (a choice equal to the default shares its run). "
           f"{MODELS_ROW}: the suspect and clean models the runs read, each counted once, timed "
           f"by this folder's trained models of the same architecture and training (else by "
           f"--pace-from folders', ~).")
