@@ -321,6 +321,18 @@ def interrupt_after_first_run(monkeypatch, grid, out):
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_line_being_written_is_skipped_quietly_a_broken_one_with_a_warning(tmp_path, capsys):
+    from tscpurify.bench.grid import read_results
+
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"key": "a"}\n{"key": "b", "cell"')  # b: another process mid-write
+    assert set(read_results(path)) == {"a"}
+    assert capsys.readouterr().err == ""
+    path.write_text('{"key": "a"}\n{"key": "b", "cell"\n{"key": "c"}\n')  # b cut by a crash
+    assert set(read_results(path)) == {"a", "c"}
+    assert "results.jsonl:2 is not a result row" in capsys.readouterr().err
+
+
 def test_interrupted_bench_resumes_to_the_same_table(tmp_path, fmnist_root, monkeypatch):
     grid = write_grid(tmp_path / "g.toml", fmnist_root, attacks=("badnets",))
     whole = run_grid(grid, tmp_path / "whole", progress=False)

@@ -461,11 +461,17 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def read_results(path: Path) -> dict[str, dict]:
-    """Finished rows by key. A line cut short by a crash is skipped (its cell runs again)."""
+    """Finished rows by key. A line cut short by a crash is skipped (its cell runs again),
+    with a warning; a last line without its newline is skipped quietly, as another process
+    may be writing it right now (--render and --plan read while a grid runs)."""
     if not path.exists():
         return {}
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines[-1]:
+        lines.pop()  # unterminated: being written, or cut by a crash (append_row closes it)
     rows = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
