@@ -116,3 +116,21 @@ def test_the_models_a_grid_still_has_to_train_are_counted_once_and_timed(tmp_pat
     [line] = [line for line in plan(path, tmp_path / "new", pace_from=[other])
               if line["part"] == "models"]
     assert line["median_seconds"] is None and line["estimated_seconds"] == 120.0
+
+
+def test_a_row_that_trains_nothing_is_timed_by_its_own_seconds(tmp_path):
+    from tscpurify.bench.grid import read_grid
+
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.replace('["ft"]', '["none", "ft"]').replace("[120]", "[120, 121]"))
+    out = tmp_path / "out"
+    out.mkdir()
+    [done] = [c for c in read_grid(path).cells if c.defense == "none" and c.seed == 120]
+    row = {"key": done.key, "cell": dataclasses.asdict(done), "steps": 0, "seconds": 0.5}
+    (out / "results.jsonl").write_text(json.dumps(row) + "\n")
+    [line] = [line for line in defense_lines(plan(path, out)) if line["defense"] == "none"]
+    # Not untimed ("–", left out of the hours): it costs what its finished run did.
+    assert (line["done"], line["left"], line["median_seconds"]) == (1, 1, 0.5)
+    # A row that trains nothing lends no pace a step to a training row.
+    [ft] = [line for line in defense_lines(plan(path, out)) if line["defense"] == "ft"]
+    assert ft["estimated_seconds"] is None

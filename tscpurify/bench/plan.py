@@ -53,15 +53,19 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
              ("tuned", "results", [c if grid.pending(c, choice) else grid.tuned(c, choice)
                                    for c in grid.cells if c.setting == "tuned" and c in only])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
-    own = [row for rows in done.values() for row in rows.values() if row.get("steps")]
+    own = [row for rows in done.values() for row in rows.values()]
     lent = [row for folder in pace_from for stem in ("tuning", "results")
             for row in read_all(Path(folder), stem).values() if row.get("steps")]
     seconds: dict[tuple[str, str], list[float]] = {}  # (row, model entry) → seconds a run
     per_step: dict[tuple[str, str], list[float]] = {}  # (row, step_cost_key) → seconds a step
     for row in own:  # by the grid's model entry: widths of one architecture run at their own pace
+        # Rows that train nothing (the suspect, CLP) count too: their few seconds say the
+        # row costs next to nothing, where no time at all would leave it untimed.
         seconds.setdefault((row["cell"]["defense"], model_name(row["cell"])), []).append(
             row["seconds"])
     for row in own + lent:
+        if not row.get("steps"):
+            continue  # no pace a step to lend
         per_step.setdefault((row["cell"]["defense"], step_cost_key(row["cell"])), []).append(
             row["seconds"] / row["steps"])
     counted: set[str] = set()
