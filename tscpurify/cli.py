@@ -393,18 +393,22 @@ def print_plan(lines: list[dict], out: Path) -> None:
         print(f"| {line['part']} | {line['model']} | {line['defense']} | {line['done']} | "
               f"{left_text} | {'–' if each is None else f'{mark}{each:.0f}'} | "
               f"{'–' if hours is None else f'{mark}{hours:.1f}'} |")
-    print(f"\nabout {known:.1f} hours left at this folder's own pace (one process), up to "
-          f"{possible:.1f} more for tuned rows, ~{estimated:.1f} estimated (~) for rows that "
-          f"have not run yet from their step budget and their seconds a step on another model "
-          f"(here or in --pace-from folders), scaled between the models, else their model's "
-          f"seconds a step (defenses differ per "
-          f"step, so a rough guide; tuned ones included as 'up to'), and {unknown} "
-          f"run(s) with nothing to time them by. "
-          f"Reference rows (none, clean_floor) train no defense; a tuned row says 'up to' until "
-          f"its defense's tuning has chosen (a choice equal to the default shares its run). "
-          f"{MODELS_ROW}: the suspect and clean models the runs read, each counted once, timed "
-          f"by this folder's trained models of the same architecture and training (else by "
-          f"--pace-from folders', ~).")
+    parts = [f"about {known:.1f} hours left at this folder's own pace (one process)"]
+    if possible:
+        parts.append(f"up to {possible:.1f} more for tuned rows still waiting for their tuning")
+    if estimated:
+        parts.append(f"~{estimated:.1f} estimated for rows that have not run here yet")
+    if unknown:
+        parts.append(f"{unknown} run(s) with nothing to time them by")
+    print("\n" + "; ".join(parts) + ".")
+    print(f"How it is timed: a row by the median of its finished runs on the same model here; a "
+          f"row that has not run here (~) by its step budget times its seconds a step on "
+          f"another model (here or in --pace-from folders) scaled between the models, else its "
+          f"model's seconds a step (defenses differ per step: a rough guide). A tuned row says "
+          f"'up to' until its defense's tuning has chosen (a choice equal to the default shares "
+          f"its run). {MODELS_ROW}: the suspect and clean models the runs read, each counted "
+          f"once, timed by trained models of the same architecture and training here (else in "
+          f"--pace-from folders, ~).")
 
 
 def run_bench(args: argparse.Namespace) -> int:

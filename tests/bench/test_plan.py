@@ -134,3 +134,21 @@ def test_a_row_that_trains_nothing_is_timed_by_its_own_seconds(tmp_path):
     # A row that trains nothing lends no pace a step to a training row.
     [ft] = [line for line in defense_lines(plan(path, out)) if line["defense"] == "ft"]
     assert ft["estimated_seconds"] is None
+
+
+def test_the_plan_summary_names_only_the_parts_that_have_hours(capsys, tmp_path):
+    from tscpurify.cli import print_plan
+
+    def line(defense, left, median=None, estimate=None, possible=False):
+        return {"part": "default", "model": "cnn", "defense": defense, "done": 0, "left": left,
+                "possible": possible, "median_seconds": median, "estimated_seconds": estimate}
+
+    print_plan([line("ft", 2, median=1800.0), line("sau", 3)], tmp_path)
+    summary = capsys.readouterr().out.split("\n\n")[1].splitlines()[0]
+    assert summary == ("about 1.0 hours left at this folder's own pace (one process); "
+                       "3 run(s) with nothing to time them by.")
+    print_plan([line("ft", 2, median=1800.0), line("nad", 1, estimate=3600.0),
+                line("ft", 4, median=900.0, possible=True)], tmp_path)
+    summary = capsys.readouterr().out.split("\n\n")[1].splitlines()[0]
+    assert "up to 1.0 more for tuned rows" in summary and "~1.0 estimated" in summary
+    assert "nothing to time" not in summary
