@@ -3,7 +3,13 @@ per-row curve profiles."""
 
 import pytest
 
-from tscpurify.bench.tables import distance_vs_retune, markdown_table, plot_bench, summary
+from tscpurify.bench.tables import (
+    distance_vs_retune,
+    markdown_table,
+    plot_bench,
+    stages_table,
+    summary,
+)
 
 
 def row(defense, distance, retune, base="ft"):
@@ -62,3 +68,21 @@ def test_a_row_that_profiled_its_curves_gets_its_own_figure(tmp_path):
     assert [n for n in names if n.startswith("profiles-")] == [
         "profiles-tsc-badnets-cnn-s0-default.png"]
     assert (tmp_path / "profiles-tsc-badnets-cnn-s0-default.png").stat().st_size > 0
+
+
+def test_the_stage_means_keep_model_entries_apart():
+    def staged(seed, width, acc):
+        r = row("tsc", 0.8, 20.0, base="tsc")
+        r["cell"] = {**r["cell"], "seed": seed, "model_args": {"width": width},
+                     "model_label": f"cnn_w{width}"}
+        r["stages"] = [{"round": 0, "stage": 1, "t": 0.4, "metrics": {"acc": acc, "asr": 1.0}}]
+        return r
+
+    # One width: one mean over both seeds, named by the row alone.
+    one = stages_table([staged(0, 16, 80.0), staged(1, 16, 90.0)])
+    assert "| tsc (default) | cells |" in one
+    assert "| mean | 2 | 90.00 / 100.00 | 85.00 / 1.00 |" in one
+    # Two widths: a mean per width, never one across them.
+    two = stages_table([staged(0, 16, 80.0), staged(0, 32, 90.0)])
+    assert "| mean | 2 |" not in two and two.count("| mean | 1 |") == 2
+    assert "| tsc (default) · cnn_w16 |" in two and "| tsc (default) · cnn_w32 |" in two

@@ -88,12 +88,18 @@ def stage_points(row: dict) -> list[tuple[str, float | None, float | None]]:
     return points
 
 
-def _staged_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Rows with stages by (defense, setting), each group's rows sharing one stage layout."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        if stage_points(r):
-            groups[(r["cell"]["defense"], r["cell"].get("setting", "default"))].append(r)
+def _staged_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows with stages by "defense (setting)", each group's rows sharing one stage layout.
+    Where the rows span several model entries (the width study's cnn_w16 and cnn_w32), each
+    model is a group of its own, named after it: a mean across widths would hide the very
+    difference such a grid is run to see."""
+    staged = [r for r in rows if stage_points(r)]
+    several_models = len({model_name(r["cell"]) for r in staged}) > 1
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in staged:
+        cell = r["cell"]
+        label = f"{cell['defense']} ({cell.get('setting', 'default')})"
+        groups[f"{label} · {model_name(cell)}" if several_models else label].append(r)
     return {key: [r for r in group if [p[0] for p in stage_points(r)]
                   == [p[0] for p in stage_points(group[0])]]
             for key, group in groups.items()}
@@ -107,9 +113,9 @@ def stages_table(rows: list[dict]) -> str:
         return ""
     lines = ["", "### Along the stages (mean ACC / ASR at each point; R = round, S1 / S2 = "
                  "the stage's curve point, FT = the fine-tune after it)", ""]
-    for (defense, setting), group in groups.items():
+    for name, group in groups.items():
         labels = [p[0] for p in stage_points(group[0])]
-        lines += [f"| {defense} ({setting}) | cells | " + " | ".join(labels) + " |",
+        lines += [f"| {name} | cells | " + " | ".join(labels) + " |",
                   "|---|---|" + "---|" * len(labels)]
         means = [(_mean([stage_points(r)[i][1] for r in group]),
                   _mean([stage_points(r)[i][2] for r in group])) for i in range(len(labels))]
@@ -301,13 +307,13 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     staged = _staged_groups(rows)
     if staged:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for (defense, setting), group in staged.items():
+        for name, group in staged.items():
             labels = [p[0] for p in stage_points(group[0])]
             for ax, column in zip(axes, (1, 2), strict=True):
                 ax.plot(range(len(labels)),
                         [_mean([stage_points(r)[i][column] for r in group])
                          for i in range(len(labels))],
-                        marker="o", label=f"{defense} ({setting}, {len(group)} cells)")
+                        marker="o", label=f"{name}, {len(group)} cells")
                 ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
         axes[0].set_ylabel("mean ACC (%)")
         axes[1].set_ylabel("mean ASR (%)")
