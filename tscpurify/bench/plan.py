@@ -53,7 +53,7 @@ def plan(source: str | Path, out: str | Path, only_rows: str | None = None,
              ("tuned", "results", [c if grid.pending(c, choice) else grid.tuned(c, choice)
                                    for c in grid.cells if c.setting == "tuned" and c in only])]
     done = {stem: read_all(out, stem) if out.is_dir() else {} for stem in ("tuning", "results")}
-    own = [row for rows in done.values() for row in rows.values()]
+    own = [row for rows in done.values() for row in rows.values() if "seconds" in row]
     lent = [row for folder in pace_from for stem in ("tuning", "results")
             for row in read_all(Path(folder), stem).values() if row.get("steps")]
     seconds: dict[tuple[str, str], list[float]] = {}  # (row, model entry) → seconds a run
