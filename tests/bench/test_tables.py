@@ -86,3 +86,12 @@ def test_the_stage_means_keep_model_entries_apart():
     two = stages_table([staged(0, 16, 80.0), staged(0, 32, 90.0)])
     assert "| mean | 2 |" not in two and two.count("| mean | 1 |") == 2
     assert "| tsc (default) · cnn_w16 |" in two and "| tsc (default) · cnn_w32 |" in two
+
+
+def test_stage_labels_sort_in_run_order_across_layouts():
+    from tscpurify.bench.tables import _stage_order
+
+    # The paper preset ends without a fine-tune, the default with one: one axis holds both.
+    labels = {"R3 FT", "R10 S1", "R1 S2", "before", "R1 FT", "R1 S1", "R3 S2"}
+    assert sorted(labels, key=_stage_order) == ["before", "R1 S1", "R1 S2", "R1 FT", "R3 S2",
+                                                "R3 FT", "R10 S1"]

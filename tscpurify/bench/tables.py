@@ -88,6 +88,14 @@ def stage_points(row: dict) -> list[tuple[str, float | None, float | None]]:
     return points
 
 
+def _stage_order(label: str) -> tuple[int, int]:
+    """Where a stage_points label sits along a run: before, then per round S1, S2, FT."""
+    if label == "before":
+        return (0, 0)
+    round_, kind = label[1:].split(" ")
+    return (int(round_), {"S1": 1, "S2": 2, "FT": 3}[kind])
+
+
 def _staged_groups(rows: list[dict]) -> dict[str, list[dict]]:
     """Rows with stages by "defense (setting)", each group's rows sharing one stage layout.
     Where the rows span several model entries (the width study's cnn_w16 and cnn_w32), each
@@ -307,14 +315,19 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
     staged = _staged_groups(rows)
     if staged:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        # One axis for every group: the paper preset has no fine-tune after its last round,
+        # another setting may run more rounds, so each point sits at its own stage's place.
+        every = sorted({p[0] for group in staged.values() for p in stage_points(group[0])},
+                       key=_stage_order)
         for name, group in staged.items():
             labels = [p[0] for p in stage_points(group[0])]
             for ax, column in zip(axes, (1, 2), strict=True):
-                ax.plot(range(len(labels)),
+                ax.plot([every.index(label) for label in labels],
                         [_mean([stage_points(r)[i][column] for r in group])
                          for i in range(len(labels))],
                         marker="o", label=f"{name}, {len(group)} cells")
-                ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        for ax in axes:
+            ax.set_xticks(range(len(every)), every, rotation=45, ha="right", fontsize=8)
         axes[0].set_ylabel("mean ACC (%)")
         axes[1].set_ylabel("mean ASR (%)")
         axes[1].set_ylim(-2, 102)
