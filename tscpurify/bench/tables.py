@@ -113,6 +113,13 @@ def _staged_groups(rows: list[dict]) -> dict[str, list[dict]]:
             for key, group in groups.items()}
 
 
+def _stage_means(group: list[dict]) -> list[tuple[str, float | None, float | None]]:
+    """(label, mean ACC, mean ASR) at each stage point of a _staged_groups group."""
+    points = [stage_points(r) for r in group]
+    return [(label, _mean([p[i][1] for p in points]), _mean([p[i][2] for p in points]))
+            for i, (label, _, _) in enumerate(points[0])]
+
+
 def stages_table(rows: list[dict]) -> str:
     """Where a staged defense's removal and its accuracy cost arise: mean ACC / ASR at every
     stage point, per defense and setting, then per cell; "" when no row has stages."""
@@ -122,13 +129,11 @@ def stages_table(rows: list[dict]) -> str:
     lines = ["", "### Along the stages (mean ACC / ASR at each point; R = round, S1 / S2 = "
                  "the stage's curve point, FT = the fine-tune after it)", ""]
     for name, group in groups.items():
-        labels = [p[0] for p in stage_points(group[0])]
-        lines += [f"| {name} | cells | " + " | ".join(labels) + " |",
-                  "|---|---|" + "---|" * len(labels)]
-        means = [(_mean([stage_points(r)[i][1] for r in group]),
-                  _mean([stage_points(r)[i][2] for r in group])) for i in range(len(labels))]
+        means = _stage_means(group)
+        lines += [f"| {name} | cells | " + " | ".join(label for label, _, _ in means) + " |",
+                  "|---|---|" + "---|" * len(means)]
         lines.append(f"| mean | {len(group)} | "
-                     + " | ".join(f"{fmt(a)} / {fmt(b)}" for a, b in means) + " |")
+                     + " | ".join(f"{fmt(a)} / {fmt(b)}" for _, a, b in means) + " |")
         for r in group:
             cell = r["cell"]
             lines.append(f"| {attack_name(cell)}:{model_name(cell)}:{cell['seed']} | 1 | "
@@ -320,11 +325,10 @@ def plot_bench(rows: list[dict], folder: Path) -> list[Path]:
         every = sorted({p[0] for group in staged.values() for p in stage_points(group[0])},
                        key=_stage_order)
         for name, group in staged.items():
-            labels = [p[0] for p in stage_points(group[0])]
+            means = _stage_means(group)
             for ax, column in zip(axes, (1, 2), strict=True):
-                ax.plot([every.index(label) for label in labels],
-                        [_mean([stage_points(r)[i][column] for r in group])
-                         for i in range(len(labels))],
+                ax.plot([every.index(point[0]) for point in means],
+                        [point[column] for point in means],
                         marker="o", label=f"{name}, {len(group)} cells")
         for ax in axes:
             ax.set_xticks(range(len(every)), every, rotation=45, ha="right", fontsize=8)
