@@ -57,6 +57,30 @@ def test_plot_knobs_draws_a_knob_with_two_values(tmp_path):
     assert (folder / "plots" / "knobs.png").stat().st_size > 0
 
 
+def test_plot_width_draws_each_row_against_the_model_width(tmp_path):
+    folder = tmp_path / "width"
+    rows = []
+    for width in (16, 32):
+        for defense, asr in (("none", 100.0), ("tsc", 1.0), ("tsc_identity", 60.0)):
+            r = row(defense, "badnets", None, asr=asr, base="tsc" if "tsc" in defense else "")
+            r["cell"]["model_args"] = {"width": width}
+            r["key"] = json.dumps(r["cell"], sort_keys=True)
+            rows.append(r)
+    write(folder, rows)
+    result = run("plot_width.py", folder)
+    assert result.returncode == 0, result.stderr
+    assert "| badnets | cnn | 32 | 91.00 / 100.00 | tsc_identity | 3.00 | 60.00 |" in result.stdout
+    assert "| none |" not in result.stdout  # the suspect is a column, not a row
+    assert (folder / "plots" / "width.png").stat().st_size > 0
+
+
+def test_plot_width_without_widths_is_one_error_line(tmp_path):
+    folder = tmp_path / "no_width"
+    write(folder, [row("tsc", "badnets", None, base="tsc")])  # a model without `width`
+    result = run("plot_width.py", folder)
+    assert result.returncode != 0 and result.stderr.startswith("error:")
+
+
 def test_a_folder_without_rows_is_one_error_line(tmp_path):
     folder = tmp_path / "empty"
     write(folder, [])
