@@ -16,11 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from study_plot import save_study_plot  # noqa: E402  (scripts/, beside this file)
 
 from tscpurify.bench.grid import read_all  # noqa: E402
 from tscpurify.bench.tables import attack_name, model_name  # noqa: E402
 from tscpurify.bench.tuning import retune_asr  # noqa: E402
-from tscpurify.outputs import save_figure_atomic  # noqa: E402
 
 
 def tsc_rows_by_fraction(folder: Path) -> dict[str, list[dict]]:
@@ -69,11 +69,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path = args.folder / "plots" / "clean_data.png"
-    path.parent.mkdir(exist_ok=True)
-    save_figure_atomic(fig, path)
-    plt.close(fig)
-    print(f"\nplot: {path}")
+    print(f"\nplot: {save_study_plot(fig, args.folder, 'clean_data.png')}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from study_plot import save_study_plot  # noqa: E402  (scripts/, beside this file)
 
 from tscpurify import TSCSettings  # noqa: E402
 from tscpurify.bench.grid import read_all  # noqa: E402
 from tscpurify.bench.tables import attack_name, model_name  # noqa: E402
 from tscpurify.bench.tuning import retune_asr  # noqa: E402
-from tscpurify.outputs import save_figure_atomic  # noqa: E402
 
 DEFAULTS = TSCSettings()
 # knob → (its name in a variant's settings, the default's value, the axis label)
@@ -94,11 +94,7 @@ def main() -> None:
         if lines:
             axes_row[0].legend(fontsize=8)
     fig.tight_layout()
-    path = args.folder / "plots" / "knobs.png"
-    path.parent.mkdir(exist_ok=True)
-    save_figure_atomic(fig, path)
-    plt.close(fig)
-    print(f"\nplot: {path} (dotted: the default)")
+    print(f"\nplot: {save_study_plot(fig, args.folder, 'knobs.png')} (dotted: the default)")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from study_plot import save_study_plot  # noqa: E402  (scripts/, beside this file)
 
 from tscpurify.attacks import create_attack  # noqa: E402
 from tscpurify.bench.grid import read_all  # noqa: E402
 from tscpurify.bench.tables import model_name  # noqa: E402
 from tscpurify.bench.tuning import retune_asr  # noqa: E402
-from tscpurify.outputs import save_figure_atomic  # noqa: E402
 
 ROWS = ("none", "clean_floor", "ft", "tsc")
 RETUNE_EPOCH = 2  # the re-tune column the deep-purification rule reads
@@ -101,11 +101,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = args.folder / "plots" / "rate.png"
-    path.parent.mkdir(exist_ok=True)
-    save_figure_atomic(fig, path)
-    plt.close(fig)
-    print(f"\nplot: {path}")
+    print(f"\nplot: {save_study_plot(fig, args.folder, 'rate.png')}")
 
 
 if __name__ == "__main__":

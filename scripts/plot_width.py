@@ -19,11 +19,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from study_plot import save_study_plot  # noqa: E402  (scripts/, beside this file)
 
 from tscpurify.bench.grid import read_all  # noqa: E402
 from tscpurify.bench.tables import aligned_distance, attack_name  # noqa: E402
 from tscpurify.bench.tuning import retune_asr  # noqa: E402
-from tscpurify.outputs import save_figure_atomic  # noqa: E402
 
 # The grid's rows in the order the docs read them; `none` is the suspect, not a line.
 ROWS = ("ft", "scratch", "tsc", "tsc_identity", "tsc_linear", "tsc_linear_identity", "tsc_paper")
@@ -104,11 +104,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    path = args.folder / "plots" / "width.png"
-    path.parent.mkdir(exist_ok=True)
-    save_figure_atomic(fig, path)
-    plt.close(fig)
-    print(f"\nplot: {path}")
+    print(f"\nplot: {save_study_plot(fig, args.folder, 'width.png')}")
 
 
 if __name__ == "__main__":
