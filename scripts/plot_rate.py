@@ -99,7 +99,7 @@ def main() -> None:
         if "ASR" in label:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)  # long enough to show the dashes
     fig.tight_layout()
     print(f"\nplot: {save_study_plot(fig, args.folder, 'rate.png')}")
 

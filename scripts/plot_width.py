@@ -102,7 +102,7 @@ def main() -> None:
         if "ASR" in label:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[-1].legend(fontsize=7, handlelength=4, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     print(f"\nplot: {save_study_plot(fig, args.folder, 'width.png')}")
 
