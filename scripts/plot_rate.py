@@ -21,7 +21,7 @@ from study_plot import save_study_plot  # noqa: E402  (scripts/, beside this fil
 
 from tscpurify.attacks import create_attack  # noqa: E402
 from tscpurify.bench.grid import read_all  # noqa: E402
-from tscpurify.bench.tables import model_name  # noqa: E402
+from tscpurify.bench.tables import fmt, model_name, retune_cell  # noqa: E402
 from tscpurify.bench.tuning import retune_asr  # noqa: E402
 
 ROWS = ("none", "clean_floor", "ft", "tsc")
@@ -40,21 +40,12 @@ def rows_by_rate(folder: Path) -> dict[str, dict[float, dict[str, dict]]]:
     return {name: dict(sorted(rates.items())) for name, rates in found.items()}
 
 
-def _retunes(row: dict | None) -> str:
-    profile = (row or {}).get("retune") or {}
-    return " / ".join(f"{a:.1f}" for a in profile.get("asr", [])) or "–"
-
-
 def _drop(row: dict | None) -> float | None:
     return None if row is None else row["before"]["acc"] - row["after"]["acc"]
 
 
 def _asr(row: dict | None) -> float | None:
     return None if row is None else row["after"]["asr"]
-
-
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -74,10 +65,11 @@ def main() -> None:
             suspect = rows.get("none") or rows.get("tsc") or rows.get("ft")
             before = (f"{suspect['before']['acc']:.2f} / {suspect['before']['asr']:.2f}"
                       if suspect else "–")
-            print(f"| {name} | {rate:g} | {before} | {_fmt(_drop(rows.get('ft')))} / "
-                  f"{_fmt(_asr(rows.get('ft')))} | {_fmt(_drop(rows.get('tsc')))} / "
-                  f"{_fmt(_asr(rows.get('tsc')))} | {_retunes(rows.get('tsc'))} | "
-                  f"{_retunes(rows.get('clean_floor'))} | {_retunes(rows.get('ft'))} |")
+            print(f"| {name} | {rate:g} | {before} | {fmt(_drop(rows.get('ft')))} / "
+                  f"{fmt(_asr(rows.get('ft')))} | {fmt(_drop(rows.get('tsc')))} / "
+                  f"{fmt(_asr(rows.get('tsc')))} | "
+                  + " | ".join(retune_cell(rows.get(d) or {}) for d in ("tsc", "clean_floor", "ft"))
+                  + " |")
         for ax, defense, value, style in (
                 (axes[0], "tsc", _drop, "-"), (axes[0], "ft", _drop, "--"),
                 (axes[1], "tsc", _asr, "-"), (axes[1], "ft", _asr, "--"),

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from study_plot import save_study_plot  # noqa: E402  (scripts/, beside this file)
 
 from tscpurify.bench.grid import read_all  # noqa: E402
-from tscpurify.bench.tables import aligned_distance, attack_name  # noqa: E402
+from tscpurify.bench.tables import aligned_distance, attack_name, retune_cell  # noqa: E402
 from tscpurify.bench.tuning import retune_asr  # noqa: E402
 
 # The grid's rows in the order the docs read them; `none` is the suspect, not a line.
@@ -54,10 +54,6 @@ def _distance(row: dict) -> str:
     return "–" if distance is None else f"{distance:.3f}"
 
 
-def _retunes(row: dict) -> str:
-    return " / ".join(f"{a:.1f}" for a in (row.get("retune") or {}).get("asr", [])) or "–"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
@@ -82,7 +78,7 @@ def main() -> None:
             for name in (n for n in ROWS if n in rows):
                 row = rows[name]
                 print(f"| {attack} | {arch} | {width} | {suspect} | {name} | {_drop(row):.2f} | "
-                      f"{row['after']['asr']:.2f} | {_retunes(row)} | "
+                      f"{row['after']['asr']:.2f} | {retune_cell(row)} | "
                       f"{_distance(row)} |")
         for colour, name in enumerate(ROWS):
             for ax, (_, value) in zip(axes, panels, strict=True):

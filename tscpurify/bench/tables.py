@@ -42,7 +42,7 @@ def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def _retune_cell(row: dict) -> str:
+def retune_cell(row: dict) -> str:
     profile = row.get("retune")
     if not profile:
         return "–"
@@ -194,7 +194,7 @@ def _cells_table(rows: list[dict]) -> str:
         c, b, a = r["cell"], r["before"], r["after"]
         lines.append(f"| {attack_name(c)} | {model_name(c)} | {c['seed']} | {c['defense']} | "
                      f"{fmt(b['acc'])} | {fmt(b['asr'])} | {fmt(a['acc'])} | {fmt(a['asr'])} | "
-                     f"{fmt(a['ra'])} | {r['der']:.3f} | {_retune_cell(r)} | "
+                     f"{fmt(a['ra'])} | {r['der']:.3f} | {retune_cell(r)} | "
                      f"{r.get('steps', 0)} | {r.get('seconds', 0.0):.0f} |")
     return "\n".join(lines) + "\n"
 
